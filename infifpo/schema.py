@@ -1,0 +1,144 @@
+"""The hand-off formats between pipeline stages, and the named errors raised when data breaks them.
+
+Owns: the column names of every on-disk dataset (prompts, samples, judged, pairs, scored pairs), small
+row checks shared by several stages, and the exception hierarchy. Does not own: reading/writing files
+(`store`), or any model/tokenizer logic (`logprobs`, `models`).
+
+Every stage output is a list of JSON rows keyed by a stable ``id``; stages join by id, never by order.
+
+Formats (a column marked ``[K]`` is a list with one value per source model, in ``source_models`` order):
+
+prompts
+    id, prompt (chat messages, list of {role, content}), domain ("math" | "code" | "general"),
+    answer (str | None: gold final answer), tests (str | None: test code), entry_point (str | None),
+    source (dataset name)
+samples
+    id (= f"{prompt_id}|{model}|{sample_index}"), prompt_id, model, sample_index, completion_ids (token ids
+    under the sampling model's tokenizer), text, finish_reason ("stop" | "length" | "error"),
+    gen_logp (summed generation log-prob, nats), num_tokens, seed
+judged
+    samples' columns + correct (bool | None: verifier verdict, None when no verifier applies),
+    reward (float | None: reward-model score), judge_reason (str)
+pairs
+    id (= prompt id), prompt (messages), chosen / rejected (a one-message assistant list, TRL conversational
+    format), split ("sft" | "po"), domain, chosen_model, rejected_model, chosen_reward, rejected_reward;
+    WRPO rows add source_chosen (best source response, y_ws) and source_chosen_model; there ``chosen`` is the
+    target's best response (y_wt) so that α = 0 is DPO on (chosen, rejected).
+scored pairs
+    pairs' columns + for every response column R in RESPONSE_COLUMNS present in the row:
+    ref_R_logps (summed log-prob under the frozen pivot, nats), ref_mean_R_logps, ref_R_num_tokens,
+    fuse_R_logps [K], fuse_mean_R_logps [K], fuse_R_num_tokens [K];
+    plus pivot_model (str) and source_models [K].
+    For R in (chosen, rejected) these are exactly the official InfiFPO columns (methods.md) plus token counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+DOMAINS = ("math", "code", "general")
+FINISH_REASONS = ("stop", "length", "error")
+SPLITS = ("sft", "po")
+RESPONSE_COLUMNS = ("chosen", "rejected", "source_chosen")
+
+PROMPT_COLUMNS = ("id", "prompt", "domain", "answer", "tests", "entry_point", "source")
+SAMPLE_COLUMNS = (
+    "id", "prompt_id", "model", "sample_index", "completion_ids", "text", "finish_reason", "gen_logp",
+    "num_tokens", "seed",
+)  # fmt: skip
+JUDGED_COLUMNS = SAMPLE_COLUMNS + ("correct", "reward", "judge_reason")
+PAIR_COLUMNS = (
+    "id", "prompt", "chosen", "rejected", "split", "domain", "chosen_model", "rejected_model", "chosen_reward",
+    "rejected_reward",
+)  # fmt: skip
+
+
+def sample_id(prompt_id: str, model: str, sample_index: int) -> str:
+    """The stable id of one sample: prompt id, model name and sample index."""
+    return f"{prompt_id}|{model}|{sample_index}"
+
+
+def ref_columns(response: str) -> tuple[str, str, str]:
+    """(sum, mean, token count) column names of the frozen pivot's log-prob of response column ``response``."""
+    return f"ref_{response}_logps", f"ref_mean_{response}_logps", f"ref_{response}_num_tokens"
+
+
+def fuse_columns(response: str) -> tuple[str, str, str]:
+    """(sum [K], mean [K], token count [K]) column names of the sources' log-probs of ``response``."""
+    return f"fuse_{response}_logps", f"fuse_mean_{response}_logps", f"fuse_{response}_num_tokens"
+
+
+class InfiFPOError(Exception):
+    """Base class of every error infifpo raises about user data, models or configuration."""
+
+
+class DataFormatError(InfiFPOError, ValueError):
+    """A dataset row or column does not match its hand-off format. The message names the row and field."""
+
+
+class ScoredPairsError(DataFormatError):
+    """A scored-pairs row is unusable for training (missing, non-finite or inconsistent log-probs)."""
+
+
+class ModelLoadError(InfiFPOError, RuntimeError):
+    """A model could not be resolved or loaded. The message names the model and the fix."""
+
+
+class ChatTemplateError(InfiFPOError, ValueError):
+    """A tokenizer has no chat template, or the template rejects / mangles a conversation."""
+
+
+class SandboxUnavailableError(InfiFPOError, RuntimeError):
+    """Code execution was requested but OS-level isolation is unavailable; infifpo refuses to run it unsandboxed."""
+
+
+class ConfigError(InfiFPOError, ValueError):
+    """A configuration key or value is invalid (unknown key, wrong type, inconsistent options)."""
+
+
+def row_label(index: int, row: dict[str, Any]) -> str:
+    """A human-readable label for a row in error messages: its index and, when present, its id."""
+    rid = row.get("id") if isinstance(row, dict) else None
+    return f"row {index}" + (f" (id={rid!r})" if rid is not None else "")
+
+
+def require_columns(row: dict[str, Any], columns: Sequence[str], index: int, fmt: str) -> None:
+    """Raise DataFormatError naming the row and the missing columns if ``row`` lacks any of ``columns``."""
+    missing = [c for c in columns if c not in row]
+    if missing:
+        raise DataFormatError(
+            f"{row_label(index, row)}: missing column(s) {missing} for the {fmt} format; "
+            f"found {sorted(row)}. Expected at least {list(columns)} (see infifpo/schema.py)."
+        )
+
+
+def check_messages(value: Any, index: int, row: dict[str, Any], field: str) -> None:
+    """Raise DataFormatError unless ``value`` is a non-empty list of {role, content: str} chat messages."""
+    where = f"{row_label(index, row)}, field {field!r}"
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(f"{where}: expected a non-empty list of chat messages, got {type(value).__name__}.")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataFormatError(f"{where}: message {j} must be a dict with 'role' and 'content', got {m!r:.80}.")
+        if not isinstance(m["content"], str):
+            raise DataFormatError(
+                f"{where}: message {j} content must be a string, got {type(m['content']).__name__} "
+                "(nested dicts such as {{'answer':..., 'score':...}} are not responses)."
+            )
+
+
+def check_logp(value: Any, index: int, row: dict[str, Any], field: str, source: str | None = None) -> float:
+    """Return ``value`` as a float log-prob, or raise ScoredPairsError if it is missing, non-finite or > 0."""
+    where = f"{row_label(index, row)}, field {field!r}" + (f", source {source!r}" if source else "")
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        raise ScoredPairsError(f"{where}: expected a float log-prob, got {value!r}. Re-run `infifpo score`.")
+    if not math.isfinite(value):
+        raise ScoredPairsError(
+            f"{where}: log-prob is {value} (not finite). The response is likely empty or was scored with a "
+            "broken model; drop the row or re-run `infifpo score`."
+        )
+    if value > 1e-4:
+        raise ScoredPairsError(f"{where}: log-prob {value} is positive; a log-probability must be <= 0.")
+    return float(value)
