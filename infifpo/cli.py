@@ -19,8 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pair": ("infifpo.pair", "build preference rows by a recipe"),
     "score": ("infifpo.score", "score every response under the pivot and each source"),
     "train": ("infifpo.trainers.entry", "train: sft | dpo | infifpo | wrpo | opd"),
-    "eval": ("infifpo.evaluate", "evaluate checkpoints on benchmarks"),
-    "report": ("infifpo.report", "write the paper-style report"),
     "pipeline": ("infifpo.pipeline", "run every stage in order (what `make fpo` runs)"),
     "env": ("infifpo.env", "print versions of the stack, for bug reports"),
 }
