@@ -85,14 +85,16 @@ def test_max_margin_clip_on():
 
     row 0 w: D = [e^-0.5 - e^-1 = 0.2387, 0, 0]                 -> k* = 0, f = -0.5
     row 0 l: D = [e^-2 - e^-2.5 = 0.0533, 0, 0]                 -> k* = 0, f = -2.5
-    row 1 w: D = [0, 0, 0] (all clipped to r)                   -> lowest index 0, f = -2.0
+    row 1 w: D = [0, 0, 0] (all clipped to r)                   -> f = -2.0, credited to the pivot (index 2)
+                                                                   when it is a candidate, else index 0
     row 1 l: D = [0, e^-1 - e^-1.4 = 0.1213, 0]                 -> k* = 1, f = -1.4
     """
     for include_pivot in (True, False):
         f_w, f_l, info = fuse("max_margin", include_pivot=include_pivot)
         torch.testing.assert_close(f_w, T([-0.5, -2.0]))
         torch.testing.assert_close(f_l, T([-2.5, -1.4]))
-        assert info.chosen_index.tolist() == [0, 0] and info.rejected_index.tolist() == [0, 1]
+        assert info.chosen_index.tolist() == [0, 2 if include_pivot else 0]
+        assert info.rejected_index.tolist() == [0, 1]
         assert info.num_candidates == (3 if include_pivot else 2) and info.weights is None
 
 
