@@ -1,0 +1,188 @@
+"""Stage `judge`: samples -> judged samples (verifier verdict, reward-model score, and the reason for both).
+
+Owns: joining samples to prompts by ``prompt_id``, choosing the verifier by the prompt's domain (math: gold
+``answer``; code: ``tests`` / ``entry_point`` in the sandbox; general: none), reward-model scoring, and the resumable
+``judged`` stage output (columns ``schema.JUDGED_COLUMNS``, one output per samples output, keyed by the inputs'
+checksums and the judge settings). Does not own: the checks themselves (`math`, `code`, `reward_model`) or pairing.
+
+    infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward-model X] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from infifpo.judge.code import judge_code
+from infifpo.judge.math import judge_math
+from infifpo.schema import JUDGED_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, DataFormatError, require_columns, row_label
+from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
+
+logger = logging.getLogger(__name__)
+
+JUDGE_VERSION = 1  # bump when a verdict for the same inputs would change (extraction rules, sandbox harness)
+Row = dict[str, Any]
+
+
+def _prompt_imports(prompt: Row) -> str:
+    """Import lines of the code shown in the prompt (HumanEval's ``from typing import List``), which answers often
+    omit although their signatures use them; prepended to the extracted program as evalplus does."""
+    text = "\n".join(m["content"] for m in prompt["prompt"] if m.get("role") == "user")
+    lines = [ln for ln in text.splitlines() if re.match(r"^(?:import \w|from [\w.]+ import )", ln)]
+    return "".join(ln + "\n" for ln in dict.fromkeys(lines))
+
+
+def verify_sample(sample: Row, prompt: Row, *, code_timeout: float = 10.0) -> tuple[bool | None, str]:
+    """(correct, reason) for one sample: math via the gold answer, code via the tests, None when nothing applies."""
+    domain = prompt["domain"]
+    if domain == "math" and prompt.get("answer") is not None:
+        v = judge_math(sample["text"], prompt["answer"])
+        correct, reason = v.correct, f"math: {v.reason} (extracted {v.extracted!r} by {v.method})"
+    elif domain == "code" and prompt.get("tests"):
+        v = judge_code(sample["text"], prompt["tests"], prompt.get("entry_point"), code_timeout,
+                       prefix=_prompt_imports(prompt))
+        correct, reason = v.passed, f"code: {v.reason}"
+    else:
+        correct, reason = None, f"{domain}: no verifier (no gold answer or tests)"
+    if sample["finish_reason"] != "stop":
+        reason += f"; note: finish_reason={sample['finish_reason']} (truncated or failed generation)"
+    return correct, reason
+
+
+def _index_prompts(prompts: Sequence[Row]) -> dict[str, Row]:
+    by_id: dict[str, Row] = {}
+    for i, p in enumerate(prompts):
+        require_columns(p, PROMPT_COLUMNS, i, "prompts")
+        if p["id"] in by_id:
+            raise DataFormatError(f"{row_label(i, p)}: prompt id appears twice; prompt ids must be unique.")
+        by_id[p["id"]] = p
+    return by_id
+
+
+def _check_samples(samples: Sequence[Row], by_id: dict[str, Row]) -> None:
+    for i, s in enumerate(samples):
+        require_columns(s, SAMPLE_COLUMNS, i, "samples")
+        if s["prompt_id"] not in by_id:
+            raise DataFormatError(
+                f"{row_label(i, s)}: prompt_id {s['prompt_id']!r} is not in the prompts; pass the prompts output "
+                "these samples were drawn from (--prompts)."
+            )
+        if not isinstance(s["text"], str):
+            raise DataFormatError(f"{row_label(i, s)}, field 'text': expected a string, got {type(s['text']).__name__}.")
+
+
+def judge_rows(
+    samples: Sequence[Row], prompts: Sequence[Row], *, reward_model: str | tuple[Any, Any] | None = None,
+    workers: int = 1, code_timeout: float = 10.0, batch_size: int = 64, rm_batch_size: int = 8,
+    on_batch: Callable[[list[Row]], None] | None = None, progress: bool = True,
+) -> list[Row]:
+    """Judged rows (samples' columns + correct, reward, judge_reason) in the order of ``samples``.
+
+    Samples join prompts by ``prompt_id``. ``reward_model``: a path / hub id or a loaded (model, tokenizer) pair;
+    None leaves ``reward`` None. ``workers`` threads run the verifiers (code runs in separate sandboxed processes).
+    ``on_batch`` receives every finished batch of ``batch_size`` rows (the stage appends them to its output).
+    """
+    by_id = _index_prompts(prompts)
+    _check_samples(samples, by_id)
+    rm = None
+    if reward_model is not None and samples:
+        from infifpo.judge.reward_model import load_reward_model, score_with_reward_model  # imports torch
+
+        rm = load_reward_model(reward_model) if isinstance(reward_model, str) else reward_model
+    judged: list[Row] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(samples), desc="judge", unit="sample", disable=not progress) as bar:  # fmt: skip
+        for start in range(0, len(samples), batch_size):
+            batch = list(samples[start : start + batch_size])
+            verdicts = list(pool.map(lambda s: verify_sample(s, by_id[s["prompt_id"]], code_timeout=code_timeout),
+                                     batch))  # fmt: skip
+            rewards: list[float | None] = [None] * len(batch)
+            if rm is not None:
+                rewards = score_with_reward_model([by_id[s["prompt_id"]]["prompt"] for s in batch],
+                                                  [s["text"] for s in batch], rm, rm_batch_size, progress=False)
+            rows = [dict(zip(JUDGED_COLUMNS, [*(s[c] for c in SAMPLE_COLUMNS), ok, r, why], strict=True))
+                    for s, (ok, why), r in zip(batch, verdicts, rewards, strict=True)]  # fmt: skip
+            if on_batch is not None:
+                on_batch(rows)
+            judged.extend(rows)
+            bar.update(len(batch))
+    return judged
+
+
+def _output_digest(path: str | os.PathLike) -> str:
+    """A digest of a finished stage output (its checksums): the judged output is keyed by its inputs' content."""
+    return fingerprint(json.loads((Path(path) / SUCCESS).read_text()))
+
+
+def reward_model_key(model: str | None) -> dict[str, Any] | None:
+    """What determines the rewards: the hub id, or a local dir's path with its config hash and weight-file sizes."""
+    if model is None:
+        return None
+    path = Path(model)
+    if not path.is_dir():
+        return {"hub_id": model}
+    config = path / "config.json"
+    return {
+        "path": str(path.resolve()),
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+        "weights": {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.suffix in (".safetensors", ".bin")},
+    }
+
+
+def judged_output(samples_dir: str, prompts_dir: str, out_root: str, settings: dict[str, Any]) -> StageOutput:
+    """The StageOutput of the judged version of one samples output, keyed by both inputs and the settings."""
+    key = {"stage": "judge", "version": JUDGE_VERSION, "samples": _output_digest(samples_dir),
+           "prompts": _output_digest(prompts_dir), **settings}  # fmt: skip
+    base = re.sub(r"-[0-9a-f]{12}$", "", Path(samples_dir).resolve().name)  # drop the samples' own fingerprint
+    model_part = re.sub(r"^samples-?", "", base)
+    return StageOutput(out_root, f"judged-{model_part}" if model_part else "judged", key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward-model X] [--workers N]`."""
+    ap = argparse.ArgumentParser(prog="infifpo judge", description="Label samples: verifiers and reward models.")
+    ap.add_argument("--samples", nargs="+", required=True, help="samples stage output directories")
+    ap.add_argument("--prompts", required=True, help="the prompts stage output the samples were drawn from")
+    ap.add_argument("--out", default="runs", help="root directory of stage outputs")
+    ap.add_argument("--reward-model", default=None, help="sequence-classification reward model: dir or hub id")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="verifier threads")
+    ap.add_argument("--code-timeout", type=float, default=10.0, help="wall seconds per sandboxed code test run")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows judged (and written) per batch")
+    ap.add_argument("--rm-batch-size", type=int, default=8, help="reward-model batch size")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prompts = read_output(args.prompts)
+    settings = {"reward_model": reward_model_key(args.reward_model), "code_timeout": args.code_timeout}
+    rm = None
+    for samples_dir in args.samples:
+        out = judged_output(samples_dir, args.prompts, args.out, settings)
+        if out.is_complete():
+            logger.info("%s already judged with these settings; reusing %s", samples_dir, out.path)
+            print(out.path)
+            continue
+        done = out.done_ids()
+        todo = [s for s in read_output(samples_dir) if s["id"] not in done]
+        logger.info("judging %d samples of %s (%d already done)", len(todo), samples_dir, len(done))
+        if args.reward_model and rm is None and todo:
+            from infifpo.judge.reward_model import load_reward_model  # imports torch: only when asked for
+
+            rm = load_reward_model(args.reward_model)
+        with out.open_shard() as writer:
+            rows = judge_rows(todo, prompts, reward_model=rm, workers=args.workers, code_timeout=args.code_timeout,
+                              batch_size=args.batch_size, rm_batch_size=args.rm_batch_size, on_batch=writer.write)
+        out.finalize()
+        truncated = sum(r["finish_reason"] == "length" for r in rows)
+        verdicts = [r["correct"] for r in rows if r["correct"] is not None]
+        print(out.path)
+        print(f"judged={len(rows)} verified={len(verdicts)} correct={sum(verdicts)} truncated={truncated}")
+    return 0

@@ -1,0 +1,125 @@
+"""The `infifpo judge` stage: join by prompt_id, verdicts per domain, rewards, resumable keyed output."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from infifpo.judge.reward_model import score_with_reward_model
+from infifpo.judge.stage import judge_rows, main
+from infifpo.schema import JUDGED_COLUMNS, DataFormatError, sample_id
+from infifpo.store import StageOutput, read_output
+
+ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+def _prompts() -> list[dict]:
+    base = {"tests": None, "entry_point": None, "answer": None, "source": "test"}
+    return [
+        {**base, "id": "m1", "prompt": [{"role": "user", "content": "12 * 7?"}], "domain": "math", "answer": "84"},
+        {**base, "id": "m2", "prompt": [{"role": "user", "content": "1000 + 250?"}], "domain": "math",
+         "answer": "1,250"},
+        {**base, "id": "c1", "prompt": [{"role": "user", "content": "```python\nfrom typing import List\n"
+                                         "def add(a: int, b: int) -> int:\n```"}],
+         "domain": "code", "tests": ADD_TEST, "entry_point": "add"},
+        {**base, "id": "g1", "prompt": [{"role": "user", "content": "Say hi."}], "domain": "general"},
+    ]  # fmt: skip
+
+
+TEXTS = {
+    ("m1", 0): "12 * 7 = 84. The answer is 84.",
+    ("m1", 1): "12 * 7 = 94. The answer is 94.",
+    ("m2", 0): "The answer is $1,250.",
+    ("m2", 1): "Let me think about 1000",  # truncated: finish_reason "length"
+    ("c1", 0): "```python\ndef add(a: int, b: int) -> int:\n    return a + b\n```",
+    ("c1", 1): "```python\ndef add(a, b):\n    return a - b\n```",
+    ("g1", 0): "Hi!",
+    ("g1", 1): "Hello.",
+}
+
+
+def _samples(model: str = "m") -> list[dict]:
+    rows = []
+    for (pid, k), text in TEXTS.items():
+        rows.append({"id": sample_id(pid, model, k), "prompt_id": pid, "model": model, "sample_index": k,
+                     "completion_ids": [1, 2], "text": text, "finish_reason": "length" if pid == "m2" and k else "stop",
+                     "gen_logp": -1.5, "num_tokens": 2, "seed": 0})  # fmt: skip
+    return rows
+
+
+EXPECTED = {("m1", 0): True, ("m1", 1): False, ("m2", 0): True, ("m2", 1): False, ("c1", 0): True, ("c1", 1): False,
+            ("g1", 0): None, ("g1", 1): None}  # fmt: skip
+
+
+def _write(root: Path, name: str, rows: list[dict]) -> str:
+    return str(StageOutput(root, name, {"test": name}).write_all(rows))
+
+
+def test_judge_rows_joins_by_prompt_id_not_order() -> None:
+    prompts = _prompts()
+    random.Random(1).shuffle(prompts)
+    samples = _samples()
+    random.Random(2).shuffle(samples)
+    rows = judge_rows(samples, prompts, workers=2, progress=False)
+    assert [r["id"] for r in rows] == [s["id"] for s in samples]
+    got = {(r["prompt_id"], r["sample_index"]): r["correct"] for r in rows}
+    assert got == EXPECTED
+    assert all(list(r) == list(JUDGED_COLUMNS) and r["reward"] is None for r in rows)
+    reasons = {(r["prompt_id"], r["sample_index"]): r["judge_reason"] for r in rows}
+    assert reasons[("m1", 1)].startswith("math: wrong (extracted '94'")
+    assert reasons[("m2", 1)].startswith("math: ") and "finish_reason=length" in reasons[("m2", 1)]
+    assert reasons[("c1", 1)] == "code: exit code 1: AssertionError"
+    assert reasons[("g1", 0)].startswith("general: no verifier")
+
+
+def test_unknown_prompt_id_is_a_named_error() -> None:
+    samples = _samples()
+    samples[3]["prompt_id"] = "nope"
+    with pytest.raises(DataFormatError, match=r"row 3 .*prompt_id 'nope'"):
+        judge_rows(samples, _prompts(), progress=False)
+
+
+def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Path, tiny_rm: str, capsys) -> None:
+    prompts_dir = _write(tmp_path, "prompts", _prompts())
+    samples_dir = _write(tmp_path, "samples-m", _samples())
+    argv = ["--samples", samples_dir, "--prompts", prompts_dir, "--out", str(tmp_path), "--workers", "2"]
+    assert main(argv + ["--reward-model", tiny_rm]) == 0
+    out_dir = Path(capsys.readouterr().out.splitlines()[0])
+    assert out_dir.name.startswith("judged-m-")
+    rows = read_output(out_dir)
+    assert {(r["prompt_id"], r["sample_index"]): r["correct"] for r in rows} == EXPECTED
+    by_id = {p["id"]: p for p in _prompts()}
+    expected_rewards = score_with_reward_model([by_id[r["prompt_id"]]["prompt"] for r in rows],
+                                               [r["text"] for r in rows], tiny_rm, progress=False)  # fmt: skip
+    assert [r["reward"] for r in rows] == pytest.approx(expected_rewards, abs=1e-5)
+    key = json.loads((out_dir / "meta.json").read_text())["key"]
+    assert key["reward_model"]["path"] == str(Path(tiny_rm).resolve()) and key["code_timeout"] == 10.0
+    # Done: a second run reuses it; different settings (no reward model) give a different output.
+    assert main(argv + ["--reward-model", tiny_rm]) == 0
+    assert Path(capsys.readouterr().out.splitlines()[0]) == out_dir
+    assert main(argv) == 0
+    other = Path(capsys.readouterr().out.splitlines()[0])
+    assert other != out_dir and all(r["reward"] is None for r in read_output(other))
+
+
+def test_stage_resumes_after_a_crash_without_redoing_rows(tmp_path: Path, capsys) -> None:
+    prompts_dir = _write(tmp_path, "prompts", _prompts())
+    samples_dir = _write(tmp_path, "samples-m", _samples())
+    from infifpo.judge.stage import judged_output
+
+    out = judged_output(samples_dir, prompts_dir, str(tmp_path), {"reward_model": None, "code_timeout": 10.0})
+    first = judge_rows(_samples()[:3], _prompts(), progress=False)
+    first[0]["judge_reason"] = "from the first run"  # proves the row is kept, not recomputed
+    with out.open_shard() as w:
+        w.write(first)
+    with open(out.path / "part-00000-of-00001.jsonl", "a") as f:
+        f.write('{"id": "m2|m|0", "trunc')  # a crash mid-line
+    assert main(["--samples", samples_dir, "--prompts", prompts_dir, "--out", str(tmp_path), "--batch-size", "2"]) == 0
+    assert Path(capsys.readouterr().out.splitlines()[0]) == out.path
+    rows = read_output(out.path)
+    assert sorted(r["id"] for r in rows) == sorted(s["id"] for s in _samples())
+    assert {r["id"]: r["judge_reason"] for r in rows}[first[0]["id"]] == "from the first run"
+    assert {(r["prompt_id"], r["sample_index"]): r["correct"] for r in rows} == EXPECTED
