@@ -1,0 +1,348 @@
+"""Stage `pair`: judged samples -> preference rows by a recipe, with a seeded SFT / PO split and a stats summary.
+
+Owns: the recipes of methods.md "Data recipes" (InfiFPO best/worst, WRPO quadruple, FuseChat same-source reward
+gap), which samples may be chosen, why a prompt is dropped, the split, and the stats. Does not own: judging
+(`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`).
+
+Samples are ranked by correctness first (True > None > False), then reward (higher is better, None lowest), then
+a tie-break by a hash of (seed, sample id), so the result never depends on row order. A response with
+finish_reason "length" or "error" may be rejected but not chosen unless ``allow_truncated_chosen`` (users.md S3);
+empty or whitespace-only responses are excluded (D7). A prompt whose best and worst rank the same, or whose chosen
+and rejected texts are identical (D6), is dropped and counted with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infifpo.schema import (
+    FINISH_REASONS,
+    JUDGED_COLUMNS,
+    PROMPT_COLUMNS,
+    SPLITS,
+    ConfigError,
+    DataFormatError,
+    check_messages,
+    require_columns,
+    row_label,
+    sample_id,
+)
+from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
+
+logger = logging.getLogger(__name__)
+
+PAIR_VERSION = 1  # bump when a recipe changes what it picks, so old outputs are not reused
+CORRECT_RANK = {True: 2, None: 1, False: 0}
+# methods.md "Data recipes": InfiFPO half / half; WRPO one third SFT, two thirds PO; FuseChat-3.0 is plain DPO.
+DEFAULT_SFT_FRACTION = {"infifpo": 0.5, "wrpo": 1 / 3, "fusechat": 0.0}
+
+Sample = dict[str, Any]
+Picked = dict[str, Sample]  # {"chosen", "rejected"[, "source_chosen"]} -> judged row
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """What a recipe needs besides the samples: the pool, the seed and the recipe's knobs."""
+
+    pivot: str
+    sources: tuple[str, ...]
+    seed: int = 0
+    allow_truncated_chosen: bool = False
+    min_gap: float = 0.01  # FuseChat reward-gap window, reward units
+    max_gap: float = 0.1
+
+
+# -- ranking ----------------------------------------------------------------------------------------------------
+def quality(s: Sample) -> tuple[int, float]:
+    """(correctness rank, reward): compared as a tuple, higher is better; a missing reward ranks lowest."""
+    return CORRECT_RANK[s["correct"]], -math.inf if s["reward"] is None else float(s["reward"])
+
+
+def _order_key(s: Sample, seed: int) -> tuple[tuple[int, float], str]:
+    return quality(s), hashlib.sha256(f"{seed}|{s['id']}".encode()).hexdigest()
+
+
+def best(samples: list[Sample], seed: int) -> Sample:
+    """The highest-ranked sample; ties broken by a seeded hash of the sample id (not by row order)."""
+    return max(samples, key=lambda s: _order_key(s, seed))
+
+
+def worst(samples: list[Sample], seed: int) -> Sample:
+    """The lowest-ranked sample; ties broken by a seeded hash of the sample id (not by row order)."""
+    return min(samples, key=lambda s: _order_key(s, seed))
+
+
+def may_be_chosen(s: Sample, opts: PairOptions) -> bool:
+    """A finished response may be chosen; a truncated one only when allowed; an errored one never (S3)."""
+    return s["finish_reason"] == "stop" or (opts.allow_truncated_chosen and s["finish_reason"] == "length")
+
+
+def best_vs_worst(pool: list[Sample], opts: PairOptions) -> Picked | str:
+    """Chosen = best sample that may be chosen, rejected = worst of the others; or the reason there is no pair."""
+    if len(pool) < 2:
+        return "too_few_responses"
+    candidates = [s for s in pool if may_be_chosen(s, opts)]
+    if not candidates:
+        return "no_eligible_chosen"
+    chosen = best(candidates, opts.seed)
+    rejected = worst([s for s in pool if s is not chosen], opts.seed)
+    if quality(chosen) == quality(rejected):
+        return "tie"
+    if quality(chosen) < quality(rejected):  # every better response was truncated or errored
+        return "best_ineligible"
+    if chosen["text"].strip() == rejected["text"].strip():
+        return "identical"
+    return {"chosen": chosen, "rejected": rejected}
+
+
+# -- recipes ----------------------------------------------------------------------------------------------------
+def pair_infifpo(samples: list[Sample], domain: str, opts: PairOptions) -> Picked | str:
+    """InfiFPO: best vs worst over every sample of the prompt, pivot and sources together."""
+    return best_vs_worst([s for s in samples if s["model"] in (opts.pivot, *opts.sources)], opts)
+
+
+def pair_wrpo(samples: list[Sample], domain: str, opts: PairOptions) -> Picked | str:
+    """WRPO: source_chosen (y_ws) = best source sample; chosen (y_wt) / rejected (y_l) = best / worst pivot sample.
+
+    y_ws must rank strictly above y_l, else the preference y_ws > y_l has no support and the prompt is dropped.
+    """
+    from_sources = [s for s in samples if s["model"] in opts.sources and may_be_chosen(s, opts)]
+    if not from_sources:
+        return "no_source_chosen"
+    picked = best_vs_worst([s for s in samples if s["model"] == opts.pivot], opts)
+    if isinstance(picked, str):
+        return f"target_{picked}"
+    source_chosen = best(from_sources, opts.seed)
+    if quality(source_chosen) <= quality(picked["rejected"]):
+        return "source_not_better"
+    return {**picked, "source_chosen": source_chosen}
+
+
+def pair_fusechat(samples: list[Sample], domain: str, opts: PairOptions) -> Picked | str:
+    """FuseChat-3.0: best vs worst of the same source model. Models are tried best-response first; the first pair
+    that qualifies wins. A pair qualifies when the verifier separates it (correct vs not), or, when neither side
+    has a verdict, when the reward gap lies in [min_gap, max_gap]. Same verdict on both sides (math/code) drops it.
+    """
+    by_model: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        if s["model"] in opts.sources:
+            by_model[s["model"]].append(s)
+    if not by_model:
+        return "no_source_samples"
+    tops = {m: _order_key(best(ss, opts.seed), opts.seed) for m, ss in by_model.items()}
+    reasons = []
+    for model in sorted(by_model, key=tops.__getitem__, reverse=True):
+        picked = _fusechat_model(by_model[model], opts)
+        if not isinstance(picked, str):
+            return picked
+        reasons.append(picked)
+    return reasons[0]
+
+
+def _fusechat_model(pool: list[Sample], opts: PairOptions) -> Picked | str:
+    picked = best_vs_worst(pool, opts)
+    if isinstance(picked, str):
+        return picked
+    c, r = picked["chosen"], picked["rejected"]
+    if c["correct"] != r["correct"]:
+        return picked
+    if c["correct"] is not None:
+        return "same_correctness"
+    if c["reward"] is None or r["reward"] is None:
+        return "no_reward"
+    gap = c["reward"] - r["reward"]
+    if gap < opts.min_gap:
+        return "gap_below_window"
+    return "gap_above_window" if gap > opts.max_gap else picked
+
+
+RECIPES = {"infifpo": pair_infifpo, "wrpo": pair_wrpo, "fusechat": pair_fusechat}
+
+
+# -- validation -------------------------------------------------------------------------------------------------
+def index_prompts(prompt_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Prompt rows by id; DataFormatError naming the row for a missing column, bad messages or a duplicate id."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(prompt_rows):
+        require_columns(row, PROMPT_COLUMNS, i, "prompts")
+        check_messages(row["prompt"], i, row, "prompt")
+        if row["id"] in out:
+            raise DataFormatError(f"{row_label(i, row)}: prompt id appears twice in the prompts dataset.")
+        out[row["id"]] = row
+    return out
+
+
+def check_judged(row: dict[str, Any], i: int, prompts: dict[str, Any]) -> None:
+    """Raise DataFormatError naming the row and field if a judged row is unusable for pairing."""
+    require_columns(row, JUDGED_COLUMNS, i, "judged")
+    where = row_label(i, row)
+    if row["prompt_id"] not in prompts:
+        raise DataFormatError(
+            f"{where}: prompt_id {row['prompt_id']!r} is not in the prompts dataset ({len(prompts)} prompts). "
+            "Pass the --prompts output these samples were drawn from."
+        )
+    expected_id = sample_id(row["prompt_id"], row["model"], row["sample_index"])
+    if row["id"] != expected_id:
+        raise DataFormatError(f"{where}: id should be {expected_id!r} (prompt_id|model|sample_index); the row may "
+                              "be attached to the wrong prompt.")  # fmt: skip
+    if not isinstance(row["text"], str):
+        raise DataFormatError(f"{where}, field 'text': expected a string, got {type(row['text']).__name__}.")
+    if row["finish_reason"] not in FINISH_REASONS:
+        raise DataFormatError(f"{where}, field 'finish_reason': {row['finish_reason']!r} not in {FINISH_REASONS}.")
+    if not (row["correct"] is None or isinstance(row["correct"], bool)):
+        raise DataFormatError(f"{where}, field 'correct': expected true, false or null, got {row['correct']!r}.")
+    r = row["reward"]
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r)):
+        raise DataFormatError(f"{where}, field 'reward': expected a finite number or null, got {r!r}.")
+
+
+def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[str] | None, **kw: Any) -> PairOptions:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}.")
+    if pivot not in models:
+        raise ConfigError(f"pivot {pivot!r} has no judged samples; models found: {sorted(models)}.")
+    sources = sorted(models - {pivot}) if sources is None else list(sources)
+    missing = [m for m in sources if m not in models]
+    if missing:
+        raise ConfigError(f"source model(s) {missing} have no judged samples; models found: {sorted(models)}.")
+    if recipe == "wrpo" and pivot in sources:
+        raise ConfigError(f"wrpo: the pivot {pivot!r} cannot also be a source.")
+    if recipe != "infifpo" and not sources:
+        raise ConfigError(f"{recipe}: needs at least one source model besides the pivot {pivot!r}.")
+    return PairOptions(pivot=pivot, sources=tuple(sources), **kw)
+
+
+# -- building ---------------------------------------------------------------------------------------------------
+def split_of(prompt_id: str, seed: int, sft_fraction: float) -> str:
+    """'sft' or 'po' from a hash of (prompt id, seed): stable across runs and independent of the other rows."""
+    u = int(hashlib.sha256(f"{seed}|{prompt_id}".encode()).hexdigest()[:13], 16) / 16**13
+    return SPLITS[0] if u < sft_fraction else SPLITS[1]
+
+
+def _message(s: Sample) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": s["text"]}]
+
+
+def pair_row(prompt: dict[str, Any], picked: Picked, split: str, recipe: str) -> dict[str, Any]:
+    """One pairs row (schema.PAIR_COLUMNS, TRL conversational) plus provenance columns for every response."""
+    row = {"id": prompt["id"], "prompt": prompt["prompt"], "chosen": _message(picked["chosen"]),
+           "rejected": _message(picked["rejected"]), "split": split, "domain": prompt["domain"],
+           "recipe": recipe}  # fmt: skip
+    for name, s in picked.items():
+        if name == "source_chosen":
+            row["source_chosen"] = _message(s)
+        row.update({f"{name}_model": s["model"], f"{name}_reward": s["reward"], f"{name}_correct": s["correct"],
+                    f"{name}_sample_id": s["id"]})  # fmt: skip
+    return row
+
+
+def build_pairs(
+    judged_rows: list[dict[str, Any]], prompt_rows: list[dict[str, Any]], *, recipe: str, pivot: str,
+    sources: list[str] | None = None, seed: int = 0, sft_fraction: float | None = None,
+    allow_truncated_chosen: bool = False, min_gap: float = 0.01, max_gap: float = 0.1,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Preference rows (sorted by id) and a stats summary; judged rows join prompts by prompt_id, never by order.
+
+    ``sources`` defaults to every judged model except the pivot; ``sft_fraction`` to the recipe's paper value.
+    """
+    prompts = index_prompts(prompt_rows)
+    by_prompt: dict[str, list[Sample]] = defaultdict(list)
+    seen: set[str] = set()
+    for i, row in enumerate(judged_rows):
+        check_judged(row, i, prompts)
+        if row["id"] in seen:
+            raise DataFormatError(f"{row_label(i, row)}: sample id appears twice (shards or seeds merged twice?).")
+        seen.add(row["id"])
+        by_prompt[row["prompt_id"]].append(row)
+    opts = _resolve_options({r["model"] for r in judged_rows}, recipe, pivot, sources, seed=seed, min_gap=min_gap,
+                            max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen)  # fmt: skip
+    fraction = DEFAULT_SFT_FRACTION[recipe] if sft_fraction is None else sft_fraction
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"sft_fraction must be in [0, 1], got {fraction}.")
+    rows, dropped, excluded = [], Counter(), Counter()
+    for pid in sorted(prompts):
+        samples = by_prompt.get(pid, [])
+        excluded["not_in_pool"] += sum(s["model"] not in (pivot, *opts.sources) for s in samples)
+        kept = [s for s in samples if s["text"].strip()]
+        excluded["empty_response"] += len(samples) - len(kept)
+        picked = RECIPES[recipe](kept, prompts[pid]["domain"], opts) if samples else "no_samples"
+        if isinstance(picked, str):
+            dropped[picked] += 1
+            continue
+        rows.append(pair_row(prompts[pid], picked, split_of(pid, seed, fraction), recipe))
+    stats = pair_stats(rows, dropped, excluded, prompts_in=len(prompts), samples_in=len(judged_rows))
+    stats.update(recipe=recipe, pivot=pivot, sources=list(opts.sources), seed=seed, sft_fraction=fraction)
+    return rows, stats
+
+
+def pair_stats(rows: list[dict[str, Any]], dropped: Counter, excluded: Counter, *, prompts_in: int,
+               samples_in: int) -> dict[str, Any]:  # fmt: skip
+    """Counts per domain and split, each model's share of chosen / rejected / source_chosen, and drop reasons."""
+    by_domain: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+    for r in rows:
+        by_domain[r["domain"]][r["split"]] += 1
+    shares = {}
+    for col in ("chosen", "rejected", "source_chosen"):
+        counts = Counter(r[f"{col}_model"] for r in rows if f"{col}_model" in r)
+        if counts:
+            total = sum(counts.values())
+            shares[f"{col}_share"] = {m: round(c / total, 6) for m, c in sorted(counts.items())}
+            shares[f"{col}_count"] = dict(sorted(counts.items()))
+    return {
+        "prompts_in": prompts_in, "prompts_out": len(rows), "samples_in": samples_in,
+        "samples_excluded": {k: v for k, v in sorted(excluded.items()) if v},
+        "dropped": dict(sorted(dropped.items())),
+        "rows_by_split": {sp: sum(d[sp] for d in by_domain.values()) for sp in SPLITS},
+        "rows_by_domain": {d: {**c, "total": sum(c.values())} for d, c in sorted(by_domain.items())},
+        **shares,
+    }  # fmt: skip
+
+
+def _input_digest(path: str) -> str:
+    """A digest of a finished stage output's checksums: the pair output is keyed by its inputs' content."""
+    return fingerprint(json.loads((Path(path) / SUCCESS).read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`infifpo pair --judged DIR [DIR...] --prompts DIR --recipe R --pivot NAME [...] [--out ROOT]`."""
+    ap = argparse.ArgumentParser(prog="infifpo pair", description="Build preference rows from judged samples.")
+    ap.add_argument("--judged", nargs="+", required=True, help="judged stage output directories (any order)")
+    ap.add_argument("--prompts", required=True, help="the prompts stage output the samples were drawn from")
+    ap.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    ap.add_argument("--pivot", required=True, help="the pivot (target) model's name as in the judged rows")
+    ap.add_argument("--sources", nargs="+", default=None, help="source models (default: every other judged model)")
+    ap.add_argument("--sft-fraction", type=float, default=None, help="share of prompts in the SFT split")
+    ap.add_argument("--allow-truncated-chosen", action="store_true", help="let length-truncated responses be chosen")
+    ap.add_argument("--min-gap", type=float, default=0.01, help="fusechat: smallest reward gap kept")
+    ap.add_argument("--max-gap", type=float, default=0.1, help="fusechat: largest reward gap kept")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs", help="root directory of stage outputs")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    judged = [row for d in args.judged for row in read_output(d)]
+    prompts = read_output(args.prompts)
+    options = {k: getattr(args, k) for k in ("recipe", "pivot", "sources", "seed", "sft_fraction",
+                                              "allow_truncated_chosen", "min_gap", "max_gap")}  # fmt: skip
+    key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": _input_digest(args.prompts),
+           "judged": sorted(_input_digest(d) for d in args.judged)}  # fmt: skip
+    out = StageOutput(args.out, f"pairs-{args.recipe}", key)
+    if out.is_complete():
+        logger.info("pairs already built for these inputs; reusing %s", out.path)
+        stats = json.loads((out.path / "stats.json").read_text())
+    else:
+        rows, stats = build_pairs(judged, prompts, **options)
+        out.path.mkdir(parents=True, exist_ok=True)
+        (out.path / "stats.json").write_text(json.dumps(stats, indent=1))  # before _SUCCESS: complete => has stats
+        out.write_all(rows)
+    print(out.path)
+    print(f"pairs={stats['prompts_out']} of prompts={stats['prompts_in']}  splits={stats['rows_by_split']}  "
+          f"dropped={stats['dropped']}")  # fmt: skip
+    return 0

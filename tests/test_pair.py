@@ -1,0 +1,267 @@
+"""`infifpo pair`: recipes on hand-built judged rows, drops with reasons, seeded split, order independence, stats."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from infifpo import pair
+from infifpo.pair import build_pairs, split_of
+from infifpo.schema import PAIR_COLUMNS, ConfigError, DataFormatError, sample_id
+from infifpo.store import StageOutput, read_output
+
+PIVOT, A, B = "pivot", "srcA", "srcB"
+
+
+def P(pid, domain="math"):  # noqa: N802 - a row constructor, read like a literal
+    return {"id": pid, "prompt": [{"role": "user", "content": f"question {pid}"}], "domain": domain,
+            "answer": "1" if domain == "math" else None, "tests": None, "entry_point": None,
+            "source": "t"}  # fmt: skip
+
+
+def J(pid, model, idx, text=None, correct=None, reward=None, finish="stop"):  # noqa: N802
+    return {"id": sample_id(pid, model, idx), "prompt_id": pid, "model": model, "sample_index": idx,
+            "completion_ids": [1, 2], "text": f"{model} answer {idx} to {pid}" if text is None else text,
+            "finish_reason": finish, "gen_logp": -1.0, "num_tokens": 2, "seed": 0, "correct": correct,
+            "reward": reward, "judge_reason": "test"}  # fmt: skip
+
+
+def _one(judged, prompts, **kw):
+    rows, stats = build_pairs(judged, prompts, **kw)
+    assert len(rows) == 1, stats
+    return rows[0], stats
+
+
+# -- infifpo ----------------------------------------------------------------------------------------------------
+def test_infifpo_correctness_first_then_reward_over_all_samples():
+    # D5: five responses from three models; all are kept and ranked, not just two.
+    judged = [J("p1", PIVOT, 0, correct=True, reward=0.1), J("p1", PIVOT, 1, correct=False, reward=0.9),
+              J("p1", A, 0, correct=True, reward=0.5), J("p1", B, 0, correct=False, reward=0.2),
+              J("p1", B, 1, correct=None, reward=0.95)]  # fmt: skip
+    row, stats = _one(judged, [P("p1")], recipe="infifpo", pivot=PIVOT)
+    assert set(PAIR_COLUMNS) <= set(row)
+    assert row["chosen"] == [{"role": "assistant", "content": "srcA answer 0 to p1"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "srcB answer 0 to p1"}]
+    assert row["prompt"] == [{"role": "user", "content": "question p1"}]
+    assert (row["chosen_model"], row["rejected_model"]) == (A, B)
+    assert (row["chosen_reward"], row["rejected_reward"]) == (0.5, 0.2)
+    assert (row["chosen_correct"], row["rejected_correct"]) == (True, False)
+    assert row["chosen_sample_id"] == "p1|srcA|0" and row["domain"] == "math" and "source_chosen" not in row
+    assert stats["sources"] == [A, B]
+
+
+def test_infifpo_reward_decides_without_a_verifier_and_none_reward_ranks_lowest():
+    judged = [J("g", PIVOT, 0, reward=0.3), J("g", A, 0, reward=0.7), J("g", B, 0, reward=None)]
+    row, _ = _one(judged, [P("g", "general")], recipe="infifpo", pivot=PIVOT)
+    assert (row["chosen_model"], row["rejected_model"]) == (A, B)
+
+
+def test_truncated_and_errored_responses_are_not_chosen_by_default():
+    judged = [J("p", A, 0, correct=True, reward=0.9, finish="length"),
+              J("p", B, 0, correct=True, reward=0.8, finish="error"),
+              J("p", PIVOT, 0, correct=True, reward=0.2), J("p", PIVOT, 1, correct=False)]  # fmt: skip
+    row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT)
+    assert row["chosen_sample_id"] == "p|pivot|0" and row["rejected_sample_id"] == "p|pivot|1"
+    row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT, allow_truncated_chosen=True)
+    assert row["chosen_sample_id"] == "p|srcA|0"  # "length" allowed now; "error" never
+
+
+def test_drops_are_counted_with_their_reasons():
+    judged = [
+        J("tie", PIVOT, 0, correct=True, reward=0.5), J("tie", A, 0, correct=True, reward=0.5),
+        J("empty", PIVOT, 0, text="  \n"), J("empty", A, 0, text="", reward=1.0), J("empty", B, 0, reward=0.1),
+        J("same", PIVOT, 0, text="42", correct=True), J("same", A, 0, text=" 42\n", correct=False),
+        J("trunc", PIVOT, 0, correct=False, reward=0.1), J("trunc", A, 0, correct=True, finish="length"),
+        J("ok", PIVOT, 0, correct=True), J("ok", A, 0, correct=False),
+        J("allcut", PIVOT, 0, finish="length", reward=1.0), J("allcut", A, 0, finish="error"),
+    ]  # fmt: skip
+    prompts = [P(p) for p in ("tie", "empty", "same", "trunc", "ok", "allcut", "nosamples")]
+    rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT)
+    assert [r["id"] for r in rows] == ["ok"]
+    assert stats["dropped"] == {"best_ineligible": 1, "identical": 1, "no_eligible_chosen": 1, "no_samples": 1,
+                                "tie": 1, "too_few_responses": 1}  # fmt: skip
+    assert stats["samples_excluded"] == {"empty_response": 2}
+    assert stats["prompts_in"] == 7 == stats["prompts_out"] + sum(stats["dropped"].values())
+
+
+# -- wrpo -------------------------------------------------------------------------------------------------------
+def test_wrpo_quadruple():
+    judged = [J("w", A, 0, correct=True, reward=0.4), J("w", A, 1, correct=False, reward=0.9),
+              J("w", B, 0, correct=True, reward=0.8), J("w", PIVOT, 0, correct=True, reward=0.1),
+              J("w", PIVOT, 1, correct=False, reward=0.3), J("w", PIVOT, 2, correct=False, reward=0.2)]  # fmt: skip
+    row, stats = _one(judged, [P("w")], recipe="wrpo", pivot=PIVOT)
+    assert row["source_chosen"] == [{"role": "assistant", "content": "srcB answer 0 to w"}]
+    assert row["source_chosen_model"] == B and row["source_chosen_reward"] == 0.8
+    assert row["chosen_sample_id"] == "w|pivot|0" and row["rejected_sample_id"] == "w|pivot|2"
+    assert row["chosen_model"] == row["rejected_model"] == PIVOT
+    assert stats["source_chosen_share"] == {B: 1.0} and stats["sft_fraction"] == pytest.approx(1 / 3)
+
+
+def test_wrpo_drops():
+    judged = [
+        J("t", A, 0, correct=True), J("t", PIVOT, 0, correct=True, reward=0.2),
+        J("t", PIVOT, 1, correct=True, reward=0.2),  # target tie
+        J("s", A, 0, correct=False, reward=0.0), J("s", PIVOT, 0, correct=True),
+        J("s", PIVOT, 1, correct=False, reward=0.5),  # y_l outranks the best source response
+        J("n", A, 0, correct=True, finish="length"), J("n", PIVOT, 0, correct=True), J("n", PIVOT, 1, correct=False),
+    ]  # fmt: skip
+    rows, stats = build_pairs(judged, [P("t"), P("s"), P("n")], recipe="wrpo", pivot=PIVOT)
+    assert rows == []
+    assert stats["dropped"] == {"no_source_chosen": 1, "source_not_better": 1, "target_tie": 1}
+    with pytest.raises(ConfigError, match="cannot also be a source"):
+        build_pairs(judged, [P("t"), P("s"), P("n")], recipe="wrpo", pivot=PIVOT, sources=[A, PIVOT])
+
+
+# -- fusechat ---------------------------------------------------------------------------------------------------
+def test_fusechat_same_source_pair_inside_the_reward_window():
+    judged = [J("f", B, 0, reward=0.9), J("f", B, 1, reward=0.1),  # best model, but gap 0.8 > 0.1
+              J("f", A, 0, reward=0.50), J("f", A, 1, reward=0.45), J("f", A, 2, reward=0.47),
+              J("f", PIVOT, 0, reward=5.0), J("f", PIVOT, 1, reward=-5.0)]  # fmt: skip
+    row, stats = _one(judged, [P("f", "general")], recipe="fusechat", pivot=PIVOT)
+    assert (row["chosen_sample_id"], row["rejected_sample_id"]) == ("f|srcA|0", "f|srcA|1")
+    assert stats["sft_fraction"] == 0.0 and row["split"] == "po" and stats["sources"] == [A, B]
+
+
+def test_fusechat_uses_the_verifier_for_math_and_the_window_otherwise():
+    judged = [
+        J("m", A, 0, correct=True, reward=0.1), J("m", A, 1, correct=False, reward=0.9),  # verifier separates
+        J("both", A, 0, correct=True, reward=0.5), J("both", A, 1, correct=True, reward=0.45),
+        J("low", A, 0, reward=0.500), J("low", A, 1, reward=0.495),
+        J("high", A, 0, reward=0.9), J("high", A, 1, reward=0.1),
+        J("norew", A, 0, reward=None, text="x"), J("norew", A, 1, reward=0.2),
+        J("one", A, 0, reward=0.3), J("one", B, 0, reward=0.25),  # different models never pair
+        J("one", PIVOT, 0, reward=0.29), J("one", PIVOT, 1, reward=0.3),  # the pivot is not a FuseChat source
+    ]  # fmt: skip
+    prompts = [P("m"), P("both"), P("low", "general"), P("high", "general"), P("norew", "general"),
+               P("one", "general")]  # fmt: skip
+    rows, stats = build_pairs(judged, prompts, recipe="fusechat", pivot=PIVOT, sources=[A, B])
+    assert [(r["id"], r["chosen_sample_id"]) for r in rows] == [("m", "m|srcA|0")]
+    assert stats["dropped"] == {"gap_above_window": 1, "gap_below_window": 1, "no_reward": 1, "same_correctness": 1,
+                                "too_few_responses": 1}  # fmt: skip
+    rows, _ = build_pairs(judged, prompts, recipe="fusechat", pivot=PIVOT, sources=[A, B], max_gap=1.0)
+    assert [r["id"] for r in rows] == ["high", "m"]
+
+
+# -- determinism, split, stats ----------------------------------------------------------------------------------
+def _many(n=300):
+    rng = random.Random(0)
+    prompts, judged = [P(f"q{i:03d}", rng.choice(["math", "general"])) for i in range(n)], []
+    for p in prompts:
+        for m in (PIVOT, A, B):
+            for k in range(2):  # coarse rewards so that many best/worst ties need the tie-break
+                judged.append(J(p["id"], m, k, correct=rng.choice([True, False, None]), reward=rng.choice([0.0, 1.0])))
+    return judged, prompts
+
+
+@pytest.mark.parametrize("recipe", ["infifpo", "wrpo", "fusechat"])
+def test_same_seed_same_pairs_and_shuffled_input_gives_identical_output(recipe):
+    judged, prompts = _many()
+    kw = {"recipe": recipe, "pivot": PIVOT, "max_gap": 1.0, "sft_fraction": 0.5}
+    first = build_pairs(judged, prompts, seed=5, **kw)
+    shuffled_j, shuffled_p = judged[:], prompts[:]
+    random.Random(1).shuffle(shuffled_j)
+    random.Random(2).shuffle(shuffled_p)
+    assert build_pairs(shuffled_j, shuffled_p, seed=5, **kw) == first  # D13
+    assert len(first[0]) > 30
+    other = build_pairs(judged, prompts, seed=6, **kw)[0]
+    assert [r["split"] for r in other] != [r["split"] for r in first[0]]
+
+
+def test_split_fraction_per_recipe_and_independent_of_other_rows():
+    judged, prompts = _many(600)
+    rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT)
+    share = stats["rows_by_split"]["sft"] / len(rows)
+    assert 0.44 < share < 0.56 and stats["sft_fraction"] == 0.5
+    assert all(r["split"] == split_of(r["id"], 0, 0.5) for r in rows)
+    wrpo_rows, _ = build_pairs(judged, prompts, recipe="wrpo", pivot=PIVOT)
+    assert 0.27 < sum(r["split"] == "sft" for r in wrpo_rows) / len(wrpo_rows) < 0.40
+    sub, _ = build_pairs([j for j in judged if j["prompt_id"] < "q100"], prompts[:100], recipe="infifpo", pivot=PIVOT)
+    assert {r["id"]: r["split"] for r in sub}.items() <= {r["id"]: r["split"] for r in rows}.items()
+    for f, split in ((0.0, "po"), (1.0, "sft")):
+        assert {r["split"] for r in build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=f)[0]} \
+            == {split}  # fmt: skip
+    with pytest.raises(ConfigError, match="sft_fraction"):
+        build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=1.5)
+
+
+def test_stats_numbers():
+    judged = [J("a", PIVOT, 0, correct=True), J("a", A, 0, correct=False),
+              J("b", A, 0, correct=True), J("b", B, 0, correct=False),
+              J("c", A, 0, correct=True), J("c", PIVOT, 0, correct=False),
+              J("d", A, 0, correct=True), J("d", B, 0, correct=True),
+              J("e", PIVOT, 0, correct=True), J("e", A, 0, correct=False),
+              J("e", "outsider", 0, correct=True)]  # fmt: skip
+    prompts = [P("a"), P("b", "code"), P("c"), P("d"), P("e", "general")]
+    rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sources=[A, B], sft_fraction=0.5)
+    splits = {r["id"]: r["split"] for r in rows}
+    assert sorted(splits) == ["a", "b", "c", "e"]
+    assert stats["prompts_in"] == 5 and stats["prompts_out"] == 4 and stats["samples_in"] == 11
+    assert stats["dropped"] == {"tie": 1} and stats["samples_excluded"] == {"not_in_pool": 1}
+    assert stats["chosen_count"] == {A: 2, PIVOT: 2} and stats["chosen_share"] == {A: 0.5, PIVOT: 0.5}
+    assert stats["rejected_count"] == {A: 2, B: 1, PIVOT: 1}
+    assert stats["rejected_share"] == {A: 0.5, B: 0.25, PIVOT: 0.25}
+    expect = {"math": {"sft": 0, "po": 0}, "code": {"sft": 0, "po": 0}, "general": {"sft": 0, "po": 0}}
+    for pid, dom in (("a", "math"), ("b", "code"), ("c", "math"), ("e", "general")):
+        expect[dom][splits[pid]] += 1
+    assert stats["rows_by_domain"] == {d: {**c, "total": sum(c.values())} for d, c in sorted(expect.items())}
+    assert stats["rows_by_split"] == {sp: list(splits.values()).count(sp) for sp in ("sft", "po")}
+    assert stats["rows_by_split"]["sft"] not in (0, 4), "fixture should exercise both splits"
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda r: r.pop("reward"), r"row 1 \(id='p\|srcA\|0'\): missing column\(s\) \['reward'\]"),
+        (lambda r: r.update(prompt_id="zzz", id="zzz|srcA|0"), r"row 1 .*prompt_id 'zzz' is not in the prompts"),
+        (lambda r: r.update(id="p|srcA|7"), r"row 1 .*id should be 'p\|srcA\|0'"),
+        (lambda r: r.update(reward=float("nan")), r"row 1 .*field 'reward'"),
+        (lambda r: r.update(correct="yes"), r"row 1 .*field 'correct'"),
+        (lambda r: r.update(correct=1), r"row 1 .*field 'correct'"),
+        (lambda r: r.update(finish_reason="eos"), r"row 1 .*field 'finish_reason'"),
+        (lambda r: r.update(text={"answer": "1", "score": 2}), r"row 1 .*field 'text'"),
+    ],
+)
+def test_bad_judged_rows_name_the_row(mutate, match):
+    judged = [J("p", PIVOT, 0, correct=True), J("p", A, 0, correct=False)]
+    mutate(judged[1])
+    with pytest.raises(DataFormatError, match=match):
+        build_pairs(judged, [P("p")], recipe="infifpo", pivot=PIVOT)
+
+
+def test_duplicate_samples_bad_prompts_and_unknown_models_are_named():
+    judged = [J("p", PIVOT, 0, correct=True), J("p", A, 0, correct=False)]
+    with pytest.raises(DataFormatError, match=r"row 2 .*appears twice"):
+        build_pairs(judged + [dict(judged[0])], [P("p")], recipe="infifpo", pivot=PIVOT)
+    with pytest.raises(DataFormatError, match=r"row 0 .*missing column\(s\) \['domain'\]"):
+        build_pairs(judged, [{k: v for k, v in P("p").items() if k != "domain"}], recipe="infifpo", pivot=PIVOT)
+    with pytest.raises(ConfigError, match=r"pivot 'smol' has no judged samples; models found: \['pivot', 'srcA'\]"):
+        build_pairs(judged, [P("p")], recipe="infifpo", pivot="smol")
+    with pytest.raises(ConfigError, match=r"source model\(s\) \['srcZ'\]"):
+        build_pairs(judged, [P("p")], recipe="infifpo", pivot=PIVOT, sources=["srcZ"])
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        build_pairs(judged, [P("p")], recipe="dpo", pivot=PIVOT)
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
+    judged, prompts = _many(40)
+    root = tmp_path / "runs"
+    p_dir = StageOutput(root, "prompts", {"t": 1}).write_all(prompts)
+    j_dirs = [str(StageOutput(root, f"judged-{m}", {"m": m}).write_all([j for j in judged if j["model"] == m]))
+              for m in (PIVOT, A, B)]  # fmt: skip
+    argv = ["--prompts", str(p_dir), "--recipe", "wrpo", "--pivot", PIVOT, "--seed", "3", "--out", str(root)]
+    assert pair.main(["--judged", *j_dirs, *argv]) == 0
+    out_dir = capsys.readouterr().out.splitlines()[0]
+    rows = read_output(out_dir)
+    stats = json.loads((Path(out_dir) / "stats.json").read_text())
+    expect_rows, expect_stats = build_pairs(judged, prompts, recipe="wrpo", pivot=PIVOT, seed=3)
+    assert rows == expect_rows and stats == expect_stats
+    assert all(r["split"] in ("sft", "po") and r["id"] for r in rows)
+    assert pair.main(["--judged", *reversed(j_dirs), *argv]) == 0  # input order does not change the key
+    assert capsys.readouterr().out.splitlines()[0] == out_dir
+    assert pair.main(["--judged", *j_dirs, *argv[:-3], "4", "--out", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] != out_dir
