@@ -1,0 +1,204 @@
+"""`infifpo train --method sft|dpo|infifpo|wrpo --config FILE [--key value ...]`: parse, build, train, save.
+
+Owns: the command line of the train stage (TrlParser: YAML keys are config-dataclass fields, CLI flags override
+them, an unknown YAML key is a ConfigError with a did-you-mean), the precision default on CPU (bf16 autocast where
+the CPU has native bf16 matmuls, fp32 otherwise), model / LoRA / 4-bit QLoRA set-up from TRL's ModelConfig, and
+writing the resolved configuration into ``output_dir``. Does not own: the trainers, data validation or the math.
+Data: ``dataset_name`` is a scored-pairs stage output directory, a ``.jsonl`` file or a hub dataset name; ``sft``
+trains on (prompt, chosen) rows with split == "sft", the preference methods on split == "po" (when a split column
+exists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from infifpo.schema import ConfigError
+
+logger = logging.getLogger(__name__)
+METHODS = ("sft", "dpo", "infifpo", "wrpo")
+RESOLVED_CONFIG = "infifpo_train_config.yaml"
+
+
+@dataclass
+class TrainScriptArguments:
+    """Where the training rows come from."""
+
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Scored-pairs stage output directory, a .jsonl file, or a hub dataset name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of a hub dataset to load."})
+    pipeline_split: str | None = field(default=None, metadata={
+        "help": "Rows kept by the pipeline's `split` column; default 'sft' for --method sft, else 'po'."})
+
+
+def _config_class(method: str) -> type:
+    if method == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig
+    if method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    if method == "infifpo":
+        from infifpo.trainers.infifpo import InfiFPOConfig
+
+        return InfiFPOConfig
+    from infifpo.trainers.wrpo import WRPOConfig
+
+    return WRPOConfig
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN AVX512-BF16 / AMX); emulated bf16 is slower than fp32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _split_method(argv: list[str]) -> tuple[str, list[str]]:
+    argv = list(argv)
+    if "--method" not in argv:
+        raise ConfigError(f"`infifpo train` needs --method, one of {list(METHODS)}.")
+    i = argv.index("--method")
+    method = argv[i + 1] if i + 1 < len(argv) else ""
+    if method not in METHODS:
+        close = difflib.get_close_matches(method, METHODS, n=1)
+        raise ConfigError(f"--method {method!r} is not one of {list(METHODS)}."
+                          + (f" Did you mean {close[0]!r}?" if close else ""))
+    return method, argv[:i] + argv[i + 2:]
+
+
+def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
+    """Raise ConfigError with a did-you-mean for every YAML key that is not a field of the config dataclasses."""
+    if "--config" not in argv:
+        return
+    with open(argv[argv.index("--config") + 1]) as f:
+        config = yaml.safe_load(f) or {}
+    known = {fl.name for t in dataclass_types for fl in dataclasses.fields(t)} | {"env"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown key(s) in {argv[argv.index('--config') + 1]}: {', '.join(hints)}. Keys must be "
+                          f"fields of {', '.join(t.__name__ for t in dataclass_types)}.")
+
+
+def parse(argv: list[str]) -> tuple[str, Any, Any, Any]:
+    """(method, script args, trainer config, ModelConfig) from argv; CPU precision defaults applied before YAML/CLI."""
+    from trl import ModelConfig, TrlParser
+
+    method, rest = _split_method(argv)
+    types = (TrainScriptArguments, _config_class(method), ModelConfig)
+    check_yaml_keys(rest, types)
+    parser = TrlParser(types)
+    if not torch.cuda.is_available():  # defaults only: YAML and CLI values still win
+        parser.set_defaults(use_cpu=True, bf16=cpu_supports_bf16())
+    script, train_args, model_args = parser.parse_args_and_config(rest)
+    if script.dataset_name is None:
+        raise ConfigError("no dataset: set `dataset_name` (a scored-pairs directory, a .jsonl file or a hub name).")
+    if model_args.model_name_or_path is None:
+        raise ConfigError("no model: set `model_name_or_path` (a local directory, a packaged name or a hub id).")
+    return method, script, train_args, model_args
+
+
+def resolve_model_path(name: str, *, revision: str | None, trust_remote_code: bool) -> str:
+    """A local path for ``name`` via ``infifpo.models.resolve_model`` when that module exists, else ``name``."""
+    try:
+        from infifpo.models import resolve_model
+    except ImportError:
+        return name
+    return resolve_model(name, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def quantization_config(model_args: Any) -> Any:
+    """bitsandbytes config from ModelConfig; 4-bit is NF4 with float32 compute on CPU (bf16 drops LoRA grads there)."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = model_args.dtype if torch.cuda.is_available() and model_args.dtype not in (None, "auto") else "float32"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                              bnb_4bit_compute_dtype=getattr(torch, compute),
+                              bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant)
+
+
+def prepare_rows(method: str, dataset: Any) -> Any:
+    """The columns each method trains on: SFT prompt/completion from (prompt, chosen); stock DPO drops score columns."""
+    if method == "sft" and "chosen" in dataset.column_names:
+        keep = [c for c in ("prompt", "chosen") if c in dataset.column_names]
+        dataset = dataset.select_columns(keep)
+        return dataset.rename_column("chosen", "completion") if "prompt" in keep else dataset.rename_column(
+            "chosen", "messages")
+    if method == "dpo":
+        return dataset.select_columns([c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
+    return dataset
+
+
+def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) -> Any:
+    """The TRL (or infifpo) trainer for ``method``, with the model passed as a path so TRL applies quantization."""
+    from transformers import AutoTokenizer
+    from trl import get_peft_config
+
+    from infifpo.trainers.data import load_preference_dataset
+
+    path = resolve_model_path(model_args.model_name_or_path, revision=model_args.model_revision,
+                              trust_remote_code=train_args.trust_remote_code)
+    train_args.model_init_kwargs = {
+        "revision": model_args.model_revision, "dtype": model_args.dtype or "float32",
+        "attn_implementation": model_args.attn_implementation, "trust_remote_code": train_args.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
+                                              trust_remote_code=train_args.trust_remote_code)
+    split = script.pipeline_split or ("sft" if method == "sft" else "po")
+    dataset = prepare_rows(method, load_preference_dataset(script.dataset_name, split=split,
+                                                           hub_split=script.dataset_train_split))
+    kw = dict(args=train_args, train_dataset=dataset, processing_class=tokenizer,
+              peft_config=get_peft_config(model_args), quantization_config=quantization_config(model_args))
+    if method == "sft":
+        from trl import SFTTrainer as Trainer
+    elif method == "dpo":
+        from trl import DPOTrainer as Trainer
+    elif method == "infifpo":
+        from infifpo.trainers.infifpo import InfiFPOTrainer as Trainer
+    else:
+        from infifpo.trainers.wrpo import WRPOTrainer as Trainer
+    return Trainer(path, **kw)
+
+
+def save_resolved_config(method: str, script: Any, train_args: Any, model_args: Any) -> Path:
+    """Write every resolved field (defaults < YAML < CLI) to ``output_dir/infifpo_train_config.yaml``."""
+    resolved = {"method": method, **dataclasses.asdict(script), **train_args.to_dict(),
+                **dataclasses.asdict(model_args)}
+    out = Path(train_args.output_dir) / RESOLVED_CONFIG
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=True))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `infifpo train`; returns a process exit code."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        method, script, train_args, model_args = parse(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"infifpo train: {e}", file=sys.stderr)
+        return 2
+    trainer = build_trainer(method, script, train_args, model_args)
+    logger.info("resolved config written to %s", save_resolved_config(method, script, train_args, model_args))
+    trainer.train()
+    trainer.save_model(train_args.output_dir)
+    return 0

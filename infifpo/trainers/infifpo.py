@@ -1,0 +1,222 @@
+"""InfiFPOConfig / InfiFPOTrainer: preference optimisation against a fused multi-source reference, on TRL's DPOTrainer.
+
+Owns: the InfiFPO options (methods.md, every "(choice)" with its default), reading the frozen pivot's and the
+sources' log-probs from the dataset (no reference model is ever loaded), and the per-step fusion metrics.
+Does not own: the math (``infifpo.fusion``), row validation (``trainers.data``) or batch layout (``trainers.collate``).
+Departures from TRL's DPOTrainer: the reference comes from dataset columns (``precompute_ref_log_probs`` is forced on
+and ``_precompute_ref_logps`` returns the dataset unchanged), and ``_compute_loss`` calls ``fusion.*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from infifpo import fusion
+from infifpo.schema import ConfigError, fuse_columns, ref_columns
+from infifpo.trainers.collate import (
+    ScoredPreferenceCollator,
+    add_response_ids,
+    completion_logps,
+    gather_means,
+    pop_score_columns,
+)
+from infifpo.trainers.data import (
+    check_reference_token_counts,
+    report_truncated_prompts,
+    score_columns,
+    validate_preference_rows,
+)
+
+logger = logging.getLogger(__name__)
+LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
+
+
+@dataclass
+class InfiFPOConfig(DPOConfig):
+    """DPOConfig plus the InfiFPO options; defaults are the paper's (methods.md). ``help`` is the documentation."""
+
+    # Parameters that control the fused reference (methods.md §Fusion)
+    fusion_method: str = field(default="max_margin", metadata={
+        "help": "How K source values become one reference f(y) (methods.md §Fusion); paper default max_margin.",
+        "choices": list(fusion.FUSIONS)})
+    length_normalize: bool = field(default=True, metadata={
+        "help": "Compare mean per-token log-probs (each model divided by its own token count) instead of sums."})
+    clip: bool = field(default=True, metadata={
+        "help": "Clip sources against the frozen pivot: never below it on chosen, never above it on rejected."})
+    include_pivot: bool = field(default=True, metadata={
+        "help": "Append the frozen initial pivot as one more fusion candidate (the paper's derivation)."})
+    margin_against: str = field(default="init", metadata={
+        "help": "max_margin's distance is measured against the frozen initial pivot ('init') or the current "
+                "policy ('policy').", "choices": ["init", "policy"]})
+    ref_offset: float | None = field(default=None, metadata={
+        "help": "Clamp f(y) into [v_r - ref_offset, v_r + ref_offset] (official run script; off by default)."})
+    fuse: bool = field(default=True, metadata={
+        "help": "Official run-script flag: False trains plain DPO against the frozen pivot from the dataset."})
+    # Parameters that control the InfiFPO-WRPO variant (loss_type=wrpo; rows also need source_chosen scores)
+    alpha_max: float = field(default=0.1, metadata={"help": "loss_type=wrpo: final WRPO α (methods.md §WRPO)."})
+    is_dynamic: bool = field(default=True, metadata={"help": "loss_type=wrpo: α rises 0 -> alpha_max; False: constant."})
+    # Parameters that control the data
+    skip_invalid_rows: bool = field(default=False, metadata={
+        "help": "Drop (and count in the log) rows that fail validation instead of raising a named error."})
+    # Aliases of the official InfiFPO run script (run.sh); None means "not given".
+    fusion_type: str | None = field(default=None, metadata={"help": "Alias of fusion_method (official run.sh)."})
+    length_norm: bool | None = field(default=None, metadata={"help": "Alias of length_normalize (official run.sh)."})
+    # Overridden DPOConfig defaults
+    beta: float | None = field(default=None, metadata={
+        "help": "β of the loss; default 2.5 with length normalisation and 0.1 without (paper / run.sh)."})
+    precompute_ref_log_probs: bool = field(default=True, metadata={
+        "help": "Always True: the reference log-probs are dataset columns; no reference model is loaded."})
+
+    def __post_init__(self):
+        if self.fusion_type is not None:
+            self.fusion_method = self.fusion_type
+        if self.length_norm is not None:
+            self.length_normalize = self.length_norm
+        if self.beta is None:
+            self.beta = 2.5 if self.length_normalize else 0.1
+        if not self.precompute_ref_log_probs:
+            logger.warning("InfiFPO reads reference log-probs from the dataset; precompute_ref_log_probs forced True.")
+        self.precompute_ref_log_probs = True
+        super().__post_init__()
+        if len(self.loss_type) != 1 or self.loss_type[0] not in LOSS_TYPES:
+            raise ConfigError(f"loss_type={self.loss_type}: InfiFPO supports exactly one of {list(LOSS_TYPES)}.")
+        if self.fusion_method not in fusion.FUSIONS:
+            raise ConfigError(f"fusion_method={self.fusion_method!r}; choose one of {list(fusion.FUSIONS)}.")
+
+
+class InfiFPOTrainer(DPOTrainer):
+    """TRL DPOTrainer whose reference is the fused source reference f(y) built from scored-pair columns.
+
+    Drop-in: ``InfiFPOTrainer(model, args=InfiFPOConfig(...), train_dataset=..., processing_class=...,
+    peft_config=..., quantization_config=...)``. ``ref_model`` is refused: the frozen pivot's log-probs are columns.
+    """
+
+    _tag_names = ["trl", "dpo", "infifpo"]
+    _name = "InfiFPO"
+
+    def __init__(self, model: Any, ref_model: Any = None, args: InfiFPOConfig | None = None,
+                 data_collator: Any = None, **kwargs: Any):
+        if ref_model is not None:
+            raise ConfigError("InfiFPOTrainer takes no ref_model: the frozen pivot's log-probs are dataset columns "
+                              "(ref_*_logps, written by `infifpo score`).")
+        args = args or InfiFPOConfig(output_dir="infifpo-out")
+        if not isinstance(args, InfiFPOConfig):
+            raise ConfigError(f"args must be an InfiFPOConfig, got {type(args).__name__}.")
+        wrpo = args.loss_type[0] == "wrpo"
+        self._responses = ("source_chosen", "chosen", "rejected") if wrpo else ("chosen", "rejected")
+        self._score_columns = tuple(score_columns(self._responses, length_normalize=args.length_normalize,
+                                                  sources=True))
+        self._source_names: list[str] = []
+        super().__init__(model, args=args, data_collator=data_collator, **kwargs)
+        if data_collator is None:
+            self.data_collator = ScoredPreferenceCollator(
+                pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
+                truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
+                responses=self._responses, score_columns=self._score_columns)
+
+    # -- data hooks ---------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: InfiFPOConfig, dataset_name: str
+                         ) -> Dataset:
+        dataset = validate_preference_rows(dataset, responses=self._responses, length_normalize=args.length_normalize,
+                                           sources=True, skip_invalid=args.skip_invalid_rows)
+        if "source_models" in dataset.column_names and not self._source_names:
+            self._source_names = list(dataset[0]["source_models"])
+        n_before = len(dataset)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        report_truncated_prompts(n_before, dataset, args.max_length, dataset_name)
+        if "source_chosen" in self._responses:
+            dataset = add_response_ids(dataset, "source_chosen", self._tokenizer)
+        return check_reference_token_counts(dataset, responses=self._responses, max_length=args.max_length,
+                                            tokenizer_name=self._tokenizer.name_or_path,
+                                            skip_invalid=args.skip_invalid_rows)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [f"{r}_ids" for r in self._responses] + list(self._score_columns)
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + extra))
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        return dataset  # the reference log-probs are already columns (stack-notes: "Supplying your own ...")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The fused LM head builds no logits, so evaluation reports the loss only.
+        return super().prediction_step(model, inputs, True, ignore_keys)
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        scores = pop_score_columns(inputs, self._score_columns)
+        logps, num_tokens = completion_logps(model, inputs)
+        values = logps / num_tokens.clamp(min=1) if self.args.length_normalize else logps  # methods.md §LN
+        policy = dict(zip(self._responses, values.chunk(len(self._responses)), strict=True))
+        fused, info = self._fused_reference(scores, policy)
+        losses = self._pair_losses(policy, fused)
+        self._log_step(mode, policy, fused, info, dict(zip(self._responses, num_tokens.chunk(len(policy)),
+                                                           strict=True)))
+        loss = losses.mean()
+        return (loss, None) if return_outputs else loss
+
+    def _fused_reference(self, scores: dict[str, torch.Tensor], policy: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """f(y) [B] per response (methods.md §Fusion), and the diagnostics of the (chosen, rejected) fusion."""
+        pick = 1 if self.args.length_normalize else 0
+        ref = {r: scores[ref_columns(r)[pick]] for r in self._responses}
+        src = {r: scores[fuse_columns(r)[pick]] for r in self._responses}
+        if not self.args.fuse:
+            return ref, {}
+        a = self.args
+        kw = dict(method=a.fusion_method, clip=a.clip, include_pivot=a.include_pivot, ref_offset=a.ref_offset,
+                  margin_against=a.margin_against)
+        f_c, f_r, info = fusion.fuse_reference(ref["chosen"], ref["rejected"], src["chosen"], src["rejected"],
+                                               policy_chosen=policy["chosen"], policy_rejected=policy["rejected"], **kw)
+        fused = {"chosen": f_c, "rejected": f_r}
+        if "source_chosen" in policy:  # InfiFPO-WRPO: y_ws is fused as a preferred response against the same y_l
+            fused["source_chosen"] = fusion.fuse_reference(
+                ref["source_chosen"], ref["rejected"], src["source_chosen"], src["rejected"],
+                policy_chosen=policy["source_chosen"], policy_rejected=policy["rejected"], **kw)[0]
+        return fused, {"chosen_index": info.chosen_index, "rejected_index": info.rejected_index,
+                       "clip_rate": info.clip_rate, "num_candidates": info.num_candidates}
+
+    def _pair_losses(self, policy: dict[str, torch.Tensor], fused: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.args.loss_type[0] == "wrpo":
+            alpha = fusion.wrpo_alpha(self.state.global_step, max(self.state.max_steps, 1), self.args.alpha_max,
+                                      self.args.is_dynamic)
+            self._metrics["train" if self.model.training else "eval"]["alpha"].append(alpha)
+            return fusion.wrpo_loss(policy["source_chosen"], policy["chosen"], policy["rejected"],
+                                    fused["source_chosen"], fused["chosen"], fused["rejected"],
+                                    alpha=alpha, beta=self.beta)
+        return fusion.infifpo_loss(policy["chosen"], policy["rejected"], fused["chosen"], fused["rejected"],
+                                   beta=self.beta, loss_type=self.args.loss_type[0])
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+    def _log_step(self, mode: str, policy: dict[str, torch.Tensor], fused: dict[str, torch.Tensor],
+                  info: dict[str, Any], num_tokens: dict[str, torch.Tensor]) -> None:
+        """TRL's rewards/* and logps/* keys (rewards = β(v_π − f)) plus fusion/* diagnostics, gathered over ranks."""
+        rw_c, rw_r = fusion.implicit_rewards(policy["chosen"], policy["rejected"], fused["chosen"], fused["rejected"],
+                                             beta=self.beta)
+        per_pair = {
+            "rewards/chosen": rw_c, "rewards/rejected": rw_r, "rewards/accuracies": (rw_c > rw_r).float(),
+            "rewards/margins": rw_c - rw_r, "logps/chosen": policy["chosen"], "logps/rejected": policy["rejected"],
+            "fusion/margin": fused["chosen"] - fused["rejected"],
+            "fusion/chosen_num_tokens": num_tokens["chosen"], "fusion/rejected_num_tokens": num_tokens["rejected"],
+        }
+        if "clip_rate" in info:
+            per_pair["fusion/clip_rate"] = info["clip_rate"].expand_as(rw_c)
+        for side in ("chosen", "rejected"):
+            index = info.get(f"{side}_index")
+            if index is not None:
+                for k, name in enumerate(self._candidate_names(info["num_candidates"])):
+                    per_pair[f"fusion/{side}_share/{name}"] = (index == k).float()
+        for key, value in gather_means(self.accelerator, per_pair).items():
+            self._metrics[mode][key].append(value)
+
+    def _candidate_names(self, num_candidates: int) -> list[str]:
+        k = num_candidates - (1 if self.args.include_pivot else 0)
+        names = self._source_names if len(self._source_names) == k else [f"src{i}" for i in range(k)]
+        return names + (["pivot"] if self.args.include_pivot else [])

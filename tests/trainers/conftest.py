@@ -1,0 +1,60 @@
+"""Fixtures for the trainer tests: scored-pair rows for the tiny offline models, and fast CPU trainer configs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from infifpo.logprobs import response_spans
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "two", "plus", "three", "is", "five", "so", "we", "add", "it", "up", "to", "get", "ten"]
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_scored_rows(tokenizer, n: int = 8, k: int = 2, *, seed: int = 0, wrpo: bool = False,
+                     counts: bool = True, sources: tuple[str, ...] | None = None) -> list[dict]:
+    """Scored-pair rows in our format (schema.py) whose token counts match ``tokenizer``'s completion split.
+
+    Log-probs are random negative numbers (nats): the trainers never recompute them, so any valid value works.
+    """
+    rng = random.Random(seed)
+    responses = ("source_chosen", "chosen", "rejected") if wrpo else ("chosen", "rejected")
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"q{i}: " + _sentence(rng, 3)}]
+        texts = {r: _sentence(rng, 2 + rng.randrange(3)) + f" {r[0]}{i}" for r in responses}
+        _, spans = response_spans(tokenizer, prompt, [texts[r] for r in responses])
+        row = {"id": f"p{i:03d}", "split": "po", "prompt": prompt, "pivot_model": "tiny",
+               "source_models": list(sources or [f"m{j}" for j in range(k)])}
+        for r, span in zip(responses, spans, strict=True):
+            row[r] = [{"role": "assistant", "content": texts[r]}]
+            n_tok = len(span)
+            ref = -rng.uniform(0.5, 3.0) * n_tok
+            src = [-rng.uniform(0.5, 3.0) * n_tok for _ in range(k)]
+            src_n = [n_tok + rng.randrange(3) for _ in range(k)]
+            row.update({f"ref_{r}_logps": ref, f"ref_mean_{r}_logps": ref / n_tok,
+                        f"fuse_{r}_logps": src, f"fuse_mean_{r}_logps": [s / m for s, m in zip(src, src_n, strict=True)]})
+            if counts:
+                row.update({f"ref_{r}_num_tokens": n_tok, f"fuse_{r}_num_tokens": src_n})
+        rows.append(row)
+    return rows
+
+
+def cpu_args(**kw) -> dict:
+    """Training-argument overrides for a fast, deterministic, silent CPU run."""
+    base = dict(use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=2, max_steps=3,
+                logging_steps=1, save_strategy="no", learning_rate=1e-3, max_length=128, seed=0,
+                dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)

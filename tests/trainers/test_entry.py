@@ -1,0 +1,101 @@
+"""`infifpo train`: YAML + CLI overrides through TrlParser, each method trains, LoRA and 4-bit QLoRA on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from infifpo.schema import ConfigError
+from infifpo.trainers import entry
+from tests.trainers.conftest import make_scored_rows
+
+FAST = dict(bf16=False, report_to="none", per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+            save_strategy="no", learning_rate=1e-3, max_length=128, seed=0, disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def pairs_jsonl(tmp_path_factory, tiny_tok):
+    """4 rows: 2 in the sft split, 2 in the po split (batch 2: every step sees the same rows)."""
+    rows = make_scored_rows(tiny_tok, 4, k=2, wrpo=True)
+    for row in rows[:2]:
+        row["split"] = "sft"
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _yaml(tmp_path, **keys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    return str(path)
+
+
+def _train(argv):
+    method, script, args, model_args = entry.parse(argv)
+    trainer = entry.build_trainer(method, script, args, model_args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(before[n], p)]
+    return trainer, losses, changed
+
+
+# LoRA for InfiFPO / WRPO through the Python API is in test_infifpo.py / test_wrpo.py.
+@pytest.mark.parametrize(("method", "lora"), [("sft", False), ("sft", True), ("dpo", False), ("dpo", True),
+                                              ("infifpo", False), ("wrpo", False)])
+def test_each_method_trains_from_yaml(tiny_llama, pairs_jsonl, tmp_path, method, lora):
+    keys = {**FAST, "learning_rate": 1e-2} if lora else FAST
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(tmp_path / "o"),
+                use_peft=lora, lora_r=4, lora_alpha=8, **keys)
+    trainer, losses, changed = _train(["--method", method, "--config", cfg])
+    assert len(trainer.train_dataset) == 2  # the split column selected sft / po rows
+    assert losses[-1] < losses[0]
+    assert changed and (not lora or all("lora_" in n for n in changed))
+
+
+def test_cli_overrides_yaml_and_writes_resolved_config(tiny_llama, pairs_jsonl, tmp_path):
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(out),
+                fusion_type="mean", **FAST)
+    assert entry.main(["train"][1:] + ["--method", "infifpo", "--config", cfg, "--learning_rate", "0.002",
+                                        "--max_steps", "1"]) == 0
+    resolved = yaml.safe_load((out / entry.RESOLVED_CONFIG).read_text())
+    assert resolved["learning_rate"] == 0.002 and resolved["max_steps"] == 1  # CLI wins over YAML
+    assert resolved["fusion_method"] == "mean" and resolved["beta"] == 2.5 and resolved["method"] == "infifpo"
+    assert (out / "model.safetensors").exists()
+
+
+def test_unknown_yaml_key_suggests_the_field(tiny_llama, pairs_jsonl, tmp_path, capsys):
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(tmp_path),
+                fusion_methd="mean")
+    with pytest.raises(ConfigError, match="'fusion_methd' \\(did you mean 'fusion_method'\\?\\)"):
+        entry.parse(["--method", "infifpo", "--config", cfg])
+    assert entry.main(["--method", "infifpo", "--config", cfg]) == 2
+    assert "did you mean 'fusion_method'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="Did you mean 'wrpo'"):
+        entry.parse(["--method", "wrp", "--config", cfg])
+
+
+def test_cpu_precision_default_is_bf16_where_supported(tiny_llama, pairs_jsonl, tmp_path):
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(tmp_path))
+    _, _, args, _ = entry.parse(["--method", "infifpo", "--config", cfg])
+    if not torch.cuda.is_available():
+        assert args.use_cpu and args.bf16 == entry.cpu_supports_bf16()
+    _, _, args, _ = entry.parse(["--method", "infifpo", "--config", cfg, "--bf16", "false"])
+    assert args.bf16 is False
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_llama, pairs_jsonl, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    assert bnb is not None
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(tmp_path / "o"),
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", use_peft=True, lora_r=4, lora_alpha=8, **FAST)
+    method, script, args, model_args = entry.parse(["--method", "infifpo", "--config", cfg, "--learning_rate", "0.01"])
+    assert entry.quantization_config(model_args).bnb_4bit_compute_dtype == torch.float32
+    trainer, losses, changed = _train(["--method", "infifpo", "--config", cfg, "--learning_rate", "0.01"])
+    assert getattr(trainer.model, "is_loaded_in_4bit", False)
+    assert losses[-1] < losses[0]
+    assert changed and all("lora_" in n for n in changed)

@@ -1,0 +1,175 @@
+"""InfiFPOTrainer: the DPO identity, a hand-computed max-margin loss, training, metrics, the official format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig, DPOTrainer
+
+from infifpo.logprobs import response_spans
+from infifpo.schema import ConfigError
+from infifpo.store import read_jsonl
+from infifpo.trainers.infifpo import InfiFPOConfig, InfiFPOTrainer
+from tests.trainers.conftest import cpu_args, make_scored_rows
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "official_format_row.jsonl"
+
+
+def _batch(trainer, n):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def test_single_source_equal_to_reference_is_dpo(tiny_llama, tiny_llama_b, tiny_tok, tmp_path):
+    """methods.md sanity identity: one source == the frozen pivot, LN off -> TRL's sigmoid DPO loss and gradients.
+
+    The policy (tiny_llama_b) differs from the reference (tiny_llama), so the DPO logits are not zero.
+    """
+    rows = make_scored_rows(tiny_tok, 4, k=1)
+    plain = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    dpo = DPOTrainer(tiny_llama_b, ref_model=ref_model, train_dataset=plain, processing_class=tiny_tok,
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True, beta=0.1,
+                                    **cpu_args()))
+    ref_c, ref_r = dpo.train_dataset["ref_chosen_logps"], dpo.train_dataset["ref_rejected_logps"]
+    for row, c, r in zip(rows, ref_c, ref_r, strict=True):
+        row.update(ref_chosen_logps=c, ref_rejected_logps=r, fuse_chosen_logps=[c], fuse_rejected_logps=[r])
+    infi = InfiFPOTrainer(tiny_llama_b, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                          args=InfiFPOConfig(output_dir=str(tmp_path / "infi"), length_normalize=False, beta=0.1,
+                                             **cpu_args()))
+    batch_d, batch_i = _batch(dpo, 4), _batch(infi, 4)
+    assert torch.equal(batch_d["input_ids"], batch_i["input_ids"])
+    loss_d = dpo.compute_loss(dpo.model, batch_d)
+    loss_i = infi.compute_loss(infi.model, batch_i)
+    assert abs(loss_d.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # a non-trivial DPO loss
+    assert_close(loss_i, loss_d, atol=1e-6, rtol=0)
+    loss_d.backward()
+    loss_i.backward()
+    grads_d = dict(dpo.model.named_parameters())
+    for name, p in infi.model.named_parameters():
+        assert_close(p.grad, grads_d[name].grad, atol=1e-6, rtol=0, msg=name)
+
+
+def _policy_mean_logps(model_path, tok, row):
+    """Plain forward: mean per-token log-prob (nats/token) of chosen and rejected over their completion tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    prompt_ids, spans = response_spans(tok, row["prompt"], [row["chosen"][0]["content"], row["rejected"][0]["content"]])
+    out = []
+    for span in spans:
+        ids = torch.tensor([prompt_ids + span])
+        with torch.no_grad():
+            logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+        out.append(logp[len(prompt_ids) - 1:].sum().item() / len(span))
+    return out
+
+
+def test_max_margin_with_clip_matches_hand_computation(tiny_llama, tiny_tok, tmp_path):
+    """LN on (β = 2.5), clip on, pivot included: f(y_w) = max(v_r, max_k v_k), f(y_l) = min(v_r, min_k v_k).
+
+    row 0: chosen v_r=-1.0, v=[-0.8,-1.5] -> f=-0.8 (m0, m1 clipped); rejected v_r=-1.2, v=[-1.0,-2.0] -> f=-2.0 (m1)
+    row 1: chosen v_r=-0.9, v=[-0.5,-1.3] -> f=-0.5 (m0, m1 clipped); rejected v_r=-1.1, v=[-1.4,-1.05] -> f=-1.4 (m0)
+    4 of 8 source values clipped; fused margins 1.2 and 0.9.
+    """
+    rows = make_scored_rows(tiny_tok, 2, k=2, sources=("m0", "m1"))
+    hand = [(-1.0, [-0.8, -1.5], -1.2, [-1.0, -2.0], -0.8, -2.0), (-0.9, [-0.5, -1.3], -1.1, [-1.4, -1.05], -0.5, -1.4)]
+    for row, (rc, sc, rr, sr, _, _) in zip(rows, hand, strict=True):
+        row.update(ref_mean_chosen_logps=rc, fuse_mean_chosen_logps=sc, ref_mean_rejected_logps=rr,
+                   fuse_mean_rejected_logps=sr)
+    trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                             args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args()))
+    assert trainer.beta == 2.5
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, _batch(trainer, 2))
+    expected = []
+    for row, (*_, f_w, f_l) in zip(rows, hand, strict=True):
+        pi_w, pi_l = _policy_mean_logps(tiny_llama, tiny_tok, row)
+        expected.append(-torch.nn.functional.logsigmoid(torch.tensor(2.5 * ((pi_w - f_w) - (pi_l - f_l)))))
+    assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=0)
+    m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert m["fusion/clip_rate"] == pytest.approx(0.5)
+    assert m["fusion/margin"] == pytest.approx((1.2 + 0.9) / 2)
+    assert (m["fusion/chosen_share/m0"], m["fusion/chosen_share/m1"], m["fusion/chosen_share/pivot"]) == (1, 0, 0)
+    assert (m["fusion/rejected_share/m0"], m["fusion/rejected_share/m1"]) == (0.5, 0.5)
+    n_c = [len(response_spans(tiny_tok, r["prompt"], [r["chosen"][0]["content"]])[1][0]) for r in rows]
+    assert m["fusion/chosen_num_tokens"] == pytest.approx(sum(n_c) / 2)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_training_reduces_loss_and_changes_parameters(tiny_llama, tiny_tok, tmp_path, lora):
+    from peft import LoraConfig
+
+    rows = make_scored_rows(tiny_tok, 2, k=2)  # batch 2 of 2 rows: every step sees the same pairs
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                             peft_config=peft, args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args(
+                                 max_steps=4, learning_rate=1e-2 if lora else 1e-3)))
+    before = _params(trainer.model)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    after = _params(trainer.model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed and (not lora or all("lora_" in n for n in changed))
+
+
+def test_official_format_example_loads_and_trains(tiny_llama, tiny_tok, tmp_path):
+    rows = read_jsonl(EXAMPLE)
+    assert "prompt" not in rows[0] and "ref_chosen_num_tokens" not in rows[0]
+    trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                             args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args(max_steps=3)))
+    # TRL extracted the shared prompt: the completion is the assistant turn only.
+    first = trainer.train_dataset[0]
+    assert tiny_tok.decode(first["chosen_ids"]) == json.loads(EXAMPLE.read_text().splitlines()[0])["chosen"][1][
+        "content"] + "|"
+    before = _params(trainer.model)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(v, _params(trainer.model)[n]) for n, v in before.items())
+    assert "fusion/chosen_share/src0" in trainer.state.log_history[0]  # no source_models column: src0..
+
+
+def test_config_defaults_and_run_script_aliases(tmp_path):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    cfg = InfiFPOConfig(**base)
+    assert (cfg.fusion_method, cfg.length_normalize, cfg.beta, cfg.clip, cfg.include_pivot) == (
+        "max_margin", True, 2.5, True, True)
+    assert cfg.margin_against == "init" and cfg.ref_offset is None and cfg.precompute_ref_log_probs
+    alias = InfiFPOConfig(fusion_type="mean", length_norm=False, **base)
+    assert (alias.fusion_method, alias.length_normalize, alias.beta) == ("mean", False, 0.1)
+    assert InfiFPOConfig(beta=0.7, **base).beta == 0.7
+    with pytest.raises(ConfigError, match="hinge"):
+        InfiFPOConfig(loss_type="hinge", **base)
+    with pytest.raises(ConfigError, match="max_margin"):
+        InfiFPOConfig(fusion_method="maxmargin", **base)
+
+
+def test_wrpo_variant_with_source_equal_to_reference_is_wrpo(tiny_llama, tiny_tok, tmp_path):
+    """InfiFPO-WRPO (every WRPO reference term replaced by f) with f == r (one source equal to the pivot, LN off)
+    gives WRPOTrainer's loss on the same batch; α follows the same schedule (constant α_max here)."""
+    from infifpo.trainers.wrpo import WRPOConfig, WRPOTrainer
+
+    rows = make_scored_rows(tiny_tok, 4, k=1, wrpo=True)
+    for row in rows:
+        for r in ("source_chosen", "chosen", "rejected"):
+            row[f"fuse_{r}_logps"] = [row[f"ref_{r}_logps"]]
+    common = cpu_args(beta=0.05)
+    infi = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                          args=InfiFPOConfig(output_dir=str(tmp_path / "i"), loss_type="wrpo", length_normalize=False,
+                                             alpha_max=0.3, is_dynamic=False, **common))
+    wrpo = WRPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                       args=WRPOConfig(output_dir=str(tmp_path / "w"), alpha_max=0.3, is_dynamic=False, **common))
+    infi.model.train()
+    loss_i = infi.compute_loss(infi.model, _batch(infi, 4))
+    loss_w = wrpo.compute_loss(wrpo.model, _batch(wrpo, 4))
+    assert_close(loss_i, loss_w, atol=1e-6, rtol=0)
+    assert infi._metrics["train"]["alpha"] == [0.3]
