@@ -1,0 +1,95 @@
+"""Sampling throughput: the vLLM engine against transformers ``generate`` (HFEngine) on the same prompts.
+
+SmolLM2-135M-Instruct, 8 GSM8K test questions in its chat template, 4 samples each, up to 64 new tokens, T = 0.8,
+top-p 0.95. Each engine runs in its own fresh process (no shared memory or thread state); we time ``generate`` only
+(engine start reported separately) after one small warm-up call, and count the tokens actually generated.
+
+    python bench/bench_sample.py [--dtype bfloat16] [--model smollm2-135m-instruct]
+                                 [--runs transformers,vllm/inproc,vllm/mp]
+
+``vllm/inproc`` runs vLLM's engine core in the calling process (``VLLMEngine(in_process=True)``), ``vllm/mp`` in its
+own process (vLLM's default), to show what that setting costs or buys. Runs go one after another, in the order
+given; ratios are against the transformers run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+
+PROMPTS, SAMPLES, MAX_TOKENS = 8, 4, 64
+
+
+def _prompt_ids(model_dir: str) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from infifpo.logprobs import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lines = resources.files("infifpo").joinpath("data/gsm8k/test.jsonl").read_text().splitlines()[:PROMPTS]
+    return [encode_prompt(tok, [{"role": "user", "content": json.loads(line)["question"]}]) for line in lines]
+
+
+def worker(backend: str, mode: str, model: str, dtype: str) -> dict:
+    """Run in a child process: build one engine, warm it up, time one generate call. Returns the measurement."""
+    from infifpo.backends import SamplingSpec, load_engine
+    from infifpo.models import resolve_model
+
+    model_dir = resolve_model(model)
+    prompts = _prompt_ids(model_dir)
+    t0 = time.perf_counter()
+    kwargs = {"dtype": dtype}
+    if backend == "vllm":
+        kwargs.update(max_model_len=1024, in_process=(mode == "inproc"))
+    engine = load_engine(backend, model_dir, **kwargs)
+    start_s = time.perf_counter() - t0
+    spec = SamplingSpec(n=SAMPLES, temperature=0.8, top_p=0.95, max_tokens=MAX_TOKENS, seed=0)
+    engine.generate(prompts[:1], SamplingSpec(n=1, temperature=0.8, top_p=0.95, max_tokens=4, seed=0))  # warm-up
+    t0 = time.perf_counter()
+    gens = engine.generate(prompts, spec)
+    gen_s = time.perf_counter() - t0
+    tokens = sum(len(g.token_ids) for gs in gens for g in gs)
+    engine.close()
+    return {"backend": backend, "mode": mode, "dtype": dtype, "start_s": round(start_s, 1),
+            "generate_s": round(gen_s, 2), "tokens": tokens, "tok_per_s": round(tokens / gen_s, 1)}  # fmt: skip
+
+
+def run_child(backend: str, mode: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, "--mode", mode, "--model", args.model, "--dtype", args.dtype]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{backend}/{mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--runs", default="transformers,vllm/inproc,vllm/mp")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="-", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.mode, args.model, args.dtype)), flush=True)
+        return
+    results = [run_child(*(run.split("/") + ["-"])[:2], args) for run in args.runs.split(",") if run]
+    hf = next((r["tok_per_s"] for r in results if r["backend"] == "transformers"), float("nan"))
+    print(f"{PROMPTS} prompts x {SAMPLES} samples x <= {MAX_TOKENS} tokens, {args.model}, {args.dtype}")
+    print(f"{'backend':<14}{'start s':>9}{'gen s':>8}{'tokens':>8}{'tok/s':>8}{'vs HF':>8}")
+    for r in results:
+        name = r["backend"] + ("" if r["mode"] == "-" else f"/{r['mode']}")
+        print(f"{name:<14}{r['start_s']:>9}{r['generate_s']:>8}{r['tokens']:>8}{r['tok_per_s']:>8}"
+              f"{r['tok_per_s'] / hf:>7.2f}x")
+    print("JSON " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

