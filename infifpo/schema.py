@@ -15,7 +15,8 @@ prompts
 samples
     id (= f"{prompt_id}|{model}|{sample_index}"), prompt_id, model, sample_index, completion_ids (token ids
     under the sampling model's tokenizer), text, finish_reason ("stop" | "length" | "error"),
-    gen_logp (summed generation log-prob, nats), num_tokens, seed
+    gen_logp (summed generation log-prob, nats; None on error rows), num_tokens, seed; rows with finish_reason
+    "error" (prompt too long for the context, rejected by the chat template) also carry ``error`` (the message)
 judged
     samples' columns + correct (bool | None: verifier verdict, None when no verifier applies),
     reward (float | None: reward-model score), judge_reason (str)
