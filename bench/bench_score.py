@@ -1,0 +1,223 @@
+"""Scoring benchmark: our transformers scorer (HFEngine: length-sorted token-budget batches, bf16, chunked LM head)
+against a naive scorer (pad to the batch's longest, fp32, full-vocabulary log_softmax), on the same requests.
+
+Each scorer runs in its own subprocess, so peak RSS (``ru_maxrss`` of that process, model load included) belongs to
+it alone. Also reports our forward FLOP/s as a fraction of the machine's bf16 matmul peak, measured in the same run.
+
+    python bench/bench_score.py                     # Gemma-3-270M and SmolLM2-135M, 48 responses of 32-384 tokens
+    python bench/bench_score.py --models smollm2-135m-instruct --n 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def make_requests(vocab: int, n: int, prompt_tokens: int, lo: int, hi: int, seed: int):
+    """``n`` (prompt, completion) pairs of random token ids: prompts of ``prompt_tokens``, completions lo..hi."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(prompt_tokens)] for _ in range(n)]
+    completions = [[rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    return prompts, completions
+
+
+def bf16_peak_flops(size: int = 4096, reps: int = 6) -> float:
+    """Best-of-``reps`` FLOP/s of a (size x size) @ (size x size) bf16 torch.matmul on this machine."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def naive_score(model, prompts, completions, batch_size: int) -> tuple[list[float], int]:
+    """Requests in given order, ``batch_size`` at a time, right-padded to the batch's longest; fp32 logits over the
+    whole vocabulary at every position, log_softmax, gather. Returns (summed log-probs, tokens processed)."""
+    import torch
+
+    sums, processed = [], 0
+    for s in range(0, len(prompts), batch_size):
+        seqs = [p + c for p, c in zip(prompts[s : s + batch_size], completions[s : s + batch_size], strict=True)]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, seq in enumerate(seqs):
+            ids[b, : len(seq)], mask[b, : len(seq)] = torch.tensor(seq), 1
+        processed += ids.numel()
+        with torch.no_grad():
+            logp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+        for b, (p, c) in enumerate(zip(prompts[s : s + batch_size], completions[s : s + batch_size], strict=True)):
+            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            sums.append(logp[b, pos, torch.tensor(c)].sum().item())
+        del logp
+    return sums, processed
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Load one scorer, score the requests once, report seconds, tokens and this process's peak RSS."""
+    import torch
+
+    from infifpo.backends.hf_engine import HFEngine, token_budget_batches
+    from infifpo.models import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    t0 = time.perf_counter()
+    if args.worker == "ours":
+        engine = HFEngine(path, dtype=args.dtype, token_budget=args.token_budget, head_chunk=args.head_chunk,
+                          compile_head=args.compile_head)
+        model = engine.model
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts, completions = make_requests(vocab, args.n, args.prompt_tokens, args.min_len, args.max_len, args.seed)
+    t0 = time.perf_counter()  # warm-up on one short request (oneDNN kernel selection; torch.compile when asked)
+    if args.worker == "ours":
+        engine.score(prompts[:1], [completions[0][:8]])
+    else:
+        naive_score(model, prompts[:1], [completions[0][:8]], 1)
+    warmup_s = time.perf_counter() - t0
+    load_rss_gb = _rss_gb("VmRSS")
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    if args.worker == "ours":
+        sums = [sum(x) for x in engine.score(prompts, completions)]
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+        processed = sum(len(b) * lengths[b[0]] for b in token_budget_batches(lengths, args.token_budget))
+    else:
+        sums, processed = naive_score(model, prompts, completions, args.naive_batch)
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    return {
+        "scorer": args.worker, "model": args.model, "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
+        "seconds": seconds, "real_tokens": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
+        "response_tokens": sum(map(len, completions)), "processed_tokens": processed, "params": params,
+        "non_embedding_params": params - embed if head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        else params - embed - head.numel(), "head_flops_per_position": 2 * head.numel(), "sums": sums,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "threads": torch.get_num_threads(),
+        "warmup_s": warmup_s, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": _rss_gb("VmHWM"),
+    }  # fmt: skip
+
+
+def _rss_gb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), so the scoring phase's peak is measurable."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_worker(kind: str, model: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", model]
+    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "dtype", "threads"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    if args.compile_head:
+        cmd += ["--compile-head"]
+    if args.head_chunk:
+        cmd += ["--head-chunk", str(args.head_chunk)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} worker on {model} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(model: str, ours: dict, naive: dict | None, peak: float) -> dict:
+    tps = ours["real_tokens"] / ours["seconds"]
+    brief_flops = 2 * ours["params"] * ours["processed_tokens"] / ours["seconds"]
+    matmul_flops = (2 * ours["non_embedding_params"] * ours["processed_tokens"]
+                    + ours["head_flops_per_position"] * ours["response_tokens"]) / ours["seconds"]
+    print(f"\n== {model}: {len(ours['sums'])} responses, {ours['response_tokens']} response + "
+          f"{ours['real_tokens'] - ours['response_tokens']} prompt tokens; {ours['threads']} threads")
+    print(f"ours  ({ours['dtype']}): {tps:8.1f} tok/s  peak RSS {ours['peak_rss_gb']:.2f} GB, while scoring "
+          f"{ours['scoring_peak_rss_gb']:.2f} GB (after load {ours['rss_after_load_gb']:.2f}); load "
+          f"{ours['load_s']:.1f} s, warm-up {ours['warmup_s']:.1f} s, padding "
+          f"{ours['processed_tokens'] / ours['real_tokens'] - 1:.1%}")
+    row = {"model": model, "ours_tok_s": tps, "ours_peak_gb": ours["peak_rss_gb"], "bf16_peak_tflops": peak / 1e12,
+           "flops_frac_2PT": brief_flops / peak, "flops_frac_matmul": matmul_flops / peak}
+    if naive:
+        ntps = naive["real_tokens"] / naive["seconds"]
+        diff = [abs(a - b) for a, b in zip(ours["sums"], naive["sums"], strict=True)]
+        print(f"naive ({naive['dtype']}): {ntps:8.1f} tok/s  peak RSS {naive['peak_rss_gb']:.2f} GB, while scoring "
+              f"{naive['scoring_peak_rss_gb']:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
+        print(f"ratio: {tps / ntps:.2f}x tokens/s, {ours['peak_rss_gb'] / naive['peak_rss_gb']:.3f}x peak RSS "
+              f"({ours['scoring_peak_rss_gb'] / naive['scoring_peak_rss_gb']:.3f}x while scoring); "
+              f"|ours - naive fp32| = {sum(diff) / ours['response_tokens']:.4f} nats/token (max per sequence "
+              f"{max(diff):.3f} nats)")
+        row.update(naive_tok_s=ntps, naive_peak_gb=naive["peak_rss_gb"], speedup=tps / ntps,
+                   memory_ratio=ours["peak_rss_gb"] / naive["peak_rss_gb"],
+                   scoring_memory_ratio=ours["scoring_peak_rss_gb"] / naive["scoring_peak_rss_gb"])
+    print(f"our forward: {brief_flops / 1e9:.0f} GFLOP/s as 2*params*tokens = {brief_flops / peak:.1%} of the bf16 "
+          f"matmul peak ({peak / 1e9:.0f} GFLOP/s); counting only matmuls run (non-embedding params per token + head "
+          f"at scored positions): {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%}")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m-instruct"])
+    p.add_argument("--n", type=int, default=48)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=384)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--head-chunk", type=int, default=None)
+    p.add_argument("--naive-batch", type=int, default=8)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile-head", action="store_true", help="ours: torch.compile the chunked log-softmax")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--json", default=None, help="also write the summary rows to this file")
+    p.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    peak = bf16_peak_flops()
+    results = []
+    for model in args.models:
+        naive = None if args.skip_naive else run_worker("naive", model, args)
+        results.append((model, run_worker("ours", model, args), naive))
+    # Measured before and after the scorers (best of both): the machine is shared, and a peak taken while something
+    # else runs would flatter the fraction.
+    peak = max(peak, bf16_peak_flops())
+    rows = [report(model, ours, naive, peak) for model, ours, naive in results]
+    print(f"\nbf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (4096^3 torch.matmul, best of 6, "
+          "before and after the scorers)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The transformers engine: batched scoring of fixed completions and batched sampling with ``model.generate``.
+
+Owns: loading one causal LM for inference, length-sorted token-budget batching, and the chunked scorer (via
+``infifpo.logprobs.masked_token_logprobs``: the decoder backbone once, then the LM head and log-softmax only at the
+completion positions, chunk by chunk, so the (B, T, V) logits never exist). Runs in bf16 where the CPU (or GPU)
+has native bf16 matmul, with the logsumexp in fp32.
+Does not own: tokenisation or chat templates (``infifpo.logprobs``), files, or which tokens a response is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from infifpo.backends import Generation, SamplingSpec
+from infifpo.logprobs import decoder_backbone, logit_softcap, masked_token_logprobs
+from infifpo.schema import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+# Tokens per scoring forward, padding included. Larger batches make bigger matmuls but pad more (requests are
+# sorted, so a batch spans a narrower length range when it is smaller); on the 2-core AMX CPU 4096 and 8192 ran at
+# the same speed within noise on Gemma-3-270M, and 4096 padded 14 % instead of 23 % (bench/bench_score.py).
+DEFAULT_TOKEN_BUDGET = 4096
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
+    """"bfloat16" or "float32": ``auto`` is bf16 where the device has native bf16 matmul (AMX/AVX512-BF16 CPUs,
+    Ampere+ GPUs), else fp32 (emulated bf16 on older CPUs is slower than fp32)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use 'auto', 'bfloat16' or 'float32'")
+        return "bfloat16" if DTYPES[dtype] is torch.bfloat16 else "float32"
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+        else "float32"
+
+
+def token_budget_batches(lengths: Sequence[int], token_budget: int) -> Iterator[list[int]]:
+    """Indices of requests grouped into batches, longest first, each with ``len(batch) * max_len <= token_budget``
+    (a single request longer than the budget gets a batch of its own). Sorting keeps padding waste small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[batch[0]] > token_budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+class HFEngine:
+    """A transformers causal LM behind the ``Engine`` interface (``infifpo.backends``).
+
+    ``dtype``: "auto" | "bfloat16" | "float32"; ``token_budget``: tokens (padding included) per scoring forward;
+    ``head_chunk``: positions per LM-head chunk (default: ~2**25 logits per chunk, so 128 for a 262k vocabulary);
+    ``compile_head``: torch.compile the log-softmax of each chunk (a one-off compile of ~30 s, then ~6x faster on large
+    vocabularies; worth it for thousands of responses).
+    """
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", device: str = "cpu",
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, head_chunk: int | None = None,
+                 trust_remote_code: bool = False, threads: int | None = None, compile_head: bool = False):
+        self.model_dir = str(model_dir)
+        self.dtype = resolve_dtype(dtype, device)
+        self.device = torch.device(device)
+        self.token_budget = int(token_budget)
+        self.head_chunk = head_chunk
+        self.compile_head = compile_head
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=DTYPES[self.dtype], trust_remote_code=trust_remote_code
+            ).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+            decoder_backbone(self.model)
+        except Exception as e:
+            raise ModelLoadError(
+                f"model {self.model_dir!r} could not be loaded with transformers ({type(e).__name__}: {e}). Check "
+                "that it is a causal-LM checkpoint directory (config.json, weights, tokenizer); a model with custom "
+                "code needs trust_remote_code=True, which runs code shipped with the model."
+            ) from e
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.max_length = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        self._check_head()
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token raw log-probs (nats, T = 1) of each completion given its prompt, in request order."""
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            if not p:
+                raise ValueError(f"request {i}: empty prompt; the first completion token needs a context token")
+            ids = list(p) + list(c)
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise ValueError(f"request {i}: a token id is outside the model's vocabulary [0, {self.vocab_size}) "
+                                 f"(min {min(ids)}, max {max(ids)}); were these ids made with another tokenizer?")
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        results: list[list[float]] = [[] for _ in prompt_ids]
+        for batch in token_budget_batches(lengths, self.token_budget):
+            flat = self._score_batch([prompt_ids[i] for i in batch], [completion_ids[i] for i in batch])
+            for i, values in zip(batch, flat, strict=True):
+                results[i] = values
+        return results
+
+    def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        score_mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            input_ids[b, : len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
+            score_mask[b, len(p) : len(p) + len(c)] = True
+        # Right padding with no attention mask is exact: causal attention never lets the trailing pads reach a real
+        # token, and it keeps SDPA on its is_causal fast path.
+        logps = masked_token_logprobs(self.model, input_ids.to(self.device), score_mask.to(self.device),
+                                      chunk_size=self.head_chunk, compiled=self.compile_head).cpu()
+        return [chunk.tolist() for chunk in logps.split([len(c) for c in completions])]
+
+    @torch.inference_mode()
+    def _check_head(self) -> None:
+        """Refuse a model whose forward post-processes logits in a way the chunked head does not reproduce
+        (e.g. Cohere's logit_scale, Granite's logits_scaling): compare with the model's own forward on 8 tokens."""
+        ids = torch.arange(1, 9).remainder(self.vocab_size)[None].to(self.device)
+        ours = masked_token_logprobs(self.model, ids, torch.arange(8, device=self.device)[None] > 0)
+        logits = self.model(input_ids=ids, use_cache=False).logits.float()
+        theirs = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        # Mean over positions: bf16 logits may round differently in the two matmul shapes (one ulp is 0.125 at 20),
+        # which averages out, while a missing scale or cap shifts every position.
+        tol = 1e-3 if self.dtype == "float32" else 0.1
+        diff = (ours.cpu() - theirs.cpu()).abs().mean().item()
+        logger.debug("%s: chunked head vs forward, mean abs diff %.3g nats", self.model_dir, diff)
+        if not diff <= tol:
+            raise ModelLoadError(
+                f"model {self.model_dir!r} ({type(self.model).__name__}): the chunked scorer disagrees with the "
+                f"model's forward by {diff:.3g} nats (softcap={logit_softcap(self.model.config)}); its forward "
+                "post-processes logits in a way infifpo does not replicate. Use the vllm backend for it."
+            )
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a generation: the generation config's eos list (end-of-turn ids) and the tokenizer's eos."""
+        eos = self.model.generation_config.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted(set(ids))
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[list[Generation]]:
+        """``spec.n`` samples per prompt (left-padded batches of prompts), each with the raw T = 1 summed log-prob
+        of its tokens (re-scored with ``score``). Seeded with ``spec.seed`` once per call: identical calls give
+        identical samples, but a different batching of the same prompt can give different ones."""
+        stops = self.stop_ids()
+        if not stops:
+            raise ModelLoadError(f"model {self.model_dir!r}: no eos / end-of-turn token id in its generation config "
+                                 "or tokenizer, so generation could only stop at max_tokens.")
+        pad_id = self.model.generation_config.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        torch.manual_seed(spec.seed)
+        lengths = [(len(p) + spec.max_tokens) * spec.n for p in prompt_ids]
+        out: list[list[Generation]] = [[] for _ in prompt_ids]
+        for batch in token_budget_batches(lengths, max(self.token_budget, max(lengths, default=1))):
+            for i, gens in zip(batch, self._generate_batch([prompt_ids[i] for i in batch], spec, stops, pad_id),
+                               strict=True):
+                out[i] = gens
+        flat = [g for gens in out for g in gens]
+        logps = self.score([prompt_ids[i] for i, gens in enumerate(out) for _ in gens], [g.token_ids for g in flat])
+        for g, lp in zip(flat, logps, strict=True):
+            g.logp = math.fsum(lp)
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], spec: SamplingSpec, stops: list[int],
+                        pad_id: int) -> list[list[Generation]]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            input_ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[b, width - len(p):] = 1
+        sampled = spec.temperature > 0
+        seqs = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            do_sample=sampled, temperature=spec.temperature if sampled else None,
+            top_p=spec.top_p if sampled else None, top_k=0 if sampled else None, max_new_tokens=spec.max_tokens,
+            num_return_sequences=spec.n, eos_token_id=stops, pad_token_id=pad_id,
+        )[:, width:].cpu().tolist()  # fmt: skip
+        gens = [self._to_generation(s, stops) for s in seqs]
+        return [gens[b * spec.n : (b + 1) * spec.n] for b in range(len(prompts))]
+
+    def _to_generation(self, seq: list[int], stops: list[int]) -> Generation:
+        """Cut a generated row after its first stop token (kept) or keep it whole (finish_reason "length")."""
+        end = next((j for j, t in enumerate(seq) if t in stops), None)
+        ids = seq if end is None else seq[: end + 1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Generation(token_ids=ids, text=text, finish_reason="length" if end is None else "stop", logp=0.0)
+
+    def close(self) -> None:
+        """Drop the model so its memory can be returned before the next engine loads (the caller may gc.collect)."""
+        self.model = None

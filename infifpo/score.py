@@ -1,0 +1,380 @@
+"""Stage `score`: pairs -> the summed log-prob, mean log-prob and token count of every response under the frozen
+pivot and under every source model, each with its own tokenizer and chat template.
+
+Owns: which rows/columns are scored, bad-input policies (empty, too long), one resumable per-model output (so a
+changed source re-scores only itself), and assembling the scored-pairs format (schema.py, methods.md's official
+InfiFPO columns plus token counts). The tokens of a response are ``logprobs.response_spans`` of the row's prompt and
+all its responses, which for the pivot are exactly the tokens TRL's DPOTrainer sums over.
+Does not own: running models (``backends``), the token split (``logprobs``), or fusion (``fusion``, trainers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gc
+import hashlib
+import logging
+import math
+import multiprocessing
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from infifpo import store
+from infifpo.backends import load_engine
+from infifpo.backends.hf_engine import resolve_dtype
+from infifpo.logprobs import Messages, response_spans
+from infifpo.models import load_tokenizer, resolve_model
+from infifpo.schema import (
+    RESPONSE_COLUMNS,
+    ChatTemplateError,
+    DataFormatError,
+    ModelLoadError,
+    ScoredPairsError,
+    check_messages,
+    fuse_columns,
+    ref_columns,
+    require_columns,
+    row_label,
+)
+
+logger = logging.getLogger(__name__)
+
+POLICIES = {"on_empty": ("error", "drop"), "on_too_long": ("error", "drop")}
+# Files whose bytes determine a model's scores; files above _FULL_HASH_BYTES are keyed by size + head/tail hash.
+_KEY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+              "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+_FULL_HASH_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def score_responses(model: str, prompts: list[Messages], responses: list[str] | list[list[str]], *,
+                    backend: str = "transformers", **engine_kw: Any) -> list[dict] | list[list[dict]]:
+    """Score responses to ``prompts`` under ``model`` (its own tokenizer and chat template).
+
+    ``responses[i]`` is one response (str) or several (list[str], split jointly as DPOTrainer splits a row's chosen
+    and rejected). Returns, in the same nesting, ``{"sum": nats, "mean": nats/token, "num_tokens": int}`` with
+    mean = sum / num_tokens.
+    """
+    nested = bool(responses) and isinstance(responses[0], list)
+    groups = responses if nested else [[r] for r in responses]
+    if len(groups) != len(prompts):
+        raise DataFormatError(f"{len(prompts)} prompts but {len(groups)} responses")
+    tokenizer = load_tokenizer(model)
+    spans = []
+    for i, (prompt, group) in enumerate(zip(prompts, groups, strict=True)):
+        row = {"id": i, "prompt": prompt}
+        check_messages(prompt, i, row, "prompt")
+        for r in group:
+            _check_text(r, i, row, "response")
+        spans.append(_spans(tokenizer, prompt, group, i, row, model))
+    engine = load_engine(backend, resolve_model(model), **engine_kw)
+    try:
+        logps = engine.score([p for p, cs in spans for _ in cs], [c for _, cs in spans for c in cs])
+    finally:
+        engine.close()
+    flat = iter(logps)
+    out = [[_summary(next(flat), i, {"id": i}, "response", model) for _ in cs] for i, (_, cs) in enumerate(spans)]
+    return out if nested else [o[0] for o in out]
+
+
+def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str], out_root: str | Path,
+                backend: str = "transformers", dtype: str = "auto", shard: tuple[int, int] = (0, 1),
+                on_empty: str = "error", on_too_long: str = "error", max_length: int | None = None,
+                write_every: int = 64, **engine_kw: Any) -> Path | None:
+    """Score every response column of ``rows`` (pairs format) under ``pivot`` and each of ``sources``.
+
+    One model at a time (with ``backend="vllm"`` each in its own spawned process so memory returns to baseline),
+    each into a resumable per-model output under ``out_root``; then, once every row of every model is done (all
+    shards), the joined scored-pairs output. Returns its directory, or None while other shards are outstanding.
+    """
+    for name, value in (("on_empty", on_empty), ("on_too_long", on_too_long)):
+        if value not in POLICIES[name]:
+            raise ValueError(f"{name}={value!r}: use one of {POLICIES[name]}")
+    texts = _validate_rows(rows, on_empty)
+    pairs_fp = store.fingerprint(sorted((r["id"], r["prompt"], texts[r["id"]]) for r in rows if r["id"] in texts))
+    models = list(dict.fromkeys([pivot, *sources]))
+    job = {"rows": [r for r in rows if r["id"] in texts], "texts": texts, "pairs_fp": pairs_fp,
+           "out_root": str(out_root), "backend": backend, "dtype": dtype, "shard": shard,
+           "on_too_long": on_too_long, "max_length": max_length, "write_every": write_every,
+           "engine_kw": engine_kw}  # fmt: skip
+    outputs = {}
+    for ref in models:
+        if backend == "vllm":  # a fresh process per engine: vLLM's memory is only returned when its process exits
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                outputs[ref] = pool.submit(score_model, ref, job).result()
+        else:
+            outputs[ref] = score_model(ref, job)
+    if not all(out.is_complete() for out in outputs.values()):
+        logger.info("score: shard %d/%d done; run the remaining shards to assemble the scored pairs", *shard)
+        return None
+    return assemble(job["rows"], pivot, list(sources), outputs, out_root)
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _check_text(value: Any, index: int, row: dict, field: str) -> None:
+    if not isinstance(value, str):
+        raise DataFormatError(f"{row_label(index, row)}, field {field!r}: expected a string, got {type(value).__name__}.")
+    if not value.strip():
+        raise DataFormatError(
+            f"{row_label(index, row)}, field {field!r}: the response is empty (whitespace only), so it has no "
+            "log-prob. Fix the data, or drop such rows with `--on-empty drop` (they are counted)."
+        )
+
+
+def response_text(row: dict[str, Any], column: str, index: int) -> str:
+    """The assistant text of response column ``column``: a string, or a one-message assistant list (TRL format)."""
+    value = row[column]
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise DataFormatError(
+                f"{row_label(index, row)}, field {column!r}: expected one assistant message "
+                f"[{{'role': 'assistant', 'content': ...}}], got {value!r:.120}."
+            )
+        value = value[0].get("content")
+    _check_text(value, index, row, column)
+    return value
+
+
+def _validate_rows(rows: list[dict[str, Any]], on_empty: str) -> dict[str, dict[str, str]]:
+    """id -> {column: text} for every row kept; raises DataFormatError on malformed rows (empty ones per policy)."""
+    texts: dict[str, dict[str, str]] = {}
+    dropped = []
+    for i, row in enumerate(rows):
+        require_columns(row, ("id", "prompt", "chosen", "rejected"), i, "pairs")
+        if row["id"] in texts:
+            raise DataFormatError(f"{row_label(i, row)}: duplicate id; ids must be unique.")
+        check_messages(row["prompt"], i, row, "prompt")
+        try:
+            texts[row["id"]] = {c: response_text(row, c, i) for c in RESPONSE_COLUMNS if row.get(c) is not None}
+        except DataFormatError as e:
+            if on_empty != "drop" or "is empty" not in str(e):
+                raise
+            dropped.append(row["id"])
+    if dropped:
+        logger.warning("score: dropped %d row(s) with an empty response (--on-empty drop): %s", len(dropped),
+                       dropped[:10])
+    return texts
+
+
+def _spans(tokenizer: Any, prompt: Messages, responses: list[str], index: int, row: dict, model: str):
+    try:
+        return response_spans(tokenizer, prompt, responses)
+    except ChatTemplateError as e:
+        raise ChatTemplateError(f"{row_label(index, row)}, model {model!r}: {e}") from e
+
+
+def _summary(logps: list[float], index: int, row: dict, field: str, model: str) -> dict[str, Any]:
+    total = math.fsum(logps)
+    if not math.isfinite(total):
+        raise ScoredPairsError(
+            f"{row_label(index, row)}, field {field!r}, model {model!r}: log-prob is {total} (not finite); the "
+            "model produced NaN/inf (broken weights, or fp16 overflow: try --dtype float32)."
+        )
+    return {"sum": total, "mean": total / len(logps), "num_tokens": len(logps)}
+
+
+# ---------------------------------------------------------------- one model
+
+
+def model_key(path: str) -> dict[str, Any]:
+    """What determines a model's scores: its directory and the hashes of its config, tokenizer and weight files."""
+    files = {}
+    for f in sorted(Path(path).iterdir()):
+        if f.name in _KEY_FILES or f.suffix in (".safetensors", ".bin", ".gguf"):
+            files[f.name] = _file_digest(f)
+    return {"path": str(Path(path).resolve()), "files": files}
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= _FULL_HASH_BYTES:
+        return store.file_sha256(path)
+    h = hashlib.sha256(str(size).encode())  # large weights: size + first and last MiB (hashing GBs per run is slow)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(-(1 << 20), 2)
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _output_name(ref: str) -> str:
+    return "score-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ref).name or ref)[:60]
+
+
+def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str, str]:
+    """(the per-model StageOutput, the model's local dir, resolved dtype) for ``ref`` under ``job``'s settings."""
+    path = resolve_model(ref)
+    device = job["engine_kw"].get("device", "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(job["dtype"], device)
+    key = {"model": model_key(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
+           "max_length": job["max_length"], "on_too_long": job["on_too_long"], "spans": "trl-conversational"}
+    return store.StageOutput(job["out_root"], _output_name(ref), key), path, dtype
+
+
+def score_model(ref: str, job: dict[str, Any]) -> store.StageOutput:
+    """Score the job's rows (this shard, not yet done) under one model; finalize its output once every row is done."""
+    out, path, dtype = model_output(ref, job)
+    if out.is_complete():
+        logger.info("score %s: already complete at %s", ref, out.path)
+        return out
+    shard, num_shards = job["shard"]
+    done = out.done_ids()
+    todo = [(i, r) for i, r in enumerate(job["rows"]) if r["id"] not in done and store.in_shard(r["id"], *job["shard"])]
+    if todo:
+        tokenizer, limit = _tokenizer_and_limit(ref, path, job["max_length"])
+        encoded, too_long = _encode(tokenizer, todo, job, ref, limit)
+        with out.open_shard(shard, num_shards) as writer:
+            writer.write([{"id": rid, "status": "too_long"} for rid in too_long])
+            if encoded:
+                _score_encoded(ref, path, dtype, encoded, writer, job)
+    if out.done_ids() >= {r["id"] for r in job["rows"]}:
+        out.finalize()
+    return out
+
+
+def _tokenizer_and_limit(ref: str, path: str, max_length: int | None) -> tuple[Any, int | None]:
+    """The model's tokenizer and its token limit: min(max_position_embeddings, ``max_length``)."""
+    try:
+        tokenizer = load_tokenizer(ref)
+        config = AutoConfig.from_pretrained(path).get_text_config()
+    except Exception as e:
+        raise ModelLoadError(f"model {ref!r} ({path}): config or tokenizer could not be loaded: {e}") from e
+    limits = [x for x in (getattr(config, "max_position_embeddings", None), max_length) if x]
+    return tokenizer, (min(limits) if limits else None)
+
+
+def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
+    """[(index, row, prompt ids, {column: completion ids})] for rows that fit ``limit``, and ids of rows that do not."""
+    encoded, too_long = [], []
+    for i, row in tqdm(todo, desc=f"tokenize {ref}", unit="row", leave=False):
+        columns = list(job["texts"][row["id"]])
+        prompt_ids, completions = _spans(tokenizer, row["prompt"], [job["texts"][row["id"]][c] for c in columns],
+                                         i, row, ref)
+        longest = len(prompt_ids) + max(len(c) for c in completions)
+        if limit is not None and longest > limit:
+            if job["on_too_long"] == "error":
+                raise DataFormatError(
+                    f"{row_label(i, row)}, model {ref!r}: prompt + response is {longest} tokens, over the model's "
+                    f"limit of {limit} (max_position_embeddings / --max-length). Shorten or remove the row, or "
+                    "pass `--on-too-long drop` to drop such rows (counted); scores are never truncated silently."
+                )
+            too_long.append(row["id"])
+            continue
+        encoded.append((i, row, prompt_ids, dict(zip(columns, completions, strict=True))))
+    if too_long:
+        logger.warning("score %s: %d row(s) longer than %s tokens dropped (--on-too-long drop): %s", ref,
+                       len(too_long), limit, too_long[:10])
+    return encoded, too_long
+
+
+def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: dict) -> None:
+    """Run the engine over ``encoded`` rows, longest first, writing ``write_every`` rows at a time."""
+    encoded.sort(key=lambda e: -(len(e[2]) + max(len(c) for c in e[3].values())))
+    total = sum(len(e[2]) + len(c) for e in encoded for c in e[3].values())
+    engine = load_engine(job["backend"], path, dtype=dtype, **job["engine_kw"])
+    try:
+        with tqdm(total=total, desc=f"score {ref}", unit="tok", unit_scale=True) as bar:
+            for start in range(0, len(encoded), job["write_every"]):
+                batch = encoded[start : start + job["write_every"]]
+                requests = [(e[2], c) for e in batch for c in e[3].values()]
+                logps = iter(engine.score([p for p, _ in requests], [c for _, c in requests]))
+                rows = []
+                for i, row, _, completions in batch:
+                    scored = {"id": row["id"], "status": "ok"}
+                    for column in completions:
+                        s = _summary(next(logps), i, row, column, ref)
+                        scored[f"{column}_logps"], scored[f"{column}_num_tokens"] = s["sum"], s["num_tokens"]
+                    rows.append(scored)
+                writer.write(rows)
+                bar.update(sum(len(p) + len(c) for p, c in requests))
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs: dict[str, store.StageOutput],
+             out_root: str | Path) -> Path:
+    """Join the per-model outputs by id into the scored-pairs output (schema.py); rows a model dropped are left out."""
+    key = {"pivot": [pivot, outputs[pivot].fingerprint], "sources": [[s, outputs[s].fingerprint] for s in sources]}
+    final = store.StageOutput(out_root, "scored", key)
+    if final.is_complete():
+        return final.path
+    scores = {ref: {r["id"]: r for r in store.read_output(out.path)} for ref, out in outputs.items()}
+    result, dropped = [], []
+    for row in rows:
+        per_model = [scores[ref].get(row["id"]) for ref in [pivot, *sources]]
+        if any(s is None or s["status"] != "ok" for s in per_model):
+            dropped.append(row["id"])
+            continue
+        result.append(_scored_row(row, per_model[0], per_model[1:], pivot, sources))
+    if dropped:
+        logger.warning("score: %d row(s) left out of the scored pairs (dropped by a policy): %s", len(dropped),
+                       dropped[:10])
+    return final.write_all(result)
+
+
+def _scored_row(row: dict, ref: dict, srcs: list[dict], pivot: str, sources: list[str]) -> dict[str, Any]:
+    out = dict(row)
+    for column in RESPONSE_COLUMNS:
+        if f"{column}_logps" not in ref:
+            continue
+        r_sum, r_mean, r_n = ref_columns(column)
+        out[r_sum], out[r_n] = ref[f"{column}_logps"], ref[f"{column}_num_tokens"]
+        out[r_mean] = out[r_sum] / out[r_n]
+        f_sum, f_mean, f_n = fuse_columns(column)
+        out[f_sum] = [s[f"{column}_logps"] for s in srcs]
+        out[f_n] = [s[f"{column}_num_tokens"] for s in srcs]
+        out[f_mean] = [a / n for a, n in zip(out[f_sum], out[f_n], strict=True)]
+    out["pivot_model"], out["source_models"] = pivot, list(sources)
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``infifpo score --pairs DIR --pivot M --sources M1 M2 ... [--backend] [--dtype] [--shard I/N] [--out ROOT]``."""
+    p = argparse.ArgumentParser(prog="infifpo score", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", required=True, help="pairs stage output directory, or a .jsonl file of pairs rows")
+    p.add_argument("--pivot", required=True, help="pivot model: packaged name, local directory or hub id")
+    p.add_argument("--sources", nargs="+", required=True, help="source models, in fusion order (K of them)")
+    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it) | bfloat16 | float32")
+    p.add_argument("--device", default="cpu", help="transformers backend: cpu | cuda")
+    p.add_argument("--shard", default=None, help="I/N: score only rows of shard I (0-based) of N, by id hash")
+    p.add_argument("--out", default="runs", help="root directory of stage outputs")
+    p.add_argument("--on-empty", choices=POLICIES["on_empty"], default="error")
+    p.add_argument("--on-too-long", choices=POLICIES["on_too_long"], default="error")
+    p.add_argument("--max-length", type=int, default=None, help="max prompt+response tokens (default: model context)")
+    p.add_argument("--token-budget", type=int, default=None, help="transformers: tokens per forward, padding included")
+    p.add_argument("--compile-head", action="store_true", help="transformers: torch.compile the chunked log-softmax")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pairs = Path(args.pairs)
+    rows = store.read_jsonl(pairs) if pairs.is_file() else store.read_output(pairs)
+    engine_kw = {"device": args.device} if args.backend == "transformers" else {}
+    if args.token_budget and args.backend == "transformers":
+        engine_kw["token_budget"] = args.token_budget
+    if args.compile_head and args.backend == "transformers":
+        engine_kw["compile_head"] = True
+    path = score_pairs(rows, pivot=args.pivot, sources=args.sources, out_root=args.out, backend=args.backend,
+                       dtype=args.dtype, shard=store.parse_shard(args.shard), on_empty=args.on_empty,
+                       on_too_long=args.on_too_long, max_length=args.max_length, **engine_kw)
+    print(path if path is not None else "shard done; scored pairs are assembled when every shard has run")
+    return 0

@@ -1,0 +1,174 @@
+"""The transformers engine: chunked scoring equals a naive full-logits forward, batching, sampling, load errors."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig
+
+from infifpo.backends import SamplingSpec
+from infifpo.backends.hf_engine import HFEngine, resolve_dtype, token_budget_batches
+from infifpo.logprobs import head_token_logprobs
+from infifpo.schema import ModelLoadError
+from tests.conftest import make_char_tokenizer
+
+
+def naive_logps(model_dir: str, prompt: list[int], completion: list[int]) -> list[float]:
+    """Reference: one unpadded fp32 forward, full-vocabulary log_softmax, gather the completion tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return [logp[len(prompt) + j - 1, t].item() for j, t in enumerate(completion)]
+
+
+def random_requests(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(1, 12))] for _ in range(n)]
+    completions = [[rng.randrange(2, vocab) for _ in range(rng.randint(1, 30))] for _ in range(n)]
+    return prompts, completions
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory) -> str:
+    """A tiny Gemma-3 with final-logit soft-capping, a sliding window shorter than the inputs and a padded vocab."""
+    path = str(tmp_path_factory.mktemp("tiny_gemma"))
+    tok = make_char_tokenizer(path)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok) + 29, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, final_logit_softcapping=3.0,
+        sliding_window=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "tiny_gemma"])
+def test_score_equals_naive_full_logits_forward(fixture, request):
+    """Every per-token log-prob equals the unbatched full-vocabulary fp32 forward to 1e-5, with a budget small
+    enough to force many right-padded batches, a head chunk of 3 positions, and (gemma) soft-capping."""
+    model_dir = request.getfixturevalue(fixture)
+    engine = HFEngine(model_dir, dtype="float32", token_budget=48, head_chunk=3)
+    prompts, completions = random_requests(9, 90)
+    got = engine.score(prompts, completions)
+    for p, c, g in zip(prompts, completions, got, strict=True):
+        assert len(g) == len(c)
+        assert g == pytest.approx(naive_logps(model_dir, p, c), abs=1e-5)
+
+
+def test_score_independent_of_request_order(tiny_qwen):
+    """Results come back in request order whatever the batching: a shuffled request list gives the same values."""
+    engine = HFEngine(tiny_qwen, dtype="float32", token_budget=64)
+    prompts, completions = random_requests(12, 90, seed=1)
+    base = engine.score(prompts, completions)
+    order = list(range(12))
+    random.Random(5).shuffle(order)
+    shuffled = engine.score([prompts[i] for i in order], [completions[i] for i in order])
+    for k, i in enumerate(order):
+        assert shuffled[k] == pytest.approx(base[i], abs=1e-5)
+
+
+def test_padded_vocabulary_is_scored_over_the_model_vocab(tiny_qwen):
+    """T6: config vocab (128) > len(tokenizer); ids of the padded rows are valid, ids past the head are refused."""
+    engine = HFEngine(tiny_qwen, dtype="float32")
+    assert engine.vocab_size == 128 and len(engine.tokenizer) < 128
+    (logps,) = engine.score([[5, 6]], [[127, 3]])
+    assert logps == pytest.approx(naive_logps(tiny_qwen, [5, 6], [127, 3]), abs=1e-5)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        engine.score([[5]], [[128]])
+
+
+def test_head_logprobs_known_logits():
+    """C8: log-softmax, not raw logits; hand-computed with an identity head: logits (0, ln 3) -> log p = ln(3/4)."""
+    head = torch.nn.Linear(2, 2, bias=False)
+    head.weight.data = torch.eye(2)
+    hidden = torch.tensor([[0.0, math.log(3.0)]] * 5)
+    got = head_token_logprobs(hidden, torch.tensor([1, 0, 1, 0, 1]), head, chunk_size=2)
+    want = torch.tensor([math.log(0.75), math.log(0.25)] * 2 + [math.log(0.75)])
+    torch.testing.assert_close(got, want)
+    capped = head_token_logprobs(hidden[:1], torch.tensor([1]), head, softcap=0.5)
+    z = 0.5 * math.tanh(math.log(3.0) / 0.5)
+    assert capped.item() == pytest.approx(z - math.log(1 + math.exp(z)), abs=1e-6)
+
+
+def test_token_budget_batches_cover_each_request_once_within_budget():
+    lengths = [random.Random(0).randint(1, 50) for _ in range(40)] + [200]
+    batches = list(token_budget_batches(lengths, 120))
+    assert sorted(i for b in batches for i in b) == list(range(41))
+    assert batches[0] == [40]  # longer than the budget: alone
+    for b in batches[1:]:
+        assert len(b) * max(lengths[i] for i in b) <= 120
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True)
+
+
+def test_bf16_scores_close_to_fp32(tiny_llama):
+    """The bf16 path (default on AMX CPUs) stays within bf16 rounding of the fp32 scores on a tiny model."""
+    prompts, completions = random_requests(4, 90, seed=2)
+    fp32 = HFEngine(tiny_llama, dtype="float32").score(prompts, completions)
+    bf16 = HFEngine(tiny_llama, dtype="bfloat16").score(prompts, completions)
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, abs=0.05)
+    assert resolve_dtype("float32") == "float32"
+    with pytest.raises(ValueError):
+        resolve_dtype("float16x")
+
+
+def test_generate_samples_stop_tokens_and_logp(tiny_llama):
+    """n samples per prompt; "stop" samples end with a stop id and contain no earlier one; "length" ones have
+    max_tokens ids; logp is the raw summed log-prob of the ids; the same seed reproduces the samples."""
+    engine = HFEngine(tiny_llama, dtype="float32")
+    stop_extra = [engine.tokenizer.convert_tokens_to_ids(c) for c in "aeiou"]
+    engine.model.generation_config.eos_token_id = [engine.tokenizer.eos_token_id, *stop_extra]
+    stops = set(engine.stop_ids())
+    prompts = [[7, 8, 9], [10, 11, 12, 13, 14, 15]]
+    spec = SamplingSpec(n=3, temperature=1.0, top_p=1.0, max_tokens=10, seed=4)
+    out = engine.generate(prompts, spec)
+    assert [len(g) for g in out] == [3, 3]
+    reasons = set()
+    for p, gens in zip(prompts, out, strict=True):
+        for g in gens:
+            reasons.add(g.finish_reason)
+            assert not stops & set(g.token_ids[:-1])
+            if g.finish_reason == "stop":
+                assert g.token_ids[-1] in stops
+            else:
+                assert len(g.token_ids) == 10
+            assert g.logp == pytest.approx(sum(naive_logps(tiny_llama, p, g.token_ids)), abs=1e-4)
+            assert g.text == engine.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+    assert reasons == {"stop", "length"}  # 6 vowel-stop chances per token: both happen with this seed
+    again = engine.generate(prompts, spec)
+    assert [[g.token_ids for g in gs] for gs in again] == [[g.token_ids for g in gs] for gs in out]
+
+
+def test_model_that_fails_to_load_names_it(tmp_path):
+    bad = tmp_path / "broken-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "llama", "vocab_size": "many"}')
+    with pytest.raises(ModelLoadError, match="broken-model"):
+        HFEngine(str(bad))
+
+
+def test_unreplicated_logit_postprocessing_is_refused(tmp_path):
+    """Granite divides logits by logits_scaling in its forward: the self-check catches it instead of mis-scoring."""
+    path = str(tmp_path)
+    tok = make_char_tokenizer(path)
+    cfg = GraniteConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    with pytest.raises(ModelLoadError, match="does not replicate"):
+        HFEngine(path, dtype="float32")
+
+
+@pytest.mark.slow
+def test_compiled_head_equals_eager(tiny_gemma):
+    """torch.compile'd chunked log-softmax (with soft-capping) gives the eager values; compiles once (~30 s)."""
+    prompts, completions = random_requests(5, 90, seed=3)
+    eager = HFEngine(tiny_gemma, dtype="float32", head_chunk=7).score(prompts, completions)
+    compiled = HFEngine(tiny_gemma, dtype="float32", head_chunk=7, compile_head=True).score(prompts, completions)
+    for a, b in zip(eager, compiled, strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
