@@ -93,7 +93,11 @@ def _printed_outputs(stdout: str) -> list[Path]:
             value = None
         for cand in (value.values() if isinstance(value, dict) else [line]):
             p = Path(str(cand))
-            if (p / SUCCESS).exists() and p not in paths:
+            try:
+                done = (p / SUCCESS).exists()
+            except OSError:  # a log line, not a path (too long for a file name)
+                done = False
+            if done and p not in paths:
                 paths.append(p)
     return paths
 

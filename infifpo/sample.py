@@ -315,5 +315,5 @@ def main(argv: list[str] | None = None) -> int:
                          engine_kwargs=engine_kwargs)  # fmt: skip
         paths = {spec.name: Path(_sample_one_model(args.prompts, spec, args.backend or "vllm", args.out or "runs",
                                                    shard))}
-    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: `infifpo pipeline` parses it
     return 0
