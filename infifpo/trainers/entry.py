@@ -1,4 +1,4 @@
-"""`infifpo train --method sft|dpo|infifpo|wrpo --config FILE [--key value ...]`: parse, build, train, save.
+"""`infifpo train --method sft|dpo|infifpo|wrpo|opd --config FILE [--key value ...]`: parse, build, train, save.
 
 Owns: the command line of the train stage (TrlParser: YAML keys are config-dataclass fields, CLI flags override
 them, an unknown YAML key is a ConfigError with a did-you-mean), the precision default on CPU (bf16 autocast where
@@ -6,7 +6,8 @@ the CPU has native bf16 matmuls, fp32 otherwise), model / LoRA / 4-bit QLoRA set
 writing the resolved configuration into ``output_dir``. Does not own: the trainers, data validation or the math.
 Data: ``dataset_name`` is a scored-pairs stage output directory, a ``.jsonl`` file or a hub dataset name; ``sft``
 trains on (prompt, chosen) rows with split == "sft", the preference methods on split == "po" (when a split column
-exists).
+exists); ``opd`` samples from the ``prompt`` column (a prompts stage output directory, or any rows with
+conversational prompts).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import yaml
 from infifpo.schema import ConfigError
 
 logger = logging.getLogger(__name__)
-METHODS = ("sft", "dpo", "infifpo", "wrpo")
+METHODS = ("sft", "dpo", "infifpo", "wrpo", "opd")
 RESOLVED_CONFIG = "infifpo_train_config.yaml"
 
 
@@ -55,6 +56,10 @@ def _config_class(method: str) -> type:
         from infifpo.trainers.infifpo import InfiFPOConfig
 
         return InfiFPOConfig
+    if method == "opd":
+        from infifpo.trainers.opd import FusedDistillationConfig
+
+        return FusedDistillationConfig
     from infifpo.trainers.wrpo import WRPOConfig
 
     return WRPOConfig
@@ -145,6 +150,8 @@ def prepare_rows(method: str, dataset: Any) -> Any:
             "chosen", "messages")
     if method == "dpo":
         return dataset.select_columns([c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
+    if method == "opd" and "prompt" in dataset.column_names:
+        return dataset.select_columns(["prompt"])
     return dataset
 
 
@@ -173,6 +180,8 @@ def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) ->
         from trl import DPOTrainer as Trainer
     elif method == "infifpo":
         from infifpo.trainers.infifpo import InfiFPOTrainer as Trainer
+    elif method == "opd":
+        from infifpo.trainers.opd import FusedDistillationTrainer as Trainer
     else:
         from infifpo.trainers.wrpo import WRPOTrainer as Trainer
     return Trainer(path, **kw)

@@ -1,0 +1,309 @@
+"""FusedDistillationConfig / FusedDistillationTrainer: on-policy distillation from fused heterogeneous teachers.
+
+Owns: the OPD options (methods.md §On-policy distillation, fusion option names as in ``InfiFPOConfig``), scoring each
+generation batch (teachers, the frozen initial student v_r, the current student v̂_π), the group-baseline advantages,
+the loss hook and the ``opd/*`` metrics. Does not own: the math (``infifpo.fusion``), teacher loading and scoring
+(``trainers.teachers``), token spans and chunked log-probs (``infifpo.logprobs``).
+
+Why TRL's ``DistillationTrainer``: it already owns on-policy generation (``model.generate``, or vLLM colocate/server
+through TRL's own ``VLLMGeneration``, so this package never imports vllm), the generation-batch buffering across
+gradient accumulation, PEFT checks, ``_forward_redirection`` for DDP/FSDP and the student's chunked hidden states.
+GRPOTrainer would bring rewards, clipping ratios and importance sampling we do not use. Departures from it:
+``_get_train_sampler`` repeats every prompt G = ``num_generations`` times (GRPO's layout; TRL's distillation has
+G = 1); ``_generate_and_score_completions`` adds the advantages; ``compute_loss`` is the sequence-level score-function
+loss −mean_i A_i·v_π(y_i) (+ the optional token-level generalised JSD for same-vocabulary teachers); the teacher is a
+list of ``Teacher`` records with their own tokenizers, not ``teacher_model``.
+
+(choice) ``clip`` is off by default here, unlike InfiFPO: an on-policy sample is by construction likely under the
+student, and on the default pool every teacher rated the student's samples below the initial student (SmolLM2
+-0.88 vs teachers -1.5 to -1.9 nats/token), so clipping set f = v_r, every advantage to 0 and the run was a no-op
+(the trainer warns when a whole generation batch has zero advantages). With ``clip`` on, every sample is fused as a
+preferred response: c_k = max(v_k, v_r), i.e. a teacher may pull the student toward a sample it rates above the
+initial student, never below it (InfiFPO's y_w rule; with max_margin, f(y) = max(v_r, max_k v_k)). Completions cut
+at ``max_completion_length`` are scored as they are: the teachers see them closed by their end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import DistillationConfig, DistillationTrainer
+from trl.trainer.utils import RepeatSampler
+
+from infifpo import fusion
+from infifpo.logprobs import head_token_logprobs, logit_softcap
+from infifpo.schema import ConfigError
+from infifpo.trainers.collate import gather_means
+from infifpo.trainers.teachers import (
+    Teacher,
+    check_prompts,
+    check_shared_vocabulary,
+    freeze,
+    load_teachers,
+    rowwise_sums,
+    selection_shares,
+    softcapped_logits,
+    teacher_sequence_logps,
+)
+
+logger = logging.getLogger(__name__)
+FUSION_METHODS = [m for m in fusion.FUSIONS if m != "max_margin_pair"]  # OPD samples are not pairs
+
+
+@dataclass
+class FusedDistillationConfig(DistillationConfig):
+    """DistillationConfig plus the fused-teacher options (methods.md §OPD, §Fusion). ``help`` is the documentation.
+
+    Inherited and used: generation (temperature, top_p, max_completion_length, use_vllm, ...), ``beta`` (the
+    token-level JSD's interpolation: 1 = reverse KL), ``teacher_model_init_kwargs`` (applied to every teacher).
+    """
+
+    # Parameters that control the teachers
+    teacher_models: list[str] = field(default_factory=list, metadata={
+        "help": "Teacher references (local directory, packaged name or hub id); tokenizers may all differ."})
+    teacher_names: list[str] | None = field(default=None, metadata={
+        "help": "Names for the metric keys, one per teacher; default the last path component of each reference."})
+    teacher_batch_size: int = field(default=8, metadata={"help": "Completions per teacher forward (memory bound)."})
+    # Parameters that control on-policy sampling
+    num_generations: int = field(default=4, metadata={
+        "help": "G completions per prompt; the advantage baseline is the mean over these G (needs G >= 2)."})
+    # Parameters that control the fused teacher score f(y) (methods.md §LN, §Clipping, §Fusion)
+    fusion_method: str = field(default="max_margin", metadata={
+        "help": "How the teachers' values become f(y) (methods.md §Fusion).", "choices": FUSION_METHODS})
+    length_normalize: bool = field(default=True, metadata={
+        "help": "Use mean per-token log-probs (each model divided by its own token count) instead of sums."})
+    clip: bool = field(default=False, metadata={
+        "help": "Clip teachers against the frozen initial student, c_k = max(v_k, v_r); off by default because "
+                "teachers usually rate on-policy samples below the student, which makes every advantage 0."})
+    include_pivot: bool = field(default=True, metadata={
+        "help": "Append the frozen initial student v_r as one more fusion candidate."})
+    margin_against: str = field(default="init", metadata={
+        "help": "max_margin's distance against the initial student ('init') or the current one ('policy').",
+        "choices": ["init", "policy"]})
+    ref_offset: float | None = field(default=None, metadata={
+        "help": "Clamp f(y) into [v_r - ref_offset, v_r + ref_offset] (off by default)."})
+    # Parameters that control the optional token-level term (same-vocabulary teachers only)
+    token_level_weight: float = field(default=0.0, metadata={
+        "help": "Weight of TRL-style token-level generalised JSD (beta) to same-vocabulary teachers; 0 = off."})
+    token_level_teachers: list[str] | None = field(default=None, metadata={
+        "help": "Names of the teachers for the token-level term; default every teacher (each must share the "
+                "student's vocabulary, else ConfigError)."})
+    # Overridden DistillationConfig defaults
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Disable dropout so v̂_π at generation time equals the value the loss differentiates."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_model_name_or_path is not None:
+            raise ConfigError("FusedDistillationConfig takes a list `teacher_models`, not teacher_model_name_or_path.")
+        if self.fusion_method not in FUSION_METHODS:
+            raise ConfigError(f"fusion_method={self.fusion_method!r}; OPD supports {FUSION_METHODS} "
+                              "(max_margin_pair needs preference pairs).")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations}: the group baseline needs G >= 2 samples per "
+                              "prompt (with G = 1 every advantage is 0).")
+        per_process = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if per_process % self.num_generations:
+            raise ConfigError(f"per_device_train_batch_size x gradient_accumulation_steps = {per_process} must be a "
+                              f"multiple of num_generations={self.num_generations}, so every prompt's G samples are "
+                              "scored in the same process.")
+        if self.token_level_weight < 0:
+            raise ConfigError(f"token_level_weight must be >= 0, got {self.token_level_weight}.")
+
+
+class FusedDistillationTrainer(DistillationTrainer):
+    """On-policy distillation where several heterogeneous teachers score the student's samples at sequence level.
+
+    ``FusedDistillationTrainer(model, teachers=None, args=FusedDistillationConfig(teacher_models=[...]),
+    train_dataset=Dataset with a conversational "prompt" column, processing_class=..., peft_config=...)``.
+    ``teachers``: ``Teacher`` records or model references; default ``args.teacher_models``.
+    """
+
+    _tag_names = ["trl", "distillation", "infifpo", "opd"]
+    _name = "FusedDistillation"
+    loss_is_scaled_for_ga = False  # the loss is a per-micro-batch mean; Trainer divides it by the GA steps
+
+    def __init__(self, model: Any, teachers: list[Teacher | str] | None = None,
+                 args: FusedDistillationConfig | None = None, train_dataset: Any = None, **kwargs: Any):
+        args = args or FusedDistillationConfig(output_dir="opd-out")
+        if not isinstance(args, FusedDistillationConfig):
+            raise ConfigError(f"args must be a FusedDistillationConfig, got {type(args).__name__}.")
+        teachers = teachers if teachers is not None else args.teacher_models
+        if not teachers:
+            raise ConfigError("no teachers: set `teacher_models` (model references) or pass teachers=[...].")
+        check_prompts(train_dataset)
+        super().__init__(model, teacher_model=None, args=args, train_dataset=train_dataset, **kwargs)
+        self.teachers = self._setup_teachers(teachers)
+        self._token_level_teachers = self._select_token_level_teachers()
+        # v_r: the LoRA-disabled model under PEFT, else a frozen copy of the student as it is now.
+        self.ref_model = None if is_peft_model(self.model) else copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _setup_teachers(self, teachers: list[Teacher | str]) -> list[Teacher]:
+        if all(isinstance(t, str) for t in teachers):
+            teachers = load_teachers(teachers, names=self.args.teacher_names, trust_remote_code=self.args.trust_remote_code,
+                                     init_kwargs=self.args.teacher_model_init_kwargs)
+        elif not all(isinstance(t, Teacher) for t in teachers):
+            raise ConfigError("teachers must be all model references (str) or all Teacher records.")
+        for t in teachers:
+            freeze(t).model.to(self.accelerator.device)
+        return list(teachers)
+
+    def _select_token_level_teachers(self) -> list[Teacher]:
+        if self.args.token_level_weight == 0:
+            return []
+        by_name = {t.name: t for t in self.teachers}
+        names = self.args.token_level_teachers or list(by_name)
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ConfigError(f"token_level_teachers {unknown} are not teachers; teachers are {list(by_name)}.")
+        for n in names:
+            check_shared_vocabulary(self._tokenizer, self.model, by_name[n])
+        return [by_name[n] for n in names]
+
+    # -- sampling: every prompt G times in a row, so groups are consecutive blocks of G ------------------------
+    def _get_train_sampler(self, dataset: Any = None) -> RepeatSampler:
+        generation_batch = (self.args.per_device_train_batch_size * self.accelerator.num_processes
+                            * self.args.gradient_accumulation_steps)
+        return RepeatSampler(dataset if dataset is not None else self.train_dataset,
+                             mini_repeat_count=self.args.num_generations,
+                             batch_size=generation_batch // self.args.num_generations,
+                             repeat_count=self.args.gradient_accumulation_steps, shuffle=self.shuffle_dataset,
+                             seed=self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> RepeatSampler:
+        return RepeatSampler(eval_dataset, mini_repeat_count=self.args.num_generations, seed=self.args.seed)
+
+    # -- scoring one generation batch ----------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super()._generate_and_score_completions(inputs)
+        batch["advantages"] = self._score_completions([x["prompt"] for x in inputs], batch)
+        return batch
+
+    def _score_completions(self, prompts: list[Any], batch: dict[str, Any]) -> torch.Tensor:
+        """Advantages A (N,) of a generation batch: teachers → LN → fuse_reference → group baseline (methods.md)."""
+        mask = batch["completion_mask"].bool()
+        texts = self._tokenizer.batch_decode([c[m] for c, m in zip(batch["completion_ids"], mask, strict=True)],
+                                             skip_special_tokens=True)
+        num_tokens = mask.sum(dim=1)
+        policy = self._values(self._no_grad_logps(self.accelerator.unwrap_model(self.model), batch), num_tokens)
+        with self._initial_policy() as initial:
+            ref = self._values(self._no_grad_logps(initial, batch), num_tokens)
+        scored = [teacher_sequence_logps(t, prompts, texts, batch_size=self.args.teacher_batch_size)
+                  for t in self.teachers]
+        src = self._values(torch.stack([s for s, _ in scored], 1), torch.stack([n for _, n in scored], 1))
+        src = src.to(ref.device)
+        a = self.args
+        # Each sample is fused as a preferred response (module docstring); the mirrored rejected side is unused.
+        fused, _, info = fusion.fuse_reference(ref, ref, src, src, method=a.fusion_method, clip=a.clip,
+                                               include_pivot=a.include_pivot, ref_offset=a.ref_offset,
+                                               margin_against=a.margin_against, policy_chosen=policy,
+                                               policy_rejected=policy)
+        advantages = fusion.opd_sequence_advantages(fused, policy, a.num_generations)
+        if not bool(advantages.any()):
+            self._warn_zero_advantages(info)
+        self._log_scores(policy, ref, src, fused, info, advantages, num_tokens)
+        return advantages
+
+    def _warn_zero_advantages(self, info: fusion.FusionInfo) -> None:
+        # users.md #27: a distillation run that silently trains on nothing must say so.
+        logger.warning("OPD step %d: every advantage is 0, so this step does not change the student (clip rate "
+                       "%.2f). With clip=True this happens when every teacher rates the samples below the initial "
+                       "student (f = v_r); set clip: false or add teachers that are more confident than the student.",
+                       self.state.global_step, float(info.clip_rate))
+
+    def _values(self, logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """v: summed log-probs (nats) or, with LN, per-token means (nats/token) (methods.md §LN)."""
+        return fusion.length_normalize(logps, num_tokens) if self.args.length_normalize else logps
+
+    @contextlib.contextmanager
+    def _initial_policy(self):
+        student = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with student.disable_adapter():
+                yield student
+
+    def _no_grad_logps(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed completion log-probs (N,) under ``model``, no grad, in micro-batches, under the loss's autocast."""
+        step = self.args.per_device_train_batch_size
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        out = []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for s in range(0, batch["completion_ids"].shape[0], step):
+                out.append(self._completion_logps(model, {k: batch[k][s : s + step] for k in keys})[0].float())
+        return torch.cat(out)
+
+    def _completion_logps(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probs (B,) in nats over each row's completion tokens, last hidden states of those tokens)."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"].bool()
+        hidden = self._get_last_hidden_state(model, input_ids, attention_mask, mask.shape[1])[mask]
+        token_logps = head_token_logprobs(hidden, inputs["completion_ids"][mask], model.get_output_embeddings(),
+                                          softcap=logit_softcap(model.config))
+        return rowwise_sums(token_logps, mask), hidden
+
+    # -- loss ---------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Through `_forward_redirection`, as TRL does, so DDP/FSDP see the backbone call as the wrapper's forward.
+        student = self.accelerator.unwrap_model(model)
+        loss, divergence = self._forward_redirection(model, student, self._opd_loss, student, inputs)
+        if divergence is not None:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["opd/token_level_divergence"].append(
+                self.accelerator.gather_for_metrics(divergence[None]).mean().item())
+        return (loss, None) if return_outputs else loss
+
+    def _opd_loss(self, student: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """−mean_i A_i·v_π(y_i) (methods.md §OPD) [+ token_level_weight · mean token-level JSD], and that JSD."""
+        sums, hidden = self._completion_logps(student, inputs)
+        values = self._values(sums, inputs["completion_mask"].sum(dim=1))
+        loss = fusion.opd_sequence_loss(values, inputs["advantages"])
+        if not self._token_level_teachers:
+            return loss, None
+        divergence = self._token_level_divergence(student, hidden, inputs)
+        return loss + self.args.token_level_weight * divergence, divergence.detach()
+
+    def _token_level_divergence(self, student: Any, hidden: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """Mean over same-vocabulary teachers of the generalised JSD (nats/token) on the student's completion tokens.
+
+        Builds (M, V) logits for the M completion tokens of the micro-batch (not chunked: opt-in, same-vocab only).
+        """
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"].bool()
+        student_logits = softcapped_logits(student, hidden)
+        divergences = []
+        for t in self._token_level_teachers:
+            with torch.no_grad():
+                t_hidden = self._get_last_hidden_state(t.model, input_ids, attention_mask, mask.shape[1])[mask]
+                teacher_logits = softcapped_logits(t.model, t_hidden)
+            divergences.append(fusion.generalized_jsd(student_logits, teacher_logits, self.args.beta,
+                                                      temperature=self.args.temperature))
+        return torch.stack(divergences).mean()
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+    def _log_scores(self, policy: torch.Tensor, ref: torch.Tensor, src: torch.Tensor, fused: torch.Tensor,
+                    info: fusion.FusionInfo, advantages: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        """Per-sample opd/* metrics, averaged over all processes (collate.gather_means, as InfiFPO's fusion/*)."""
+        mode = "train" if self.model.training else "eval"
+        clipped = (src < ref[:, None]).float().mean(dim=1) if self.args.clip else torch.zeros_like(ref)
+        per_sample = {"opd/fused_teacher_score": fused, "opd/student_teacher_gap": policy - fused,
+                      "opd/completion_length": num_tokens.to(ref.device), "opd/clip_rate": clipped,
+                      "opd/policy_score": policy, "opd/student_init_score": ref}
+        for k, t in enumerate(self.teachers):
+            per_sample[f"opd/teacher_score/{t.name}"] = src[:, k]
+        names = [t.name for t in self.teachers] + (["pivot"] if self.args.include_pivot else [])
+        shares = selection_shares(info, len(ref))
+        for k, name in enumerate(names):
+            per_sample[f"opd/teacher_share/{name}"] = shares[:, k]
+        for key, value in gather_means(self.accelerator, per_sample).items():
+            self._metrics[mode][key].append(value)
+        self._metrics[mode]["opd/advantage_std"].append(self.accelerator.gather_for_metrics(advantages).std().item())
