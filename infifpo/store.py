@@ -133,7 +133,7 @@ class ShardWriter:
     def __init__(self, path: Path):
         self.path = path
         _drop_partial_tail(path)
-        self._f = open(path, "a", encoding="utf-8")
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close() / __exit__)
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append rows (each must have an ``id``) and make them durable."""
