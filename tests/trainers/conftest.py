@@ -58,3 +58,21 @@ def tiny_tok(tiny_llama):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def assert_same_loss_and_grads(trainer_a, batch_a, trainer_b, batch_b, atol: float = 1e-6) -> None:
+    """Both trainers give the same loss on their batch, it is not DPO's trivial ln 2, and every parameter gradient
+    agrees to ``atol`` (the identity tests: InfiFPO/WRPO reduced to DPO)."""
+    import math
+
+    from torch.testing import assert_close
+
+    loss_a = trainer_a.compute_loss(trainer_a.model, batch_a)
+    loss_b = trainer_b.compute_loss(trainer_b.model, batch_b)
+    assert abs(loss_b.item() - math.log(2.0)) > 1e-3  # a non-trivial loss, so the identity is not vacuous
+    assert_close(loss_a, loss_b, atol=atol, rtol=0)
+    loss_a.backward()
+    loss_b.backward()
+    grads_b = dict(trainer_b.model.named_parameters())
+    for name, p in trainer_a.model.named_parameters():
+        assert_close(p.grad, grads_b[name].grad, atol=atol, rtol=0, msg=name)

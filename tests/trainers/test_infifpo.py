@@ -16,7 +16,7 @@ from infifpo.logprobs import response_spans
 from infifpo.schema import ConfigError
 from infifpo.store import read_jsonl
 from infifpo.trainers.infifpo import InfiFPOConfig, InfiFPOTrainer
-from tests.trainers.conftest import cpu_args, make_scored_rows
+from tests.trainers.conftest import assert_same_loss_and_grads, cpu_args, make_scored_rows
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "official_format_row.jsonl"
 
@@ -44,15 +44,7 @@ def test_single_source_equal_to_reference_is_dpo(tiny_llama, tiny_llama_b, tiny_
                                              **cpu_args()))
     batch_d, batch_i = _batch(dpo, 4), _batch(infi, 4)
     assert torch.equal(batch_d["input_ids"], batch_i["input_ids"])
-    loss_d = dpo.compute_loss(dpo.model, batch_d)
-    loss_i = infi.compute_loss(infi.model, batch_i)
-    assert abs(loss_d.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # a non-trivial DPO loss
-    assert_close(loss_i, loss_d, atol=1e-6, rtol=0)
-    loss_d.backward()
-    loss_i.backward()
-    grads_d = dict(dpo.model.named_parameters())
-    for name, p in infi.model.named_parameters():
-        assert_close(p.grad, grads_d[name].grad, atol=1e-6, rtol=0, msg=name)
+    assert_same_loss_and_grads(infi, batch_i, dpo, batch_d)
 
 
 def _policy_mean_logps(model_path, tok, row):

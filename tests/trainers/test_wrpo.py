@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from infifpo.fusion import wrpo_alpha
 from infifpo.schema import ConfigError
 from infifpo.trainers.wrpo import WRPOConfig, WRPOTrainer
-from tests.trainers.conftest import cpu_args, make_scored_rows
+from tests.trainers.conftest import assert_same_loss_and_grads, cpu_args, make_scored_rows
 
 
 def _without_ref_columns(rows):
@@ -32,14 +31,7 @@ def test_alpha_zero_is_dpo_on_target_chosen_and_rejected(tiny_llama, tiny_llama_
     assert wrpo.ref_model is not None and not wrpo.precompute_ref_logps
     batch_w = wrpo.data_collator([wrpo.train_dataset[i] for i in range(4)])
     batch_d = dpo.data_collator([dpo.train_dataset[i] for i in range(4)])
-    loss_w, loss_d = wrpo.compute_loss(wrpo.model, batch_w), dpo.compute_loss(dpo.model, batch_d)
-    assert abs(loss_d.item() - 0.6931) > 1e-3
-    assert_close(loss_w, loss_d, atol=1e-6, rtol=0)
-    loss_w.backward()
-    loss_d.backward()
-    grads_d = dict(dpo.model.named_parameters())
-    for name, p in wrpo.model.named_parameters():
-        assert_close(p.grad, grads_d[name].grad, atol=1e-6, rtol=0, msg=name)
+    assert_same_loss_and_grads(wrpo, batch_w, dpo, batch_d)
 
 
 def test_alpha_schedule_respects_max_steps_and_gradient_accumulation(tiny_llama, tiny_tok, tmp_path):
