@@ -178,7 +178,8 @@ def _hub_row(r: dict[str, Any], i: int, rid: str, source: str, spec: dict[str, A
         answer = None if not a else str(r[a])
         answer = gsm8k_answer(answer) if answer and "####" in answer else answer
         domain = spec.get("domain") or ("math" if answer is not None else "general")
-        return _row(rid, f"{r[q]}\n\n{MATH_INSTRUCTION}" if domain == "math" else str(r[q]), domain, source, answer)
+        question = first_user_turn(r[q]) if isinstance(r[q], list) else str(r[q])
+        return _row(rid, f"{question}\n\n{MATH_INSTRUCTION}" if domain == "math" else question, domain, source, answer)
     if {"question", "answer"} <= r.keys():
         return _row(rid, f"{r['question']}\n\n{MATH_INSTRUCTION}", "math", source, gsm8k_answer(r["answer"])
                     if "####" in str(r["answer"]) else str(r["answer"]))  # fmt: skip
@@ -191,6 +192,14 @@ def _hub_row(r: dict[str, Any], i: int, rid: str, source: str, spec: dict[str, A
         f"{source}: cannot tell which column is the prompt (columns {sorted(r)}). Give a dict spec with "
         "'question_field' (and 'answer_field', 'domain')."
     )
+
+
+def first_user_turn(conversation: list[dict[str, Any]]) -> str:
+    """The first human turn of a conversation column: ShareGPT ({"from", "value"}) or chat ({"role", "content"})."""
+    for turn in conversation:
+        if isinstance(turn, dict) and (turn.get("from") or turn.get("role")) in ("human", "user"):
+            return str(turn.get("value", turn.get("content", "")))
+    raise ConfigError(f"conversation has no human/user turn: {str(conversation)[:200]}")
 
 
 def load_jsonl(path: str) -> list[list[dict[str, Any]]]:

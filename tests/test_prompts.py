@@ -152,6 +152,17 @@ def test_hub_rows_are_mapped_by_their_columns():
         prompts._hub_row({"text": "hi"}, 5, "i", "s", {"question_field": "q"})
 
 
+def test_conversation_columns_give_their_first_user_turn():
+    spec = {"question_field": "conversations", "domain": "general"}
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a prime."},
+                                  {"from": "gpt", "value": "7"}]}
+    assert _content(prompts._hub_row(sharegpt, 0, "i", "s", spec)) == "Name a prime."
+    chat = {"conversations": [{"role": "user", "content": "Hi?"}]}
+    assert _content(prompts._hub_row(chat, 0, "i", "s", spec)) == "Hi?"
+    with pytest.raises(ConfigError, match="no human/user turn"):
+        prompts._hub_row({"conversations": [{"from": "gpt", "value": "x"}]}, 0, "i", "s", spec)
+
+
 def _write_lines(path, lines):
     path.write_bytes(("\n".join(lines) + "\n").encode() if isinstance(lines[0], str) else b"\n".join(lines))
     return f"jsonl:{path}"
