@@ -197,7 +197,13 @@ class InfiFPOTrainer(DPOTrainer):
     # -- metrics --------------------------------------------------------------------------------------------------
     def _log_step(self, mode: str, policy: dict[str, torch.Tensor], fused: dict[str, torch.Tensor],
                   info: dict[str, Any], num_tokens: dict[str, torch.Tensor]) -> None:
-        """TRL's rewards/* and logps/* keys (rewards = β(v_π − f)) plus fusion/* diagnostics, gathered over ranks."""
+        """TRL's rewards/* and logps/* keys (rewards = β(v_π − f)) plus fusion/* diagnostics, gathered over ranks.
+
+        Across ranks: every per-pair tensor (B,) is all-gathered in one ``gather_for_metrics`` call per micro-step
+        (``collate.gather_means``) and averaged, so each rank appends the mean over the global micro-batch, not its
+        own; TRL's ``log`` then averages the micro-steps of the logging window. With equal micro-batches the logged
+        value equals one process's on the same global batch (tests/trainers/test_distributed.py).
+        """
         rw_c, rw_r = fusion.implicit_rewards(policy["chosen"], policy["rejected"], fused["chosen"], fused["rejected"],
                                              beta=self.beta)
         per_pair = {

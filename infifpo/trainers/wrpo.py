@@ -151,7 +151,13 @@ class WRPOTrainer(DPOTrainer):
 
     def _log_step(self, mode: str, policy: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...],
                   alpha: float) -> None:
-        """α, TRL's rewards/* keys for the target pair, and rewards for the source chosen, gathered over ranks."""
+        """α, TRL's rewards/* keys for the target pair, and rewards for the source chosen, gathered over ranks.
+
+        Across ranks: every per-pair tensor (B,) is all-gathered in one ``gather_for_metrics`` call per micro-step
+        (``collate.gather_means``) and averaged, so each rank appends the mean over the global micro-batch, not its
+        own; TRL's ``log`` then averages the micro-steps of the logging window. With equal micro-batches the logged
+        value equals one process's on the same global batch (tests/trainers/test_distributed.py).
+        """
         rw_s, rw_c, rw_r = (self.beta * (p - r).detach() for p, r in zip(policy, ref, strict=True))
         per_pair = {
             "rewards/chosen": rw_c, "rewards/rejected": rw_r, "rewards/accuracies": (rw_c > rw_r).float(),

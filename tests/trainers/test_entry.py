@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,13 +37,30 @@ def _yaml(tmp_path, **keys):
 
 
 def _train(argv):
+    started = time.perf_counter()
     method, script, args, model_args = entry.parse(argv)
     trainer = entry.build_trainer(method, script, args, model_args)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
+    entry.train_and_save(trainer, method, script, args, model_args, started=started)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(before[n], p)]
     return trainer, losses, changed
+
+
+def assert_train_log(trainer, method: str) -> dict:
+    """``output_dir/infifpo_train_log.json`` has CONTRACTS.md §1's keys and the trainer's own log history."""
+    log = json.loads((Path(trainer.args.output_dir) / entry.TRAIN_LOG).read_text())
+    assert set(log) == {"method", "log_history", "train_runtime_s", "setup_s", "world_size", "num_train_rows",
+                        "global_batch_size", "max_steps", "precision"}
+    assert log["method"] == method and log["world_size"] == 1 and log["precision"] == "fp32"
+    assert log["num_train_rows"] == len(trainer.train_dataset) and log["max_steps"] == trainer.state.max_steps
+    assert log["global_batch_size"] == trainer.args.per_device_train_batch_size
+    assert log["train_runtime_s"] > 0 and log["setup_s"] > 0
+    assert log["log_history"] == json.loads(json.dumps(trainer.state.log_history))
+    losses = [h["loss"] for h in log["log_history"] if "loss" in h]
+    assert losses == [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == log["max_steps"] // trainer.args.logging_steps
+    return log
 
 
 # LoRA for InfiFPO / WRPO through the Python API is in test_infifpo.py / test_wrpo.py.
@@ -52,8 +72,22 @@ def test_each_method_trains_from_yaml(tiny_llama, pairs_jsonl, tmp_path, method,
                 use_peft=lora, lora_r=4, lora_alpha=8, **keys)
     trainer, losses, changed = _train(["--method", method, "--config", cfg])
     assert len(trainer.train_dataset) == 2  # the split column selected sft / po rows
+    assert_train_log(trainer, method)
     assert losses[-1] < losses[0]
     assert changed and (not lora or all("lora_" in n for n in changed))
+
+
+def test_opd_writes_the_train_log(tiny_llama, tiny_llama_b, tmp_path):
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                            for i in range(4)))
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=str(rows), output_dir=str(tmp_path / "o"),
+                teacher_models=[tiny_llama_b], teacher_model_init_kwargs={"dtype": "float32"}, num_generations=2,
+                max_completion_length=3, bf16=False, report_to="none", per_device_train_batch_size=4, max_steps=2,
+                logging_steps=1, save_strategy="no", learning_rate=1e-3, seed=0, disable_tqdm=True)
+    trainer, losses, _ = _train(["--method", "opd", "--config", cfg])
+    log = assert_train_log(trainer, "opd")
+    assert log["max_steps"] == 2 and any("opd/fused_teacher_score" in h for h in log["log_history"])
 
 
 def test_cli_overrides_yaml_and_writes_resolved_config(tiny_llama, pairs_jsonl, tmp_path):
@@ -66,6 +100,7 @@ def test_cli_overrides_yaml_and_writes_resolved_config(tiny_llama, pairs_jsonl, 
     assert resolved["learning_rate"] == 0.002 and resolved["max_steps"] == 1  # CLI wins over YAML
     assert resolved["fusion_method"] == "mean" and resolved["beta"] == 2.5 and resolved["method"] == "infifpo"
     assert (out / "model.safetensors").exists()
+    assert json.loads((out / entry.TRAIN_LOG).read_text())["max_steps"] == 1
 
 
 def test_unknown_yaml_key_suggests_the_field(tiny_llama, pairs_jsonl, tmp_path, capsys):
@@ -99,3 +134,63 @@ def test_qlora_4bit_trains_on_cpu(tiny_llama, pairs_jsonl, tmp_path):
     assert getattr(trainer.model, "is_loaded_in_4bit", False)
     assert losses[-1] < losses[0]
     assert changed and all("lora_" in n for n in changed)
+
+
+# ---------------------------------------------------------------- relaunch under `accelerate launch`
+def test_launch_flags_become_an_accelerate_launch_command_accelerate_accepts():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    launch, rest = entry.split_launch_args(["--method", "wrpo", "--num_processes=2", "--config", "c.yaml"])
+    assert launch == {"num_processes": "2"} and rest == ["--method", "wrpo", "--config", "c.yaml"]
+    cmd = entry.accelerate_launch_command(launch, rest, mixed_precision="no")
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
+    # No config: torchrun (--multi_gpu), which on a CPU-only machine gives MULTI_CPU ranks with gloo.
+    assert args.multi_gpu and args.num_processes == 2 and args.main_process_port == 0 and args.mixed_precision == "no"
+    assert args.module and args.training_script == "infifpo.cli" and args.training_script_args == ["train", *rest]
+
+    launch, rest = entry.split_launch_args(["--accelerate_config", "ddp", "--method", "infifpo", "--num_processes", "3"])
+    cmd = entry.accelerate_launch_command(launch, rest, mixed_precision="bf16")
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
+    assert args.config_file == str(entry.ACCELERATE_CONFIG_DIR / "ddp.yaml") and "--multi_gpu" not in cmd
+    assert args.multi_gpu and args.num_processes == 3 and args.mixed_precision == "bf16"  # the train config's, not 'no'
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--accelerate_config", "zero4"], r"neither a file nor one of \['ddp', 'fsdp2', 'single', 'zero3'\]"),
+    (["--accelerate_config", "single", "--num_processes", "2"], "distributed_type NO"),
+    (["--num_processes", "two"], "not an integer"),
+    (["--num_processes", "0"], "at least 1"),
+])
+def test_bad_launch_flags_are_config_errors(argv, match):
+    launch, rest = entry.split_launch_args(["--method", "infifpo", *argv])
+    with pytest.raises(ConfigError, match=match):
+        entry.accelerate_launch_command(launch, rest, mixed_precision="no")
+    with pytest.raises(ConfigError, match="needs a value"):
+        entry.split_launch_args(["--method", "infifpo", "--num_processes"])
+
+
+@pytest.mark.parametrize(("name", "kind"), [("single", "NO"), ("ddp", "MULTI_GPU"), ("zero3", "DEEPSPEED"),
+                                            ("fsdp2", "FSDP")])
+def test_shipped_accelerate_configs_load_in_accelerate(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(entry.resolve_accelerate_config(name)))  # unknown keys would raise here
+    assert config.distributed_type == kind
+    assert config.mixed_precision == "no"  # precision comes from the train config (see the files' comments)
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # save_model writes a full model
+    if name == "zero3":
+        assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_a_launched_process_never_relaunches(tiny_llama, pairs_jsonl, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(entry.LAUNCHED_ENV, "1")
+    out = tmp_path / "o"
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(out), **FAST)
+    with caplog.at_level("WARNING", logger=entry.__name__):
+        assert entry.main(["--method", "infifpo", "--config", cfg, "--num_processes", "2", "--max_steps", "1"]) == 0
+    assert "already inside a launched process" in caplog.text
+    log = json.loads((out / entry.TRAIN_LOG).read_text())
+    assert log["world_size"] == 1 and log["max_steps"] == 1  # trained here, in this one process
