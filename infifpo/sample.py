@@ -3,6 +3,7 @@
 Owns: encoding each prompt with the sampling model's own chat template (``logprobs.encode_prompt``), batching prompts
 through an engine (``backends``), per-sample seeds, error rows for prompts that cannot be sampled, the content key of
 the output, resumable and sharded writing (``store``), and the multi-model run (one fresh process per model).
+``--num-shards N`` runs N local worker processes, one per shard (``infifpo.shards``); docs/scaling.md.
 Does not own: the engines, the on-disk format, or judging.
 
 Seeds (S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31 bits), passed to
@@ -24,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from infifpo import shards
 from infifpo.backends import Engine, SamplingSpec, load_engine
 from infifpo.logprobs import encode_prompt
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
@@ -222,10 +225,12 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return read_output(path) if path.is_dir() else read_jsonl(path)
 
 
-def _sample_one_model(prompts: str, spec: ModelSpec, backend: str, out_root: str, shard: tuple[int, int]) -> str:
+def _sample_one_model(prompts: str, spec: ModelSpec, backend: str, out_root: str, shard: tuple[int, int],
+                      batch_prompts: int = DEFAULT_BATCH_PROMPTS) -> str:
     rows = read_prompts(prompts)
     return str(sample_prompts(rows, model=spec.ref or spec.name, name=spec.name, spec=spec.sampling(),
-                              backend=backend, out_root=out_root, shard=shard, engine_kwargs=spec.engine_kwargs))
+                              backend=backend, out_root=out_root, shard=shard, engine_kwargs=spec.engine_kwargs,
+                              batch_prompts=batch_prompts))
 
 
 def _child(conn: Any, *args: Any) -> None:
@@ -238,14 +243,15 @@ def _child(conn: Any, *args: Any) -> None:
 
 
 def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",
-        shard: tuple[int, int] = (0, 1)) -> dict[str, Path]:
+        shard: tuple[int, int] = (0, 1), batch_prompts: int = DEFAULT_BATCH_PROMPTS) -> dict[str, Path]:
     """Sample every model of the pool, one after another, each in a fresh (spawned) process so its memory is
     returned before the next loads (S1). Returns {model name: output directory}."""
     ctx = multiprocessing.get_context("spawn")
     paths: dict[str, Path] = {}
     for spec in models:
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(child, str(prompts_dir), spec, backend, str(out_root), shard))
+        proc = ctx.Process(target=_child, args=(child, str(prompts_dir), spec, backend, str(out_root), shard,
+                                                batch_prompts))  # fmt: skip
         proc.start()
         child.close()
         try:
@@ -277,7 +283,7 @@ def _load_config(path: str) -> tuple[list[ModelSpec], dict[str, Any]]:
     return specs, {k: v for k, v in cfg.items() if k != "models"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infifpo sample", description=__doc__.split("\n")[0])
     p.add_argument("--prompts", help="a `prompts` stage output directory or a JSONL file")
     p.add_argument("--model", help="model reference (local dir, packaged name, hub id)")
@@ -292,12 +298,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("vllm", "transformers"), default=None)
     p.add_argument("--dtype", help="engine dtype (bfloat16 | float32 | auto)")
     p.add_argument("--max-model-len", type=int, help="vLLM context length (prompt + completion tokens)")
+    p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per engine (14-24B models need 2-4)")
+    p.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
+                   help="prompts per engine call; rows are written (and a kill loses at most) one batch at a time")
     p.add_argument("--shard", help="I/N: sample only the prompts of shard I (0-based) of N")
     p.add_argument("--out", default=None, help="output root directory (default: runs)")
+    shards.add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    shard = parse_shard(args.shard)
-    engine_kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v}
+    engine_kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len),
+                                       ("tensor_parallel_size", args.tensor_parallel_size)) if v}  # fmt: skip
+    engine_kwargs.update(shards.engine_args(args.engine_arg))
     if args.config:
         specs, extra = _load_config(args.config)
         prompts = args.prompts or extra.get("prompts")
@@ -306,14 +323,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give --prompts or a `prompts:` key in the config")
         for s in specs:
             s.engine_kwargs = {**engine_kwargs, **s.engine_kwargs}
-        paths = run(prompts, specs, backend, out, shard)
     else:
         if not (args.prompts and args.model):
             p.error("give --prompts and --model, or --config")
-        spec = ModelSpec(name=args.name or args.model, ref=args.model, pivot=args.pivot, n=args.n,
-                         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                         engine_kwargs=engine_kwargs)  # fmt: skip
-        paths = {spec.name: Path(_sample_one_model(args.prompts, spec, args.backend or "vllm", args.out or "runs",
-                                                   shard))}
+        prompts, backend, out = args.prompts, args.backend or "vllm", args.out or "runs"
+        specs = [ModelSpec(name=args.name or args.model, ref=args.model, pivot=args.pivot, n=args.n,
+                           temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                           engine_kwargs=engine_kwargs)]  # fmt: skip
+    # --num-shards: the workers write every shard; this process then only finds the finished output (no engine).
+    shard = (0, 1) if shards.launch_from_args("sample", argv, args, Path(out) / "logs") else parse_shard(args.shard)
+    if args.config:
+        paths = run(prompts, specs, backend, out, shard, args.batch_prompts)
+    else:
+        paths = {specs[0].name: Path(_sample_one_model(prompts, specs[0], backend, out, shard, args.batch_prompts))}
     print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: `infifpo pipeline` parses it
     return 0

@@ -3,8 +3,10 @@ pivot and under every source model, each with its own tokenizer and chat templat
 
 Owns: which rows/columns are scored, bad-input policies (empty, too long), one resumable per-model output (so a
 changed source re-scores only itself), and assembling the scored-pairs format (schema.py, methods.md's official
-InfiFPO columns plus token counts). The tokens of a response are ``logprobs.response_spans`` of the row's prompt and
-all its responses, which for the pivot are exactly the tokens TRL's DPOTrainer sums over.
+InfiFPO columns plus token counts), ``--split`` selection, and ``score_stats.json`` (CONTRACTS.md §2).
+The tokens of a response are ``logprobs.response_spans`` of the row's prompt and all its responses, which for the
+pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num-shards N`` runs N local worker processes, one per
+shard (``infifpo.shards``; docs/scaling.md).
 Does not own: running models (``backends``), the token split (``logprobs``), or fusion (``fusion``, trainers).
 """
 
@@ -14,25 +16,31 @@ import argparse
 import concurrent.futures
 import gc
 import hashlib
+import json
 import logging
 import math
 import multiprocessing
+import os
 import re
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from infifpo import store
+from infifpo import shards, store
 from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
 from infifpo.logprobs import Messages, response_spans
 from infifpo.models import load_tokenizer, resolve_model
 from infifpo.schema import (
     RESPONSE_COLUMNS,
+    SPLITS,
     ChatTemplateError,
     DataFormatError,
     ModelLoadError,
@@ -51,6 +59,7 @@ POLICIES = {"on_empty": ("error", "drop"), "on_too_long": ("error", "drop")}
 _KEY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
               "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
 _FULL_HASH_BYTES = 64 << 20
+STATS = "score_stats.json"  # CONTRACTS.md section 2: per-model output dirs and the assembled output dir
 
 
 # ---------------------------------------------------------------- Python API
@@ -89,16 +98,19 @@ def score_responses(model: str, prompts: list[Messages], responses: list[str] | 
 def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str], out_root: str | Path,
                 backend: str = "transformers", dtype: str = "auto", shard: tuple[int, int] = (0, 1),
                 on_empty: str = "error", on_too_long: str = "error", max_length: int | None = None,
-                write_every: int = 64, **engine_kw: Any) -> Path | None:
+                write_every: int = 64, split: str | None = None, **engine_kw: Any) -> Path | None:
     """Score every response column of ``rows`` (pairs format) under ``pivot`` and each of ``sources``.
 
     One model at a time (with ``backend="vllm"`` each in its own spawned process so memory returns to baseline),
     each into a resumable per-model output under ``out_root``; then, once every row of every model is done (all
     shards), the joined scored-pairs output. Returns its directory, or None while other shards are outstanding.
+    ``split`` ("po" | "sft" | "all"; None: "po" when rows have a ``split`` column, else "all") selects the rows scored
+    and assembled: the preference trainers read po rows only, so scoring sft rows would be wasted compute.
     """
     for name, value in (("on_empty", on_empty), ("on_too_long", on_too_long)):
         if value not in POLICIES[name]:
             raise ValueError(f"{name}={value!r}: use one of {POLICIES[name]}")
+    rows = select_split(rows, split)
     texts = _validate_rows(rows, on_empty)
     pairs_fp = store.fingerprint(sorted((r["id"], r["prompt"], texts[r["id"]]) for r in rows if r["id"] in texts))
     models = list(dict.fromkeys([pivot, *sources]))
@@ -108,12 +120,13 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
            "engine_kw": engine_kw}  # fmt: skip
     outputs = {}
     for ref in models:
+        role = "pivot" if ref == pivot else "source"
         if backend == "vllm":  # a fresh process per engine: vLLM's memory is only returned when its process exits
             ctx = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                outputs[ref] = pool.submit(score_model, ref, job).result()
+                outputs[ref] = pool.submit(score_model, ref, job, role).result()
         else:
-            outputs[ref] = score_model(ref, job)
+            outputs[ref] = score_model(ref, job, role)
     if not all(out.is_complete() for out in outputs.values()):
         logger.info("score: shard %d/%d done; run the remaining shards to assemble the scored pairs", *shard)
         return None
@@ -121,6 +134,29 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
 
 
 # ---------------------------------------------------------------- input checks
+
+
+def select_split(rows: list[dict[str, Any]], split: str | None) -> list[dict[str, Any]]:
+    """The rows of ``split`` ("po" | "sft" | "all"); None means "po" when any row has a ``split`` column, else all.
+    Raises DataFormatError when a row has no ``split`` to select by, or no row is left."""
+    if split is None:
+        split = "po" if any("split" in r for r in rows) else "all"
+    if split == "all":
+        return rows
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {(*SPLITS, 'all')}")
+    for i, row in enumerate(rows):
+        if "split" not in row:
+            raise DataFormatError(f"{row_label(i, row)}: no 'split' column to select split {split!r} by; add it "
+                                  "(pair stage rows have it) or score every row with `--split all`.")
+    kept = [r for r in rows if r["split"] == split]
+    if not kept:
+        present = sorted({str(r["split"]) for r in rows})
+        raise DataFormatError(f"no row has split {split!r} (splits present: {present}); use --split "
+                              f"{present[0] if present else 'all'} or --split all.")
+    logger.info("score: %d of %d rows have split %r and are scored; the others are skipped", len(kept), len(rows),
+                split)
+    return kept
 
 
 def _check_text(value: Any, index: int, row: dict, field: str) -> None:
@@ -223,8 +259,9 @@ def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str,
     return store.StageOutput(job["out_root"], _output_name(ref), key), path, dtype
 
 
-def score_model(ref: str, job: dict[str, Any]) -> store.StageOutput:
-    """Score the job's rows (this shard, not yet done) under one model; finalize its output once every row is done."""
+def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.StageOutput:
+    """Score the job's rows (this shard, not yet done) under one model; finalize its output (with its
+    ``score_stats.json``) once every row of every shard is done. ``role`` ("pivot" | "source") is recorded there."""
     out, path, dtype = model_output(ref, job)
     if out.is_complete():
         logger.info("score %s: already complete at %s", ref, out.path)
@@ -233,15 +270,58 @@ def score_model(ref: str, job: dict[str, Any]) -> store.StageOutput:
     done = out.done_ids()
     todo = [(i, r) for i, r in enumerate(job["rows"]) if r["id"] not in done and store.in_shard(r["id"], *job["shard"])]
     if todo:
+        start = time.perf_counter()
         tokenizer, limit = _tokenizer_and_limit(ref, path, job["max_length"])
         encoded, too_long = _encode(tokenizer, todo, job, ref, limit)
         with out.open_shard(shard, num_shards) as writer:
+            stats = ShardStats(out, shard, num_shards)
+            stats.add(load_seconds=time.perf_counter() - start)
             writer.write([{"id": rid, "status": "too_long"} for rid in too_long])
+            stats.save()
             if encoded:
-                _score_encoded(ref, path, dtype, encoded, writer, job)
+                _score_encoded(ref, path, dtype, encoded, writer, job, stats)
     if out.done_ids() >= {r["id"] for r in job["rows"]}:
-        out.finalize()
+        _finalize_model(out, {"model": ref, "role": role, "backend": job["backend"], "dtype": dtype})
     return out
+
+
+class ShardStats:
+    """Running totals of one shard's scoring under one model, saved beside its part file after every batch, so a
+    killed shard keeps what it did: ``responses`` and response ``tokens`` scored, ``prompt_tokens`` (the prompt is
+    forwarded once per response), ``seconds`` of engine forward passes, and ``load_seconds`` (tokenizer, tokenising
+    and engine load, the analogue of a training run's setup_s)."""
+
+    FIELDS = ("responses", "tokens", "prompt_tokens", "seconds", "load_seconds")
+
+    def __init__(self, out: store.StageOutput, shard: int, num_shards: int):
+        self.path = out.path / f"stats-{shard:05d}-of-{num_shards:05d}.json"
+        self.totals = json.loads(self.path.read_text()) if self.path.exists() else dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, **amounts: float) -> None:
+        for key, value in amounts.items():
+            self.totals[key] += value
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.totals))
+        os.replace(tmp, self.path)
+
+
+def _finalize_model(out: store.StageOutput, entry: dict[str, Any]) -> None:
+    """Sum every shard's stats into ``score_stats.json``, then finalize. Locked: shards finishing together would
+    otherwise race, and the last one in has seen every shard's stats (each saves its own before coming here)."""
+    out.path.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.path / ".finalize.lock")):
+        if out.is_complete():
+            return
+        totals = dict.fromkeys(ShardStats.FIELDS, 0)
+        for f in sorted(out.path.glob("stats-*-of-*.json")):
+            for key, value in json.loads(f.read_text()).items():
+                totals[key] += value
+        ok = sum(r.get("status") == "ok" for f in out.shard_files() for r in store.read_jsonl(f))
+        entry = {**entry, **totals, "output": str(out.path)}
+        (out.path / STATS).write_text(json.dumps({"models": [entry], "rows": ok}, indent=1))
+        out.finalize()
 
 
 def _tokenizer_and_limit(ref: str, path: str, max_length: int | None) -> tuple[Any, int | None]:
@@ -279,17 +359,24 @@ def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
     return encoded, too_long
 
 
-def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: dict) -> None:
+def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: dict,
+                   stats: ShardStats) -> None:
     """Run the engine over ``encoded`` rows, longest first, writing ``write_every`` rows at a time."""
     encoded.sort(key=lambda e: -(len(e[2]) + max(len(c) for c in e[3].values())))
     total = sum(len(e[2]) + len(c) for e in encoded for c in e[3].values())
+    start = time.perf_counter()
     engine = load_engine(job["backend"], path, dtype=dtype, **job["engine_kw"])
+    stats.add(load_seconds=time.perf_counter() - start)
     try:
         with tqdm(total=total, desc=f"score {ref}", unit="tok", unit_scale=True) as bar:
             for start in range(0, len(encoded), job["write_every"]):
                 batch = encoded[start : start + job["write_every"]]
                 requests = [(e[2], c) for e in batch for c in e[3].values()]
+                counts = {"responses": len(requests), "tokens": sum(len(c) for _, c in requests),
+                          "prompt_tokens": sum(len(p) for p, _ in requests)}  # before the engine sees the lists
+                start = time.perf_counter()
                 logps = iter(engine.score([p for p, _ in requests], [c for _, c in requests]))
+                seconds = time.perf_counter() - start
                 rows = []
                 for i, row, _, completions in batch:
                     scored = {"id": row["id"], "status": "ok"}
@@ -298,6 +385,8 @@ def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store
                         scored[f"{column}_logps"], scored[f"{column}_num_tokens"] = s["sum"], s["num_tokens"]
                     rows.append(scored)
                 writer.write(rows)
+                stats.add(seconds=seconds, **counts)
+                stats.save()
                 bar.update(sum(len(p) + len(c) for p, c in requests))
     finally:
         engine.close()
@@ -315,6 +404,15 @@ def assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs
     final = store.StageOutput(out_root, "scored", key)
     if final.is_complete():
         return final.path
+    final.path.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.path / ".assemble.lock")):  # shards that finish together must not both append the rows
+        if final.is_complete():
+            return final.path
+        return _assemble(rows, pivot, sources, outputs, final)
+
+
+def _assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs: dict[str, store.StageOutput],
+              final: store.StageOutput) -> Path:
     scores = {ref: {r["id"]: r for r in store.read_output(out.path)} for ref, out in outputs.items()}
     result, dropped = [], []
     for row in rows:
@@ -326,7 +424,17 @@ def assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs
     if dropped:
         logger.warning("score: %d row(s) left out of the scored pairs (dropped by a policy): %s", len(dropped),
                        dropped[:10])
+    models = [_model_stats(outputs[ref], ref, role) for ref, role in [(pivot, "pivot"), *((s, "source") for s in sources)]]
+    (final.path / STATS).write_text(json.dumps({"models": models, "rows": len(result)}, indent=1))
     return final.write_all(result)
+
+
+def _model_stats(out: store.StageOutput, ref: str, role: str) -> dict[str, Any]:
+    """The per-model entry of the assembled ``score_stats.json``: as recorded when the model was scored (a cached
+    output keeps its numbers), with this job's role; None values for an output written before stats existed."""
+    path = out.path / STATS
+    entry = json.loads(path.read_text())["models"][0] if path.exists() else dict.fromkeys(ShardStats.FIELDS)
+    return {**entry, "model": ref, "role": role, "output": str(out.path)}
 
 
 def _scored_row(row: dict, ref: dict, srcs: list[dict], pivot: str, sources: list[str]) -> dict[str, Any]:
@@ -348,12 +456,13 @@ def _scored_row(row: dict, ref: dict, srcs: list[dict], pivot: str, sources: lis
 # ---------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``infifpo score --pairs DIR --pivot M --sources M1 M2 ... [--backend] [--dtype] [--shard I/N] [--out ROOT]``."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infifpo score", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", required=True, help="pairs stage output directory, or a .jsonl file of pairs rows")
     p.add_argument("--pivot", required=True, help="pivot model: packaged name, local directory or hub id")
     p.add_argument("--sources", nargs="+", required=True, help="source models, in fusion order (K of them)")
+    p.add_argument("--split", choices=(*SPLITS, "all"), default=None,
+                   help="rows to score (default: po when rows have a `split` column, else all)")
     p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it) | bfloat16 | float32")
     p.add_argument("--device", default="cpu", help="transformers backend: cpu | cuda")
@@ -362,19 +471,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--on-empty", choices=POLICIES["on_empty"], default="error")
     p.add_argument("--on-too-long", choices=POLICIES["on_too_long"], default="error")
     p.add_argument("--max-length", type=int, default=None, help="max prompt+response tokens (default: model context)")
+    p.add_argument("--write-every", type=int, default=64, help="rows per written batch (a kill loses at most one)")
     p.add_argument("--token-budget", type=int, default=None, help="transformers: tokens per forward, padding included")
     p.add_argument("--compile-head", action="store_true", help="transformers: torch.compile the chunked log-softmax")
-    args = p.parse_args(argv)
+    p.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (14-24B models need 2-4)")
+    shards.add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``infifpo score --pairs DIR --pivot M --sources M1 M2 ... [--split] [--backend] [--dtype] [--shard I/N |
+    --num-shards N] [--out ROOT]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pairs = Path(args.pairs)
     rows = store.read_jsonl(pairs) if pairs.is_file() else store.read_output(pairs)
-    engine_kw = {"device": args.device} if args.backend == "transformers" else {}
-    if args.token_budget and args.backend == "transformers":
-        engine_kw["token_budget"] = args.token_budget
-    if args.compile_head and args.backend == "transformers":
-        engine_kw["compile_head"] = True
+    if args.backend == "transformers":
+        engine_kw = {"device": args.device, "token_budget": args.token_budget, "compile_head": args.compile_head or None}
+    else:
+        engine_kw = {"tensor_parallel_size": args.tensor_parallel_size}
+    engine_kw = {k: v for k, v in engine_kw.items() if v is not None} | shards.engine_args(args.engine_arg)
+    # --num-shards: the workers score every shard; this process then only assembles (or finds) the scored pairs.
+    launched = shards.launch_from_args("score", argv, args, Path(args.out) / "logs")
     path = score_pairs(rows, pivot=args.pivot, sources=args.sources, out_root=args.out, backend=args.backend,
-                       dtype=args.dtype, shard=store.parse_shard(args.shard), on_empty=args.on_empty,
-                       on_too_long=args.on_too_long, max_length=args.max_length, **engine_kw)
+                       dtype=args.dtype, shard=(0, 1) if launched else store.parse_shard(args.shard),
+                       on_empty=args.on_empty, on_too_long=args.on_too_long, max_length=args.max_length,
+                       write_every=args.write_every, split=args.split, **engine_kw)
     print(path if path is not None else "shard done; scored pairs are assembled when every shard has run")
     return 0

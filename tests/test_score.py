@@ -314,3 +314,62 @@ def test_vllm_backend_scores_in_subprocesses_match_transformers(tiny_llama, tiny
         assert b["ref_chosen_num_tokens"] == a["ref_chosen_num_tokens"]
         assert abs(b["ref_chosen_logps"] - a["ref_chosen_logps"]) <= 1e-3 * a["ref_chosen_num_tokens"]
         assert abs(b["fuse_rejected_logps"][0] - a["fuse_rejected_logps"][0]) <= 1e-3 * a["fuse_rejected_num_tokens"][0]
+
+
+# ---------------------------------------------------------------- --split and score_stats.json
+
+
+def test_split_selects_the_rows_scored_and_assembled(tiny_llama, tmp_path, counting):
+    """Default: po rows only when rows have a `split` column (the trainers read po rows), all rows otherwise."""
+    rows = make_rows(6)
+    for row in rows[::2]:
+        row["split"] = "sft"
+    po = [r["id"] for r in rows if r["split"] == "po"]
+    kw = {"pivot": tiny_llama, "sources": [], **ENGINE}
+    assert [r["id"] for r in store.read_output(score_pairs(rows, out_root=tmp_path / "d", **kw))] == po
+    assert sum(CountingEngine.calls.values()) == 1 and json.loads(
+        next((tmp_path / "d").glob("score-*/score_stats.json")).read_text())["models"][0]["responses"] == 2 * 3
+    sft = store.read_output(score_pairs(rows, out_root=tmp_path / "s", split="sft", **kw))
+    assert [r["id"] for r in sft] == [r["id"] for r in rows if r["split"] == "sft"]
+    assert len(store.read_output(score_pairs(rows, out_root=tmp_path / "a", split="all", **kw))) == 6
+    unsplit = [{k: v for k, v in r.items() if k != "split"} for r in rows]
+    assert len(store.read_output(score_pairs(unsplit, out_root=tmp_path / "u", **kw))) == 6
+    with pytest.raises(DataFormatError, match=r"id='r0'.*no 'split' column.*--split all"):
+        score_pairs(unsplit, out_root=tmp_path / "u", split="po", **kw)
+    with pytest.raises(DataFormatError, match=r"no row has split 'po'.*\['sft'\]"):
+        score_pairs(rows[::2], out_root=tmp_path / "n", **kw)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli = ["--pairs", str(pairs), "--pivot", tiny_llama, "--sources", tiny_llama, "--dtype", "float32"]
+    assert main([*cli, "--out", str(tmp_path / "c"), "--split", "sft"]) == 0
+    assert [r["id"] for r in store.read_output(next((tmp_path / "c").glob("scored-*")))] == [r["id"] for r in sft]
+
+
+def test_score_stats_per_model_and_assembled(tiny_llama, tiny_qwen, tiny_llama_b, tmp_path):
+    """CONTRACTS.md section 2: each per-model output and the assembled output hold score_stats.json; responses and
+    tokens are the counts scored (response tokens as in the scored columns, the prompt once per response); a cached
+    model keeps the numbers recorded when it was scored."""
+    from infifpo.models import load_tokenizer
+
+    rows = make_rows(5)
+    path = score_pairs(rows, pivot=tiny_llama, sources=[tiny_qwen], out_root=tmp_path, write_every=2, **ENGINE)
+    scored = store.read_output(path)
+    stats = json.loads((path / "score_stats.json").read_text())
+    assert stats["rows"] == 5 and [(m["model"], m["role"]) for m in stats["models"]] == [
+        (tiny_llama, "pivot"), (tiny_qwen, "source")]  # fmt: skip
+    want = {"pivot": ("ref_chosen_num_tokens", "ref_rejected_num_tokens"),
+            "source": ("fuse_chosen_num_tokens", "fuse_rejected_num_tokens")}
+    for m in stats["models"]:
+        tok = load_tokenizer(m["model"])  # the prompt of each row's joint split, forwarded once per response
+        prompt_tokens = sum(len(response_spans(tok, r["prompt"], [r[c][0]["content"] for c in ("chosen", "rejected")])
+                                [0]) for r in rows)  # fmt: skip
+        tokens = sum(r[c] if m["role"] == "pivot" else r[c][0] for r in scored for c in want[m["role"]])
+        assert m["responses"] == 10 and m["tokens"] == tokens and m["prompt_tokens"] == 2 * prompt_tokens
+        assert m["seconds"] > 0 and m["load_seconds"] > 0 and m["backend"] == "transformers"
+        assert m["dtype"] == "float32"
+        own = json.loads((store.Path(m["output"]) / "score_stats.json").read_text())
+        assert own["models"] == [{**m, "role": own["models"][0]["role"]}] and own["rows"] == 5
+    again = score_pairs(rows, pivot=tiny_llama, sources=[tiny_qwen, tiny_llama_b], out_root=tmp_path, **ENGINE)
+    cached = json.loads((again / "score_stats.json").read_text())["models"]
+    assert cached[:2] == stats["models"], "cached models keep the numbers recorded when they were scored"
+    assert cached[2]["model"] == tiny_llama_b and cached[2]["responses"] == 10
