@@ -374,9 +374,9 @@ def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store
                 requests = [(e[2], c) for e in batch for c in e[3].values()]
                 counts = {"responses": len(requests), "tokens": sum(len(c) for _, c in requests),
                           "prompt_tokens": sum(len(p) for p, _ in requests)}  # before the engine sees the lists
-                start = time.perf_counter()
+                t0 = time.perf_counter()
                 logps = iter(engine.score([p for p, _ in requests], [c for _, c in requests]))
-                seconds = time.perf_counter() - start
+                seconds = time.perf_counter() - t0
                 rows = []
                 for i, row, _, completions in batch:
                     scored = {"id": row["id"], "status": "ok"}

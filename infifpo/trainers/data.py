@@ -54,6 +54,9 @@ def load_preference_dataset(spec: str, *, split: str | None = None, hub_split: s
         import datasets
 
         return _filter_split(datasets.load_dataset(spec, split=hub_split), split, spec)
+    if not rows:
+        raise DataFormatError(f"{spec}: the dataset has no rows. If it is a pairs output, its stats.json says why "
+                              "each prompt was dropped (e.g. too few finished responses: raise max_tokens).")
     for i, row in enumerate(rows):  # before Arrow, which rejects mixed nested types with an opaque error
         for field in ("prompt", "chosen", "rejected", "source_chosen"):
             if row.get(field) is not None and not isinstance(row[field], str):

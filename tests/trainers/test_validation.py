@@ -52,6 +52,15 @@ def test_nested_dict_response_in_jsonl_is_named_before_arrow(tiny_tok, tmp_path)
         load_preference_dataset(str(path))
 
 
+def test_an_empty_pairs_output_is_a_named_error_not_a_stopiteration(tmp_path):
+    from infifpo.store import StageOutput
+
+    empty = StageOutput(tmp_path, "pairs-wrpo", {"k": 1})
+    path = empty.write_all([])
+    with pytest.raises(DataFormatError, match=r"has no rows.*stats\.json"):
+        load_preference_dataset(str(path), split="po")
+
+
 def test_skip_invalid_rows_drops_and_counts(tiny_tok, caplog):
     rows = make_scored_rows(tiny_tok, 5, k=2)
     rows[1]["ref_mean_chosen_logps"] = float("nan")
