@@ -136,16 +136,17 @@ def decoder_backbone(model: Any) -> torch.nn.Module:
 
 def masked_token_logprobs(model: Any, input_ids: torch.Tensor, score_mask: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
-                          compiled: bool = False) -> torch.Tensor:
+                          compiled: bool = False, backbone: torch.nn.Module | None = None) -> torch.Tensor:
     """Log-probs (nats, fp32) of every token ``input_ids[b, t]`` with ``score_mask[b, t]`` true, given ``input_ids[b,
     :t]``, in row-major order of the mask (so a caller splits them per row by the mask's row sums).
 
     Position 0 cannot be scored (no context). With right padding ``attention_mask`` may be None: under causal
-    attention padded positions at the end never influence real ones.
+    attention padded positions at the end never influence real ones. ``backbone`` replaces ``decoder_backbone(model)``
+    (e.g. with its torch.compile'd wrapper); ``compiled`` runs the head's log-softmax torch.compile'd.
     """
     if bool(score_mask[:, 0].any()):
         raise ValueError("position 0 of a sequence cannot be scored: it has no context")
-    out = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = (decoder_backbone(model) if backbone is None else backbone)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     predicting = score_mask[:, 1:]  # hidden state at t-1 predicts token t
     hidden = out.last_hidden_state[:, :-1][predicting]
     targets = input_ids[:, 1:][predicting]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig
 
 from infifpo.backends import SamplingSpec
-from infifpo.backends.hf_engine import HFEngine, resolve_dtype, token_budget_batches
+from infifpo.backends.hf_engine import HFEngine, load_causal_lm, resolve_dtype, token_budget_batches
 from infifpo.logprobs import head_token_logprobs
 from infifpo.schema import ModelLoadError
 from tests.conftest import make_char_tokenizer
@@ -172,3 +172,28 @@ def test_compiled_head_equals_eager(tiny_gemma):
     compiled = HFEngine(tiny_gemma, dtype="float32", head_chunk=7, compile_head=True).score(prompts, completions)
     for a, b in zip(eager, compiled, strict=True):
         assert b == pytest.approx(a, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streamed_load_equals_from_pretrained(tiny_gemma, dtype):
+    """The streaming safetensors loader (fp32 checkpoint -> dtype without holding the fp32 copy) gives exactly the
+    tensors, tying and buffers of a plain from_pretrained in that dtype."""
+    ours = load_causal_lm(tiny_gemma, dtype)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gemma, dtype=dtype).eval()
+    a, b = ours.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ours.named_buffers(), ref.named_buffers(), strict=True))
+    assert not ours.training
+
+
+def test_truncated_checkpoint_is_a_load_error(tiny_llama, tmp_path):
+    """A weights file cut short is refused with ModelLoadError naming the model, never read as garbage."""
+    import shutil
+
+    broken = tmp_path / "cut-model"
+    shutil.copytree(tiny_llama, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match="cut-model"):
+        HFEngine(str(broken), dtype="float32")
