@@ -332,6 +332,15 @@ def train_and_save(trainer: Any, method: str, script: Any, train_args: Any, mode
     if trainer.is_world_process_zero():
         path = write_train_log(trainer, method, setup_s=train_start - started, train_runtime_s=train_runtime)
         logger.info("train log written to %s", path)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group left to interpreter shutdown can abort
+    a rank ("terminate called without an active exception", SIGABRT) after all work is saved."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run(method: str, script: Any, train_args: Any, model_args: Any, *, started: float | None = None) -> Any:
