@@ -228,7 +228,7 @@ def comparison_text(comparisons: list[dict[str, Any]]) -> str:
             lines.append(f"- InfiFPO vs {c['baseline']}: Avg not comparable (an eval or a benchmark is missing).")
         else:
             ahead = "ahead of" if c["avg"]["diff"] > 0 else "behind" if c["avg"]["diff"] < 0 else "level with"
-            lines.append(f"- InfiFPO is {ahead} {c['baseline']} on Avg by {_verdict(c['avg'])}.")
+            lines.append(f"- InfiFPO is {ahead} {c['baseline']} on Avg: {_verdict(c['avg'])} (InfiFPO − baseline).")
         lines += [f"  - {k}: {_verdict(v)}." for k, v in c["benchmarks"].items()]
     return "\n".join(lines)
 

@@ -158,7 +158,7 @@ def test_comparison_uses_paired_bootstrap_and_says_when_not_distinguishable(run_
     assert gsm["diff"] == pytest.approx(10.0) and gsm["distinguishable"] is False
     assert vs_dpo["avg"]["diff"] == pytest.approx(70.0 - 35.0) and vs_dpo["avg"]["distinguishable"] is True
     text = report.comparison_text(rep["comparisons"])
-    assert "InfiFPO is ahead of SFT-DPO on Avg by +35.0 points" in text
+    assert "InfiFPO is ahead of SFT-DPO on Avg: +35.0 points" in text
     assert "gsm8k: +10.0 points" in text and "not distinguishable at this sample size" in text
 
 
