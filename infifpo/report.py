@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
 from infifpo import plots
-from infifpo.eval.stats import paired_bootstrap
+from infifpo.eval.stats import mean_of_groups_bootstrap_ci, paired_bootstrap
 from infifpo.schema import DataFormatError, InfiFPOError
 from infifpo.store import SUCCESS, StoreError, read_output
 
@@ -31,7 +30,6 @@ METHODS = {"sft": "SFT", "dpo": "SFT-DPO", "wrpo": "SFT-WRPO", "infifpo": "InfiF
 COMPUTE_LABELS = {"sft": ["train/sft"], "dpo": ["train/sft", "train/dpo"], "wrpo": ["train/sft", "train/wrpo"],
                   "infifpo": ["train/sft", "score", "train/infifpo"]}
 OVERHEAD_TARGET = 1.5  # issue 7: InfiFPO's whole cost at most 1.5x SFT-DPO's training with a live reference
-BOOTSTRAP_SAMPLES = 2000
 PRECISION = {"bfloat16": "bf16", "bf16": "bf16", "float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16"}
 
 
@@ -145,19 +143,6 @@ def build_table(run: Run) -> dict[str, Any]:
 
 
 # -- comparisons ----------------------------------------------------------------------------------------------------
-def mean_of_groups_bootstrap_ci(groups: list[list[float]], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
-                                level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of the mean over groups of each group's mean paired difference, resampling items in each group.
-
-    ``groups``: per benchmark, the per-item differences (correct_a - correct_b in {-1, 0, 1}); the statistic is the
-    difference of Avg (mean over benchmarks, each weighted equally whatever its size). Per-benchmark differences use
-    ``eval.stats.paired_bootstrap``; this is its stratified form for Avg. Seeded, so the report is reproducible.
-    """
-    rng = random.Random(seed)
-    stats = sorted(sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups) for _ in range(samples))
-    return stats[int((1 - level) / 2 * samples)], stats[int((1 + level) / 2 * samples) - 1]
-
-
 def _items(run: Run, row: dict[str, Any]) -> dict[str, dict[str, bool]] | None:
     """benchmark -> {item id: correct} from the eval's per-item rows; None when the rows are not there."""
     d = row["eval_dir"]

@@ -12,6 +12,7 @@ report as a number; ``paired_bootstrap`` raises the same way for zero items.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -100,3 +101,16 @@ def paired_by_id(correct_a: Mapping[str, bool], correct_b: Mapping[str, bool], *
                               "benchmark specs and seed.")  # fmt: skip
     ids = sorted(correct_a)
     return paired_bootstrap([bool(correct_a[i]) for i in ids], [bool(correct_b[i]) for i in ids], **kwargs)
+
+
+def mean_of_groups_bootstrap_ci(groups: list[list[float]], *, samples: int = 2000, seed: int = 0,
+                                level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean over groups of each group's mean paired difference, resampling items in each group.
+
+    ``groups``: per benchmark, the per-item differences (correct_a - correct_b in {-1, 0, 1}); the statistic is the
+    difference of Avg (mean over benchmarks, each weighted equally whatever its size). Per-benchmark differences use
+    ``paired_bootstrap``; this is its stratified form for Avg. Seeded, so the report is reproducible.
+    """
+    rng = random.Random(seed)
+    stats = sorted(sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups) for _ in range(samples))
+    return stats[int((1 - level) / 2 * samples)], stats[int((1 + level) / 2 * samples) - 1]
