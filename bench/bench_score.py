@@ -2,9 +2,12 @@
 torch.compile'd backbone and chunked LM head) against a naive scorer (pad to the batch's longest, fp32, full-vocabulary log_softmax), on the same requests.
 
 Each scorer runs in its own subprocess, so peak RSS (``ru_maxrss`` of that process, model load included) belongs to
-it alone. Also reports our forward FLOP/s as a fraction of the machine's bf16 matmul peak, measured in the same run.
-Our scorer compiles by default here (``--compile on``): the one-off compile is timed apart (warm-up) and tokens/s is
-printed both without it (what a score run of thousands of responses sees, the compile amortised) and with it.
+it alone; the RSS after the imports (torch + transformers, the same in every worker) and the bf16 weights are printed
+as the floor under it. Also reports our forward FLOP/s as a fraction of the machine's bf16 matmul peak, both measured
+in the same run, and the ceiling on that fraction: the model's own GEMM shapes timed alone.
+By default (``--compile both``) our scorer runs twice: eager (what a short score run uses) and torch.compile'd (what
+a long one switches to); the one-off compile is timed apart (warm-up) and tokens/s is printed both without it (a score
+run of thousands of responses, the compile amortised) and with it.
 
     python bench/bench_score.py                     # Gemma-3-270M and SmolLM2-135M, 48 responses of 32-384 tokens
     python bench/bench_score.py --models smollm2-135m-instruct --n 16
@@ -80,6 +83,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import_rss_gb = _rss_gb("VmRSS")
+    # The matmul peak where and when this scorer runs, before its load (its buffers must not raise the peak RSS).
+    peak_flops = bf16_peak_flops() if args.worker == "ours" else 0.0
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     if args.worker == "ours":
@@ -109,19 +115,71 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         sums, processed = naive_score(model, prompts, completions, args.naive_batch)
     seconds = time.perf_counter() - t0
+    peak_rss_gb, scoring_peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, _rss_gb("VmHWM")
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight
+    ceiling = None
+    if args.worker == "ours":  # after the RSS readings: these matmuls allocate
+        ceiling = gemm_ceiling(model, args.token_budget, sum(map(len, completions)) / processed)
+        peak_flops = max(peak_flops, bf16_peak_flops())
     return {
         "scorer": args.worker, "model": args.model, "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
         "seconds": seconds, "real_tokens": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
         "response_tokens": sum(map(len, completions)), "processed_tokens": processed, "params": params,
         "non_embedding_params": params - embed if head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
         else params - embed - head.numel(), "head_flops_per_position": 2 * head.numel(), "sums": sums,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "threads": torch.get_num_threads(),
+        "peak_rss_gb": peak_rss_gb, "threads": torch.get_num_threads(),
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None
-        and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": _rss_gb("VmHWM"),
+        and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": scoring_peak_rss_gb, "peak_flops": peak_flops,
+        "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch, "token_budget": args.token_budget, "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters())
+        / 2**30, "gemm_ceiling_flops": ceiling,
     }  # fmt: skip
+
+
+def gemm_ceiling(model, tokens: int, scored_fraction: float) -> float:
+    """FLOP/s of the model's own matmuls alone, in its dtype, for one forward of ``tokens`` positions: every nn.Linear
+    of the backbone as (tokens x in) @ (in x out), and the LM head as our scorer runs it (vocabulary tiles over the
+    ``scored_fraction`` of positions that are scored). Each shape is timed best-of-3, without attention, norms or
+    activations: a forward of this model at this batch size cannot run its FLOPs faster."""
+    import torch
+
+    from infifpo.logprobs import HEAD_TILE_ELEMENTS
+
+    def best(fn, reps: int = 3) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    shapes: dict[tuple[int, int], int] = {}
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            shapes[tuple(module.weight.shape)] = shapes.get(tuple(module.weight.shape), 0) + 1
+    dtype = next(model.parameters()).dtype
+    flops = seconds = 0.0
+    with torch.inference_mode():
+        x = torch.randn(tokens, max(i for _, i in shapes), dtype=dtype)
+        for (out_f, in_f), count in shapes.items():
+            a, w = x[:, :in_f].contiguous(), torch.randn(out_f, in_f, dtype=dtype)
+            seconds += count * best(lambda a=a, w=w: torch.nn.functional.linear(a, w))
+            flops += count * 2 * tokens * in_f * out_f
+        scored = max(1, int(tokens * scored_fraction))
+        vocab, hidden = head.weight.shape
+        tile = min(vocab, max(256, HEAD_TILE_ELEMENTS // scored // 256 * 256))
+        h, w = torch.randn(scored, hidden, dtype=dtype), head.weight
+
+        def tiles() -> None:
+            for v in range(0, vocab, tile):
+                h @ w[v : v + tile].T
+
+        seconds += best(tiles)
+        flops += 2 * scored * hidden * vocab
+    return flops / seconds
 
 
 def _rss_gb(field: str) -> float:
@@ -138,10 +196,9 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def run_worker(kind: str, model: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", model]
-    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "dtype", "threads",
-              "compile"):
+def run_worker(kind: str, model: str, args: argparse.Namespace, compile: str = "off") -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--compile", compile]
+    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "dtype", "threads"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.compile_head:
         cmd += ["--compile-head"]
@@ -153,39 +210,52 @@ def run_worker(kind: str, model: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(model: str, ours: dict, naive: dict | None, peak: float) -> dict:
-    tps = ours["real_tokens"] / ours["seconds"]
-    brief_flops = 2 * ours["params"] * ours["processed_tokens"] / ours["seconds"]
-    matmul_flops = (2 * ours["non_embedding_params"] * ours["processed_tokens"]
-                    + ours["head_flops_per_position"] * ours["response_tokens"]) / ours["seconds"]
-    print(f"\n== {model}: {len(ours['sums'])} responses, {ours['response_tokens']} response + "
-          f"{ours['real_tokens'] - ours['response_tokens']} prompt tokens; {ours['threads']} threads")
-    with_compile = ours["real_tokens"] / (ours["seconds"] + ours["warmup_s"])
-    print(f"ours  ({ours['dtype']}, {'compiled' if ours['compiled'] else 'eager'}): {tps:8.1f} tok/s ({with_compile:.1f} "
-          f"counting the {ours['warmup_s']:.0f} s warm-up/compile)  peak RSS {ours['peak_rss_gb']:.2f} GB, while scoring "
-          f"{ours['scoring_peak_rss_gb']:.2f} GB (after load {ours['rss_after_load_gb']:.2f}); load "
-          f"{ours['load_s']:.1f} s, padding "
-          f"{ours['processed_tokens'] / ours['real_tokens'] - 1:.1%}")
-    row = {"model": model, "ours_tok_s": tps, "ours_peak_gb": ours["peak_rss_gb"], "bf16_peak_tflops": peak / 1e12,
-           "flops_frac_2PT": brief_flops / peak, "flops_frac_matmul": matmul_flops / peak}
+def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> list[dict]:
+    """Print one model's comparison (every run of our scorer against the naive one) and return its summary rows."""
+    first = runs[0]
+    print(f"\n== {model}: {len(first['sums'])} responses, {first['response_tokens']} response + "
+          f"{first['real_tokens'] - first['response_tokens']} prompt tokens; {first['threads']} threads")
     if naive:
         ntps = naive["real_tokens"] / naive["seconds"]
-        diff = [abs(a - b) for a, b in zip(ours["sums"], naive["sums"], strict=True)]
-        print(f"naive ({naive['dtype']}): {ntps:8.1f} tok/s  peak RSS {naive['peak_rss_gb']:.2f} GB, while scoring "
-              f"{naive['scoring_peak_rss_gb']:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
-        print(f"ratio: {tps / ntps:.2f}x tokens/s ({with_compile / ntps:.2f}x with the compile), {ours['peak_rss_gb'] / naive['peak_rss_gb']:.3f}x peak RSS "
-              f"({ours['scoring_peak_rss_gb'] / naive['scoring_peak_rss_gb']:.3f}x while scoring); "
-              f"|ours - naive fp32| = {sum(diff) / ours['response_tokens']:.4f} nats/token (max per sequence "
-              f"{max(diff):.3f} nats)")
-        row.update(naive_tok_s=ntps, speedup_with_compile=with_compile / ntps, naive_peak_gb=naive["peak_rss_gb"], speedup=tps / ntps,
-                   memory_ratio=ours["peak_rss_gb"] / naive["peak_rss_gb"],
-                   scoring_memory_ratio=ours["scoring_peak_rss_gb"] / naive["scoring_peak_rss_gb"])
-    print(f"our forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the bf16 matmul peak "
-          f"({peak / 1e9:.0f} GFLOP/s), counting 2 x non-embedding params for every token the backbone processes "
-          f"(padding included) + 2 x head params only at the {ours['response_tokens']} scored positions (the only "
-          f"ones that go through the head; attention scores not counted). As 2 x all params x processed tokens: "
-          f"{brief_flops / 1e9:.0f} GFLOP/s = {brief_flops / peak:.1%}")
-    return row
+        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']}): {ntps:8.1f} tok/s  peak RSS "
+              f"{naive['peak_rss_gb']:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
+    rows = []
+    for ours in runs:
+        tps = ours["real_tokens"] / ours["seconds"]
+        brief_flops = 2 * ours["params"] * ours["processed_tokens"] / ours["seconds"]
+        matmul_flops = (2 * ours["non_embedding_params"] * ours["processed_tokens"]
+                        + ours["head_flops_per_position"] * ours["response_tokens"]) / ours["seconds"]
+        with_compile = ours["real_tokens"] / (ours["seconds"] + ours["warmup_s"])
+        mode = "compiled" if ours["compiled"] else "eager"
+        print(f"ours  ({ours['dtype']}, {mode}): {tps:8.1f} tok/s ({with_compile:.1f} counting the "
+              f"{ours['warmup_s']:.0f} s warm-up/compile)  peak RSS {ours['peak_rss_gb']:.2f} GB (after load "
+              f"{ours['rss_after_load_gb']:.2f}); load {ours['load_s']:.1f} s, padding "
+              f"{ours['processed_tokens'] / ours['real_tokens'] - 1:.1%}")
+        row = {"model": model, "mode": mode, "ours_tok_s": tps, "ours_peak_gb": ours["peak_rss_gb"],
+               "bf16_peak_tflops": peak / 1e12, "flops_frac_2PT": brief_flops / peak,
+               "flops_frac_matmul": matmul_flops / peak, "gemm_ceiling_frac": ours["gemm_ceiling_flops"] / peak,
+               "floor_gb": ours["import_rss_gb"] + ours["weights_gb"]}
+        if naive:
+            diff = [abs(a - b) for a, b in zip(ours["sums"], naive["sums"], strict=True)]
+            print(f"   ratio vs naive: {tps / ntps:.2f}x tokens/s ({with_compile / ntps:.2f}x with the compile), "
+                  f"{ours['peak_rss_gb'] / naive['peak_rss_gb']:.3f}x peak RSS; |ours - naive fp32| = "
+                  f"{sum(diff) / ours['response_tokens']:.4f} nats/token (max per sequence {max(diff):.3f} nats)")
+            row.update(naive_tok_s=ntps, naive_peak_gb=naive["peak_rss_gb"], speedup=tps / ntps,
+                       speedup_with_compile=with_compile / ntps, memory_ratio=ours["peak_rss_gb"] / naive["peak_rss_gb"],
+                       floor_ratio=row["floor_gb"] / naive["peak_rss_gb"])
+        print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the bf16 matmul peak, "
+              f"counting 2 x non-embedding params per token the backbone processes (padding included) + 2 x head "
+              f"params per scored position (the only ones that go through the head). As 2 x all params x processed "
+              f"tokens: {brief_flops / peak:.1%}")
+        rows.append(row)
+    print(f"ceiling: this model's own GEMM shapes alone (forwards of {first['token_budget']} tokens,"
+          f" no attention/norms/activations) run at {first['gemm_ceiling_flops'] / 1e9:.0f} GFLOP/s = "
+          f"{first['gemm_ceiling_flops'] / peak:.1%} of the peak")
+    floor = first["import_rss_gb"] + first["weights_gb"]
+    print(f"memory floor: {first['import_rss_gb']:.2f} GB RSS after importing torch + transformers (both scorers pay it)"
+          f" + {first['weights_gb']:.2f} GB of {first['dtype']} weights = {floor:.2f} GB"
+          + (f" = {floor / naive['peak_rss_gb']:.3f}x the naive peak" if naive else ""))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-budget", type=int, default=4096)
-    p.add_argument("--head-chunk", type=int, default=None)
+    p.add_argument("--head-chunk", type=int, default=None, help="ours: positions per LM-head chunk (the autograd "
+                   "path) instead of vocabulary tiles")
     p.add_argument("--naive-batch", type=int, default=8)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--compile-head", action="store_true", help="ours: torch.compile the chunked log-softmax")
-    p.add_argument("--compile", choices=("on", "off", "auto"), default="on",
-                   help="ours: torch.compile backbone + head (auto: the engine's default policy, eager for this size)")
+    p.add_argument("--compile-head", action="store_true", help="ours: torch.compile the head's log-sum-exp only")
+    p.add_argument("--compile", choices=("both", "on", "off", "auto"), default="both",
+                   help="ours: torch.compile backbone + head (both: one eager and one compiled run; auto: the "
+                   "engine's default policy, eager for this size)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--json", default=None, help="also write the summary rows to this file")
     p.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
@@ -213,16 +285,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     peak = bf16_peak_flops()
+    modes = ["off", "on"] if args.compile == "both" else [args.compile]
     results = []
     for model in args.models:
         naive = None if args.skip_naive else run_worker("naive", model, args)
-        results.append((model, run_worker("ours", model, args), naive))
-    # Measured before and after the scorers (best of both): the machine is shared, and a peak taken while something
-    # else runs would flatter the fraction.
-    peak = max(peak, bf16_peak_flops())
-    rows = [report(model, ours, naive, peak) for model, ours, naive in results]
+        results.append((model, [run_worker("ours", model, args, mode) for mode in modes], naive))
+    # The best of the measurements before and after all scorers and inside each of ours, right before and after it
+    # scores: this machine's matmul throughput varied 2x within minutes (557-1338 GFLOP/s), and a peak taken in a
+    # slow moment would flatter the fraction.
+    peak = max([peak, bf16_peak_flops()] + [run["peak_flops"] for _, runs, _ in results for run in runs])
+    rows = [row for model, runs, naive in results for row in report(model, runs, naive, peak)]
     print(f"\nbf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (4096^3 torch.matmul, best of 6, "
-          "before and after the scorers)")
+          "before and after all scorers and inside each of ours, before its load and after it scores; the best)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -95,6 +95,29 @@ def test_head_logprobs_known_logits():
     assert capped.item() == pytest.approx(z - math.log(1 + math.exp(z)), abs=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_vocab_tiled_head_equals_full_log_softmax(monkeypatch, softcap):
+    """The no-grad path combines the log-sum-exp over vocabulary tiles (here 256 wide, several position blocks, a last
+    tile narrower than the rest): it equals log_softmax over the whole vocabulary, and the autograd path, in fp32."""
+    import infifpo.logprobs as lp
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden, targets = torch.randn(700, 16) * 3, torch.randint(0, 1000, (700,))
+    logits = hidden @ head.weight.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    monkeypatch.setattr(lp, "HEAD_TILE_ELEMENTS", 300 * 256)  # 300 positions per block, tiles of 256 columns
+    with torch.no_grad():
+        tiled = head_token_logprobs(hidden, targets, head, softcap=softcap)
+    torch.testing.assert_close(tiled, want.detach(), atol=1e-5, rtol=1e-5)
+    hidden.requires_grad_(True)
+    graded = head_token_logprobs(hidden, targets, head, softcap=softcap)  # autograd: position chunks
+    assert graded.requires_grad
+    torch.testing.assert_close(graded.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_token_budget_batches_cover_each_request_once_within_budget():
     lengths = [random.Random(0).randint(1, 50) for _ in range(40)] + [200]
     batches = list(token_budget_batches(lengths, 120))

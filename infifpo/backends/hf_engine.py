@@ -2,7 +2,7 @@
 
 Owns: loading one causal LM for inference, length-sorted token-budget batching, and the chunked scorer (via
 ``infifpo.logprobs.masked_token_logprobs``: the decoder backbone once, then the LM head and log-softmax only at the
-completion positions, chunk by chunk, so the (B, T, V) logits never exist). Runs in bf16 where the CPU (or GPU)
+completion positions, one vocabulary tile at a time, so the (B, T, V) logits never exist). Runs in bf16 where the CPU (or GPU)
 has native bf16 matmul, with the logsumexp in fp32. Weights are streamed from safetensors straight into the target
 dtype (peak RSS: the bf16 model, never the fp32 checkpoint), and on CPU a long scoring run switches to a
 torch.compile'd backbone and head (inductor fuses the elementwise work: norms, rotary, gelu, the fp32 log-softmax).
@@ -34,10 +34,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 # sorted, so a batch spans a narrower length range when it is smaller); on the 2-core AMX CPU 4096 and 8192 ran at
 # the same speed within noise on Gemma-3-270M, and 4096 padded 14 % instead of 23 % (bench/bench_score.py).
 DEFAULT_TOKEN_BUDGET = 4096
-# compile="auto": switch to the compiled scorer once an engine has scored this many tokens (padding included). The
-# one-off compile costs ~1-2 min on 2 loaded cores and the compiled forward is ~2x faster, so it pays for itself after
-# roughly 50-100k tokens: short jobs (and tests) stay eager, long score runs compile once and amortise it.
-COMPILE_AFTER_TOKENS = 65536
+# compile="auto": switch to the compiled scorer once an engine has scored this many tokens (padding included). On 2
+# CPU cores (bench/bench_score.py) the compiled forward ran 1.13-1.27x the eager tokens/s after a one-off compile of
+# 70-80 s, for ~0.2 GB more RSS, so it pays for itself after roughly 0.2M (Gemma-3-270M) to 0.8M (SmolLM2-135M)
+# tokens: a run that has already scored 2**19 tokens is a long one, and the rest of it amortises the compile.
+COMPILE_AFTER_TOKENS = 1 << 19
 # safetensors dtype names -> torch; anything else (fp8, ...) goes through transformers' own loader.
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -134,10 +135,11 @@ class HFEngine:
     """A transformers causal LM behind the ``Engine`` interface (``infifpo.backends``).
 
     ``dtype``: "auto" | "bfloat16" | "float32"; ``token_budget``: tokens (padding included) per scoring forward;
-    ``head_chunk``: positions per LM-head chunk (default: ~2**25 logits per chunk, so 128 for a 262k vocabulary);
+    ``head_chunk``: positions per LM-head chunk over the whole vocabulary (default None: vocabulary tiles of ~2**23
+    logits over all positions, ~2x faster; see ``logprobs.head_token_logprobs``);
     ``compile``: torch.compile the decoder backbone (dynamic shapes) and the chunked log-softmax for scoring. None
     (default) = env ``INFIFPO_COMPILE`` (0/1) if set, else auto: on CPU, once the engine has scored
-    ``COMPILE_AFTER_TOKENS`` tokens (a one-off compile of ~1-2 min, then ~2x the eager tokens/s; worth it for
+    ``COMPILE_AFTER_TOKENS`` tokens (a one-off compile of ~1-3 min, then ~1.2x the eager tokens/s; worth it for
     thousands of responses). A compile failure (no C++ compiler, unsupported model) logs a warning and scores
     eagerly. ``compile_head``: compile only the chunked log-softmax, from the first call.
     The tokenizer is loaded on first use (sampling needs it, scoring token ids does not): ~0.4 GB for Gemma-3.
