@@ -170,7 +170,7 @@ def _vocab_tiled_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: t
 def _eager_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: int, softcap: float | None) -> torch.Tensor:
     """(N, tiles) fp32 log-sum-exp of each vocabulary tile of ``h @ weight.T``, eagerly, in two preallocated buffers:
     fresh temporaries of slightly different sizes per tile and batch fragmented glibc's heap (4.0 GB peak RSS instead
-    of 1.0 on Gemma-3-270M in bench/bench_score.py)."""
+    of 1.15 on Gemma-3-270M in bench/bench_score.py)."""
     logits = h.new_empty(h.shape[0], tile)
     wide = torch.empty(h.shape[0], tile, dtype=torch.float32, device=h.device)
     out = []
