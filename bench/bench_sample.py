@@ -1,11 +1,12 @@
 """Sampling throughput: the vLLM engine against transformers ``generate`` (HFEngine) on the same prompts.
 
 SmolLM2-135M-Instruct, 8 GSM8K test questions in its chat template, 4 samples each, up to 64 new tokens, T = 0.8,
-top-p 0.95. Each engine runs in its own fresh process (no shared memory or thread state); we time ``generate`` only
+top-p 0.95 (``--prompts/--samples/--max-tokens`` change the size; a GPU needs far more work to be busy). Each engine runs in its own fresh process (no shared memory or thread state); we time ``generate`` only
 (engine start reported separately) after one small warm-up call, and count the tokens actually generated.
 
     python bench/bench_sample.py [--dtype bfloat16] [--model smollm2-135m-instruct]
                                  [--runs transformers,vllm/inproc,vllm/mp]
+    python bench/bench_sample.py --device cuda --prompts 128 --samples 8 --max-tokens 256 --runs transformers,vllm/mp
 
 ``vllm/inproc`` runs vLLM's engine core in the calling process (``VLLMEngine(in_process=True)``), ``vllm/mp`` in its
 own process (vLLM's default), to show what that setting costs or buys. Runs go one after another, in the order
@@ -22,45 +23,53 @@ import sys
 import time
 from importlib import resources
 
+from common import random_weight_copy
+
 PROMPTS, SAMPLES, MAX_TOKENS = 8, 4, 64
 
 
-def _prompt_ids(model_dir: str) -> list[list[int]]:
+def _prompt_ids(model_dir: str, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from infifpo.logprobs import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lines = resources.files("infifpo").joinpath("data/gsm8k/test.jsonl").read_text().splitlines()[:PROMPTS]
+    lines = resources.files("infifpo").joinpath("data/gsm8k/test.jsonl").read_text().splitlines()[:n]
     return [encode_prompt(tok, [{"role": "user", "content": json.loads(line)["question"]}]) for line in lines]
 
 
-def worker(backend: str, mode: str, model: str, dtype: str) -> dict:
+def worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
     """Run in a child process: build one engine, warm it up, time one generate call. Returns the measurement."""
     from infifpo.backends import SamplingSpec, load_engine
     from infifpo.models import resolve_model
 
-    model_dir = resolve_model(model)
-    prompts = _prompt_ids(model_dir)
+    model_dir = resolve_model(args.model)
+    prompts = _prompt_ids(model_dir, args.prompts)
     t0 = time.perf_counter()
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": args.dtype}
     if backend == "vllm":
         kwargs.update(max_model_len=1024, in_process=(mode == "inproc"))
+    else:
+        kwargs.update(device=args.device, token_budget=args.token_budget)
     engine = load_engine(backend, model_dir, **kwargs)
     start_s = time.perf_counter() - t0
-    spec = SamplingSpec(n=SAMPLES, temperature=0.8, top_p=0.95, max_tokens=MAX_TOKENS, seed=0)
+    spec = SamplingSpec(n=args.samples, temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, seed=0)
     engine.generate(prompts[:1], SamplingSpec(n=1, temperature=0.8, top_p=0.95, max_tokens=4, seed=0))  # warm-up
     t0 = time.perf_counter()
     gens = engine.generate(prompts, spec)
     gen_s = time.perf_counter() - t0
     tokens = sum(len(g.token_ids) for gs in gens for g in gs)
     engine.close()
-    return {"backend": backend, "mode": mode, "dtype": dtype, "start_s": round(start_s, 1),
+    return {"backend": backend, "mode": mode, "dtype": args.dtype, "start_s": round(start_s, 1),
             "generate_s": round(gen_s, 2), "tokens": tokens, "tok_per_s": round(tokens / gen_s, 1)}  # fmt: skip
 
 
 def run_child(backend: str, mode: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", backend, "--mode", mode, "--model", args.model, "--dtype", args.dtype]
+    cmd = [sys.executable, __file__, "--worker", backend, "--mode", mode, "--model", args.model, "--dtype", args.dtype,
+           "--device", args.device, "--prompts", str(args.prompts), "--samples", str(args.samples),
+           "--max-tokens", str(args.max_tokens)]
+    if args.token_budget:
+        cmd += ["--token-budget", str(args.token_budget)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -74,15 +83,28 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--runs", default="transformers,vllm/inproc,vllm/mp")
+    p.add_argument("--prompts", type=int, default=PROMPTS, help="GSM8K test questions (the first N)")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("--device", default="cpu", help="transformers backend: cpu | cuda (vLLM picks its own platform)")
+    p.add_argument("--token-budget", type=int, default=None, help="transformers backend: tokens per generate batch "
+                   "(prompt + max new tokens, times samples); default: the engine's")
+    p.add_argument("--random-weights", metavar="DIR", default=None, help="sample from a random-weight copy of the "
+                   "model (its config and tokenizer) saved under DIR, e.g. on a GPU box without the checkpoint")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="-", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.mode, args.model, args.dtype)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.mode, args)), flush=True)
         return
+    if args.random_weights:
+        from infifpo.models import resolve_model
+
+        args.model = random_weight_copy(resolve_model(args.model), args.random_weights)
     results = [run_child(*(run.split("/") + ["-"])[:2], args) for run in args.runs.split(",") if run]
     hf = next((r["tok_per_s"] for r in results if r["backend"] == "transformers"), float("nan"))
-    print(f"{PROMPTS} prompts x {SAMPLES} samples x <= {MAX_TOKENS} tokens, {args.model}, {args.dtype}")
+    print(f"{args.prompts} prompts x {args.samples} samples x <= {args.max_tokens} tokens, {args.model}, {args.dtype}, "
+          f"transformers on {args.device}")
     print(f"{'backend':<14}{'start s':>9}{'gen s':>8}{'tokens':>8}{'tok/s':>8}{'vs HF':>8}")
     for r in results:
         name = r["backend"] + ("" if r["mode"] == "-" else f"/{r['mode']}")

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import best_seconds, bf16_peak_flops, random_weight_copy
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -37,21 +39,7 @@ def make_requests(vocab: int, n: int, prompt_tokens: int, lo: int, hi: int, seed
     return prompts, completions
 
 
-def bf16_peak_flops(size: int = 4096, reps: int = 6) -> float:
-    """Best-of-``reps`` FLOP/s of a (size x size) @ (size x size) bf16 torch.matmul on this machine."""
-    import torch
-
-    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
-
-
-def naive_score(model, prompts, completions, batch_size: int) -> tuple[list[float], int]:
+def naive_score(model, prompts, completions, batch_size: int, device: str = "cpu") -> tuple[list[float], int]:
     """Requests in given order, ``batch_size`` at a time, right-padded to the batch's longest; fp32 logits over the
     whole vocabulary at every position, log_softmax, gather. Returns (summed log-probs, tokens processed)."""
     import torch
@@ -66,10 +54,11 @@ def naive_score(model, prompts, completions, batch_size: int) -> tuple[list[floa
             ids[b, : len(seq)], mask[b, : len(seq)] = torch.tensor(seq), 1
         processed += ids.numel()
         with torch.no_grad():
-            logp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         use_cache=False).logits.float().log_softmax(-1)
         for b, (p, c) in enumerate(zip(prompts[s : s + batch_size], completions[s : s + batch_size], strict=True)):
-            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-            sums.append(logp[b, pos, torch.tensor(c)].sum().item())
+            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
+            sums.append(logp[b, pos, torch.tensor(c, device=device)].sum().item())
         del logp
     return sums, processed
 
@@ -85,17 +74,19 @@ def worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     import_rss_gb = _rss_gb("VmRSS")
     # The matmul peak where and when this scorer runs, before its load (its buffers must not raise the peak RSS).
-    peak_flops = bf16_peak_flops() if args.worker == "ours" else 0.0
+    dev = args.device
+    peak_flops = bf16_peak_flops(dev) if args.worker == "ours" else 0.0
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     if args.worker == "ours":
         engine = HFEngine(path, dtype=args.dtype, token_budget=args.token_budget, head_chunk=args.head_chunk,
-                          compile_head=args.compile_head, compile={"on": True, "off": False}.get(args.compile))
+                          compile_head=args.compile_head, compile={"on": True, "off": False}.get(args.compile),
+                          device=dev)
         model = engine.model
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(dev)
     load_s = time.perf_counter() - t0
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts, completions = make_requests(vocab, args.n, args.prompt_tokens, args.min_len, args.max_len, args.seed)
@@ -103,33 +94,37 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "ours":  # a batch of 2: batches of 1 stay eager, and dynamic shapes cover every later batch
         engine.score(prompts[:2], [completions[0][:8], completions[1][:8]])
     else:
-        naive_score(model, prompts[:1], [completions[0][:8]], 1)
+        naive_score(model, prompts[:1], [completions[0][:8]], 1, dev)
     warmup_s = time.perf_counter() - t0
     load_rss_gb = _rss_gb("VmRSS")
     _reset_peak_rss()
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if args.worker == "ours":
         sums = [sum(x) for x in engine.score(prompts, completions)]
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
         processed = sum(len(b) * lengths[b[0]] for b in token_budget_batches(lengths, args.token_budget))
     else:
-        sums, processed = naive_score(model, prompts, completions, args.naive_batch)
+        sums, processed = naive_score(model, prompts, completions, args.naive_batch, dev)
     seconds = time.perf_counter() - t0
     peak_rss_gb, scoring_peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, _rss_gb("VmHWM")
+    # On a GPU the memory that matters is the device's: the allocator's peak while scoring (weights included).
+    peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight
     ceiling = None
     if args.worker == "ours":  # after the RSS readings: these matmuls allocate
-        ceiling = gemm_ceiling(model, args.token_budget, sum(map(len, completions)) / processed)
-        peak_flops = max(peak_flops, bf16_peak_flops())
+        ceiling = gemm_ceiling(model, args.token_budget, sum(map(len, completions)) / processed, dev)
+        peak_flops = max(peak_flops, bf16_peak_flops(dev))
     return {
         "scorer": args.worker, "model": args.model, "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
         "seconds": seconds, "real_tokens": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
         "response_tokens": sum(map(len, completions)), "processed_tokens": processed, "params": params,
         "non_embedding_params": params - embed if head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
         else params - embed - head.numel(), "head_flops_per_position": 2 * head.numel(), "sums": sums,
-        "peak_rss_gb": peak_rss_gb, "threads": torch.get_num_threads(),
+        "peak_rss_gb": peak_rss_gb, "peak_gpu_gb": peak_gpu_gb, "device": dev, "threads": torch.get_num_threads(),
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None
         and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": scoring_peak_rss_gb,
         "peak_flops": peak_flops,
@@ -138,7 +133,7 @@ def worker(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def gemm_ceiling(model, tokens: int, scored_fraction: float) -> float:
+def gemm_ceiling(model, tokens: int, scored_fraction: float, device: str = "cpu") -> float:
     """FLOP/s of the model's own matmuls alone, in its dtype, for one forward of ``tokens`` positions: every nn.Linear
     of the backbone as (tokens x in) @ (in x out), and the LM head as our scorer runs it (vocabulary tiles over the
     ``scored_fraction`` of positions that are scored). Each shape is timed best-of-3, without attention, norms or
@@ -146,15 +141,6 @@ def gemm_ceiling(model, tokens: int, scored_fraction: float) -> float:
     import torch
 
     from infifpo.logprobs import HEAD_TILE_ELEMENTS
-
-    def best(fn, reps: int = 3) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
 
     shapes: dict[tuple[int, int], int] = {}
     head = model.get_output_embeddings()
@@ -164,21 +150,21 @@ def gemm_ceiling(model, tokens: int, scored_fraction: float) -> float:
     dtype = next(model.parameters()).dtype
     flops = seconds = 0.0
     with torch.inference_mode():
-        x = torch.randn(tokens, max(i for _, i in shapes), dtype=dtype)
+        x = torch.randn(tokens, max(i for _, i in shapes), dtype=dtype, device=device)
         for (out_f, in_f), count in shapes.items():
-            a, w = x[:, :in_f].contiguous(), torch.randn(out_f, in_f, dtype=dtype)
-            seconds += count * best(lambda a=a, w=w: torch.nn.functional.linear(a, w))
+            a, w = x[:, :in_f].contiguous(), torch.randn(out_f, in_f, dtype=dtype, device=device)
+            seconds += count * best_seconds(lambda a=a, w=w: torch.nn.functional.linear(a, w), device)
             flops += count * 2 * tokens * in_f * out_f
         scored = max(1, int(tokens * scored_fraction))
         vocab, hidden = head.weight.shape
         tile = min(vocab, max(256, HEAD_TILE_ELEMENTS // scored // 256 * 256))
-        h, w = torch.randn(scored, hidden, dtype=dtype), head.weight
+        h, w = torch.randn(scored, hidden, dtype=dtype, device=device), head.weight
 
         def tiles() -> None:
             for v in range(0, vocab, tile):
                 h @ w[v : v + tile].T
 
-        seconds += best(tiles)
+        seconds += best_seconds(tiles, device)
         flops += 2 * scored * hidden * vocab
     return flops / seconds
 
@@ -199,7 +185,8 @@ def _reset_peak_rss() -> None:
 
 def run_worker(kind: str, model: str, args: argparse.Namespace, compile: str = "off") -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--compile", compile]
-    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "dtype", "threads"):
+    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "dtype", "threads",
+              "device"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.compile_head:
         cmd += ["--compile-head"]
@@ -214,12 +201,14 @@ def run_worker(kind: str, model: str, args: argparse.Namespace, compile: str = "
 def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> list[dict]:
     """Print one model's comparison (every run of our scorer against the naive one) and return its summary rows."""
     first = runs[0]
+    gpu = first["device"].startswith("cuda")
+    mem, mem_name = ("peak_gpu_gb", "peak GPU memory") if gpu else ("peak_rss_gb", "peak RSS")
     print(f"\n== {model}: {len(first['sums'])} responses, {first['response_tokens']} response + "
           f"{first['real_tokens'] - first['response_tokens']} prompt tokens; {first['threads']} threads")
     if naive:
         ntps = naive["real_tokens"] / naive["seconds"]
-        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']}): {ntps:8.1f} tok/s  peak RSS "
-              f"{naive['peak_rss_gb']:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
+        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']}): {ntps:8.1f} tok/s  {mem_name} "
+              f"{naive[mem]:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
     rows = []
     for ours in runs:
         tps = ours["real_tokens"] / ours["seconds"]
@@ -229,21 +218,21 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
         with_compile = ours["real_tokens"] / (ours["seconds"] + ours["warmup_s"])
         mode = "compiled" if ours["compiled"] else "eager"
         print(f"ours  ({ours['dtype']}, {mode}): {tps:8.1f} tok/s ({with_compile:.1f} counting the "
-              f"{ours['warmup_s']:.0f} s warm-up/compile)  peak RSS {ours['peak_rss_gb']:.2f} GB (after load "
+              f"{ours['warmup_s']:.0f} s warm-up/compile)  {mem_name} {ours[mem]:.2f} GB (RSS after load "
               f"{ours['rss_after_load_gb']:.2f}, while scoring {ours['scoring_peak_rss_gb']:.2f}); load {ours['load_s']:.1f} s, padding "
               f"{ours['processed_tokens'] / ours['real_tokens'] - 1:.1%}")
-        row = {"model": model, "mode": mode, "ours_tok_s": tps, "ours_peak_gb": ours["peak_rss_gb"],
+        row = {"model": model, "mode": mode, "device": first["device"], "ours_tok_s": tps, "ours_peak_gb": ours[mem],
                "ours_scoring_peak_gb": ours["scoring_peak_rss_gb"], "bf16_peak_tflops": peak / 1e12, "flops_frac_2PT": brief_flops / peak,
                "flops_frac_matmul": matmul_flops / peak, "gemm_ceiling_frac": ours["gemm_ceiling_flops"] / peak,
-               "floor_gb": ours["import_rss_gb"] + ours["weights_gb"]}
+               "floor_gb": ours["weights_gb"] + (0 if gpu else ours["import_rss_gb"])}
         if naive:
             diff = [abs(a - b) for a, b in zip(ours["sums"], naive["sums"], strict=True)]
             print(f"   ratio vs naive: {tps / ntps:.2f}x tokens/s ({with_compile / ntps:.2f}x with the compile), "
-                  f"{ours['peak_rss_gb'] / naive['peak_rss_gb']:.3f}x peak RSS; |ours - naive fp32| = "
+                  f"{ours[mem] / naive[mem]:.3f}x {mem_name}; |ours - naive fp32| = "
                   f"{sum(diff) / ours['response_tokens']:.4f} nats/token (max per sequence {max(diff):.3f} nats)")
-            row.update(naive_tok_s=ntps, naive_peak_gb=naive["peak_rss_gb"], speedup=tps / ntps,
-                       speedup_with_compile=with_compile / ntps, memory_ratio=ours["peak_rss_gb"] / naive["peak_rss_gb"],
-                       floor_ratio=row["floor_gb"] / naive["peak_rss_gb"])
+            row.update(naive_tok_s=ntps, naive_peak_gb=naive[mem], speedup=tps / ntps,
+                       speedup_with_compile=with_compile / ntps, memory_ratio=ours[mem] / naive[mem],
+                       floor_ratio=row["floor_gb"] / naive[mem])
         print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the bf16 matmul peak, "
               f"counting 2 x non-embedding params per token the backbone processes (padding included) + 2 x head "
               f"params per scored position (the only ones that go through the head). As 2 x all params x processed "
@@ -252,10 +241,11 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
     print(f"ceiling: this model's own GEMM shapes alone (forwards of {first['token_budget']} tokens,"
           f" no attention/norms/activations) run at {first['gemm_ceiling_flops'] / 1e9:.0f} GFLOP/s = "
           f"{first['gemm_ceiling_flops'] / peak:.1%} of the peak")
-    floor = first["import_rss_gb"] + first["weights_gb"]
-    print(f"memory floor: {first['import_rss_gb']:.2f} GB RSS after importing torch + transformers (both scorers pay it)"
-          f" + {first['weights_gb']:.2f} GB of {first['dtype']} weights = {floor:.2f} GB"
-          + (f" = {floor / naive['peak_rss_gb']:.3f}x the naive peak" if naive else ""))
+    floor = first["weights_gb"] + (0 if gpu else first["import_rss_gb"])
+    imports = "" if gpu else f"{first['import_rss_gb']:.2f} GB RSS after importing torch + transformers (both " \
+        "scorers pay it) + "
+    print(f"memory floor: {imports}{first['weights_gb']:.2f} GB of {first['dtype']} weights = {floor:.2f} GB"
+          + (f" = {floor / naive[mem]:.3f}x the naive peak" if naive else ""))
     return rows
 
 
@@ -277,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=("both", "on", "off", "auto"), default="both",
                    help="ours: torch.compile backbone + head (both: one eager and one compiled run; auto: the "
                    "engine's default policy, eager for this size)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where both scorers run (on cuda the memory compared "
+                   "is the GPU allocator's peak, and the matmul peak is an 8192^3 bf16 product)")
+    p.add_argument("--random-weights", metavar="DIR", default=None, help="score with random-weight copies of the "
+                   "models (their config and tokenizer, weights seeded), saved under DIR: for a machine without the "
+                   "checkpoints, e.g. a GPU box without a hub connection; --models may then name config directories")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--json", default=None, help="also write the summary rows to this file")
     p.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
@@ -285,18 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    peak = bf16_peak_flops()
+    peak = bf16_peak_flops(args.device)
     modes = ["off", "on"] if args.compile == "both" else [args.compile]
     results = []
     for model in args.models:
+        if args.random_weights:
+            from infifpo.models import resolve_model
+
+            model = random_weight_copy(resolve_model(model), args.random_weights)
         naive = None if args.skip_naive else run_worker("naive", model, args)
-        results.append((model, [run_worker("ours", model, args, mode) for mode in modes], naive))
+        results.append((Path(model).name, [run_worker("ours", model, args, mode) for mode in modes], naive))
     # The best of the measurements before and after all scorers and inside each of ours, right before and after it
     # scores: this machine's matmul throughput varied 2x within minutes (557-1338 GFLOP/s), and a peak taken in a
     # slow moment would flatter the fraction.
-    peak = max([peak, bf16_peak_flops()] + [run["peak_flops"] for _, runs, _ in results for run in runs])
+    peak = max([peak, bf16_peak_flops(args.device)] + [run["peak_flops"] for _, runs, _ in results for run in runs])
     rows = [row for model, runs, naive in results for row in report(model, runs, naive, peak)]
-    print(f"\nbf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (4096^3 torch.matmul, best of 6, "
+    size = 8192 if args.device.startswith("cuda") else 4096
+    print(f"\nbf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s ({size}^3 torch.matmul, best of 6, "
           "before and after all scorers and inside each of ours, before its load and after it scores; the best)")
     if args.json:
         with open(args.json, "w") as f:

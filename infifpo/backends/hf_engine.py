@@ -34,6 +34,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 # sorted, so a batch spans a narrower length range when it is smaller); on the 2-core AMX CPU 4096 and 8192 ran at
 # the same speed within noise on Gemma-3-270M, and 4096 padded 14 % instead of 23 % (bench/bench_score.py).
 DEFAULT_TOKEN_BUDGET = 4096
+# The same on a CUDA device: 4096 tokens would generate one prompt's 8 samples of 256-512 tokens per batch. Not yet
+# measured on a GPU (bench/bench_score.py --device cuda and bench_sample.py --device cuda time it); 16384 keeps a 7B
+# model's largest activation (tokens x MLP width, bf16) under 0.5 GB.
+CUDA_TOKEN_BUDGET = 16384
 # compile="auto": switch to the compiled scorer once an engine has scored this many tokens (padding included). On 2
 # CPU cores (bench/bench_score.py) the compiled forward ran 1.13-1.27x the eager tokens/s after a one-off compile of
 # 70-80 s, for ~0.2 GB more RSS, so it pays for itself after roughly 0.2M (Gemma-3-270M) to 0.8M (SmolLM2-135M)
@@ -134,7 +138,9 @@ def compile_setting(compile: bool | None) -> bool | None:
 class HFEngine:
     """A transformers causal LM behind the ``Engine`` interface (``infifpo.backends``).
 
-    ``dtype``: "auto" | "bfloat16" | "float32"; ``token_budget``: tokens (padding included) per scoring forward;
+    ``dtype``: "auto" | "bfloat16" | "float32"; ``token_budget``: tokens (padding included) per scoring forward and
+    per generate batch (prompt + max new tokens, times samples); None means ``DEFAULT_TOKEN_BUDGET`` on CPU and
+    ``CUDA_TOKEN_BUDGET`` on a GPU;
     ``head_chunk``: positions per LM-head chunk over the whole vocabulary (default None: vocabulary tiles of ~2**23
     logits over all positions, ~2x faster; see ``logprobs.head_token_logprobs``);
     ``compile``: torch.compile the decoder backbone (dynamic shapes) and the chunked log-softmax for scoring. None
@@ -146,13 +152,14 @@ class HFEngine:
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", device: str = "cpu",
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, head_chunk: int | None = None,
+                 token_budget: int | None = None, head_chunk: int | None = None,
                  trust_remote_code: bool = False, threads: int | None = None, compile_head: bool = False,
                  compile: bool | None = None):
         self.model_dir = str(model_dir)
         self.dtype = resolve_dtype(dtype, device)
         self.device = torch.device(device)
-        self.token_budget = int(token_budget)
+        self.token_budget = int(token_budget or (CUDA_TOKEN_BUDGET if self.device.type == "cuda"
+                                                 else DEFAULT_TOKEN_BUDGET))
         self.head_chunk = head_chunk
         self.compile_head = compile_head
         self.compile = compile_setting(compile)
