@@ -39,15 +39,17 @@ def make_requests(vocab: int, n: int, prompt_tokens: int, lo: int, hi: int, seed
     return prompts, completions
 
 
-def naive_score(model, prompts, completions, batch_size: int, device: str = "cpu") -> tuple[list[float], int]:
-    """Requests in given order, ``batch_size`` at a time, right-padded to the batch's longest; fp32 logits over the
-    whole vocabulary at every position, log_softmax, gather. Returns (summed log-probs, tokens processed)."""
+def naive_score(model, prompts, completions, batch_size: int, device: str = "cpu",
+                pad_to: int | None = None) -> tuple[list[float], int]:
+    """Requests in given order, ``batch_size`` at a time, right-padded to the batch's longest (or to ``pad_to``
+    tokens); fp32 logits over the whole vocabulary at every position, log_softmax, gather. Returns (summed
+    log-probs, tokens processed)."""
     import torch
 
     sums, processed = [], 0
     for s in range(0, len(prompts), batch_size):
         seqs = [p + c for p, c in zip(prompts[s : s + batch_size], completions[s : s + batch_size], strict=True)]
-        width = max(map(len, seqs))
+        width = pad_to or max(map(len, seqs))
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, seq in enumerate(seqs):
@@ -106,7 +108,9 @@ def worker(args: argparse.Namespace) -> dict:
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
         processed = sum(len(b) * lengths[b[0]] for b in token_budget_batches(lengths, args.token_budget))
     else:
-        sums, processed = naive_score(model, prompts, completions, args.naive_batch, dev)
+        longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        sums, processed = naive_score(model, prompts, completions, args.naive_batch, dev,
+                                      longest if args.naive_pad == "longest" else None)
     seconds = time.perf_counter() - t0
     peak_rss_gb, scoring_peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, _rss_gb("VmHWM")
     # On a GPU the memory that matters is the device's: the allocator's peak while scoring (weights included).
@@ -128,7 +132,7 @@ def worker(args: argparse.Namespace) -> dict:
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None
         and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": scoring_peak_rss_gb,
         "peak_flops": peak_flops,
-        "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch, "token_budget": args.token_budget, "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters())
+        "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch, "naive_pad": args.naive_pad, "token_budget": args.token_budget, "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters())
         / 2**30, "gemm_ceiling_flops": ceiling,
     }  # fmt: skip
 
@@ -185,8 +189,8 @@ def _reset_peak_rss() -> None:
 
 def run_worker(kind: str, model: str, args: argparse.Namespace, compile: str = "off") -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--compile", compile]
-    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "dtype", "threads",
-              "device"):
+    for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "naive_pad", "dtype",
+              "threads", "device"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.compile_head:
         cmd += ["--compile-head"]
@@ -207,7 +211,8 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
           f"{first['real_tokens'] - first['response_tokens']} prompt tokens; {first['threads']} threads")
     if naive:
         ntps = naive["real_tokens"] / naive["seconds"]
-        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']}): {ntps:8.1f} tok/s  {mem_name} "
+        pad = "the set's longest" if naive["naive_pad"] == "longest" else "their longest"
+        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']} padded to {pad}): {ntps:8.1f} tok/s  {mem_name} "
               f"{naive[mem]:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
     rows = []
     for ours in runs:
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-chunk", type=int, default=None, help="ours: positions per LM-head chunk (the autograd "
                    "path) instead of vocabulary tiles")
     p.add_argument("--naive-batch", type=int, default=8)
+    p.add_argument("--naive-pad", choices=("batch", "longest"), default="batch", help="naive: pad each batch to its "
+                   "own longest request (default), or every batch to the longest request of the whole set")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile-head", action="store_true", help="ours: torch.compile the head's log-sum-exp only")

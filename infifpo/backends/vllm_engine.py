@@ -82,9 +82,10 @@ class VLLMEngine:
     completion); None means 2048 or the model's own context if shorter. ``gpu_memory_utilization``: None means 0.9 on GPU and ``CPU_MEMORY_FRACTION`` of RAM on CPU (where
     the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB or 1 GiB). ``enforce_eager``: None means True on CPU (no graph
     capture there). ``in_process``: run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead
-    of its own spawned process (the default, which needs an ``if __name__ == "__main__":`` guard in scripts). In-process
-    starts a few seconds sooner but generated 5x slower on the 2-core CPU (17 vs 82 tok/s, bench/bench_sample.py;
-    vllm-cpu binds its OpenMP threads per worker process). Other keyword arguments go to ``vllm.LLM`` unchanged.
+    of its own spawned process (the default, which needs an ``if __name__ == "__main__":`` guard in scripts, and whose
+    memory returns to the system when the engine closes, S1). On the 2-core CPU, with one engine in a fresh process,
+    in-process started ~18 s sooner and generated 1.6x faster (150-155 vs 93-96 tok/s, bench/bench_sample.py), so
+    ``infifpo sample``'s per-model processes use it on CPU. Other keyword arguments go to ``vllm.LLM`` unchanged.
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
