@@ -10,7 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig
 
 from infifpo.backends import SamplingSpec
-from infifpo.backends.hf_engine import HFEngine, load_causal_lm, resolve_dtype, token_budget_batches
+from infifpo.backends.hf_engine import (
+    DEFAULT_TOKEN_BUDGET,
+    HFEngine,
+    load_causal_lm,
+    resolve_dtype,
+    token_budget_batches,
+)
 from infifpo.logprobs import head_token_logprobs
 from infifpo.schema import ModelLoadError
 from tests.conftest import make_char_tokenizer
@@ -220,3 +226,11 @@ def test_truncated_checkpoint_is_a_load_error(tiny_llama, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(ModelLoadError, match="cut-model"):
         HFEngine(str(broken), dtype="float32")
+
+
+def test_token_budget_default_is_per_device_and_an_explicit_one_wins(tiny_llama) -> None:
+    """token_budget=None (what `infifpo score` passes when --token-budget is not given) means the CPU default on CPU;
+    an explicit budget is kept as given."""
+    assert HFEngine(tiny_llama, dtype="float32").token_budget == DEFAULT_TOKEN_BUDGET == 4096
+    assert HFEngine(tiny_llama, dtype="float32", token_budget=None).token_budget == DEFAULT_TOKEN_BUDGET
+    assert HFEngine(tiny_llama, dtype="float32", token_budget=96).token_budget == 96
