@@ -1,8 +1,9 @@
 """Sampling throughput: the vLLM engine against transformers ``generate`` (HFEngine) on the same prompts.
 
 SmolLM2-135M-Instruct, 8 GSM8K test questions in its chat template, 4 samples each, up to 64 new tokens, T = 0.8,
-top-p 0.95 (``--prompts/--samples/--max-tokens`` change the size; a GPU needs far more work to be busy). Each engine runs in its own fresh process (no shared memory or thread state); we time ``generate`` only
-(engine start reported separately) after one small warm-up call, and count the tokens actually generated.
+top-p 0.95 (``--prompts/--samples/--max-tokens`` change the size; a GPU needs far more work to be busy). Each engine
+runs in its own fresh process (no shared memory or thread state); we time ``generate`` only (engine start reported
+separately) after one small warm-up call, and count the tokens actually generated.
 
     python bench/bench_sample.py [--dtype bfloat16] [--model smollm2-135m-instruct]
                                  [--runs transformers,vllm/inproc,vllm/mp]
