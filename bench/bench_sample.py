@@ -104,8 +104,8 @@ def main() -> None:
         args.model = random_weight_copy(resolve_model(args.model), args.random_weights)
     results = [run_child(*(run.split("/") + ["-"])[:2], args) for run in args.runs.split(",") if run]
     hf = next((r["tok_per_s"] for r in results if r["backend"] == "transformers"), float("nan"))
-    print(f"{args.prompts} prompts x {args.samples} samples x <= {args.max_tokens} tokens, {args.model}, {args.dtype}, "
-          f"transformers on {args.device}")
+    print(f"{args.prompts} prompts x {args.samples} samples x <= {args.max_tokens} tokens, {args.model}, "
+          f"{args.dtype}, transformers on {args.device}")
     print(f"{'backend':<14}{'start s':>9}{'gen s':>8}{'tokens':>8}{'tok/s':>8}{'vs HF':>8}")
     for r in results:
         name = r["backend"] + ("" if r["mode"] == "-" else f"/{r['mode']}")

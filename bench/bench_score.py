@@ -1,5 +1,6 @@
 """Scoring benchmark: our transformers scorer (HFEngine: length-sorted token-budget batches, bf16 streamed load,
-torch.compile'd backbone and chunked LM head) against a naive scorer (pad to the batch's longest, fp32, full-vocabulary log_softmax), on the same requests.
+LM head in vocabulary tiles, eager and torch.compile'd) against a naive scorer (pad to the batch's longest, fp32,
+full-vocabulary log_softmax), on the same requests.
 
 Each scorer runs in its own subprocess, so peak RSS (``ru_maxrss`` of that process, model load included) belongs to
 it alone; the RSS after the imports (torch + transformers, the same in every worker) and the bf16 weights are printed
@@ -108,9 +109,10 @@ def worker(args: argparse.Namespace) -> dict:
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
         processed = sum(len(b) * lengths[b[0]] for b in token_budget_batches(lengths, args.token_budget))
     else:
-        longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-        sums, processed = naive_score(model, prompts, completions, args.naive_batch, dev,
-                                      longest if args.naive_pad == "longest" else None)
+        pad_to = None
+        if args.naive_pad == "longest":
+            pad_to = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        sums, processed = naive_score(model, prompts, completions, args.naive_batch, dev, pad_to)
     seconds = time.perf_counter() - t0
     peak_rss_gb, scoring_peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, _rss_gb("VmHWM")
     # On a GPU the memory that matters is the device's: the allocator's peak while scoring (weights included).
@@ -131,9 +133,9 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_rss_gb": peak_rss_gb, "peak_gpu_gb": peak_gpu_gb, "device": dev, "threads": torch.get_num_threads(),
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None
         and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": scoring_peak_rss_gb,
-        "peak_flops": peak_flops,
-        "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch, "naive_pad": args.naive_pad, "token_budget": args.token_budget, "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters())
-        / 2**30, "gemm_ceiling_flops": ceiling,
+        "peak_flops": peak_flops, "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch,
+        "naive_pad": args.naive_pad, "token_budget": args.token_budget, "gemm_ceiling_flops": ceiling,
+        "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
     }  # fmt: skip
 
 
@@ -207,13 +209,14 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
     first = runs[0]
     gpu = first["device"].startswith("cuda")
     mem, mem_name = ("peak_gpu_gb", "peak GPU memory") if gpu else ("peak_rss_gb", "peak RSS")
+    floor = first["weights_gb"] + (0 if gpu else first["import_rss_gb"])  # on a GPU the imports stay on the host
     print(f"\n== {model}: {len(first['sums'])} responses, {first['response_tokens']} response + "
           f"{first['real_tokens'] - first['response_tokens']} prompt tokens; {first['threads']} threads")
     if naive:
         ntps = naive["real_tokens"] / naive["seconds"]
         pad = "the set's longest" if naive["naive_pad"] == "longest" else "their longest"
-        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']} padded to {pad}): {ntps:8.1f} tok/s  {mem_name} "
-              f"{naive[mem]:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
+        print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']} padded to {pad}): {ntps:8.1f} tok/s  "
+              f"{mem_name} {naive[mem]:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
     rows = []
     for ours in runs:
         tps = ours["real_tokens"] / ours["seconds"]
@@ -224,12 +227,12 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
         mode = "compiled" if ours["compiled"] else "eager"
         print(f"ours  ({ours['dtype']}, {mode}): {tps:8.1f} tok/s ({with_compile:.1f} counting the "
               f"{ours['warmup_s']:.0f} s warm-up/compile)  {mem_name} {ours[mem]:.2f} GB (RSS after load "
-              f"{ours['rss_after_load_gb']:.2f}, while scoring {ours['scoring_peak_rss_gb']:.2f}); load {ours['load_s']:.1f} s, padding "
-              f"{ours['processed_tokens'] / ours['real_tokens'] - 1:.1%}")
+              f"{ours['rss_after_load_gb']:.2f}, while scoring {ours['scoring_peak_rss_gb']:.2f}); load "
+              f"{ours['load_s']:.1f} s, padding {ours['processed_tokens'] / ours['real_tokens'] - 1:.1%}")
         row = {"model": model, "mode": mode, "device": first["device"], "ours_tok_s": tps, "ours_peak_gb": ours[mem],
-               "ours_scoring_peak_gb": ours["scoring_peak_rss_gb"], "bf16_peak_tflops": peak / 1e12, "flops_frac_2PT": brief_flops / peak,
-               "flops_frac_matmul": matmul_flops / peak, "gemm_ceiling_frac": ours["gemm_ceiling_flops"] / peak,
-               "floor_gb": ours["weights_gb"] + (0 if gpu else ours["import_rss_gb"])}
+               "ours_scoring_peak_gb": ours["scoring_peak_rss_gb"], "bf16_peak_tflops": peak / 1e12,
+               "flops_frac_2PT": brief_flops / peak, "flops_frac_matmul": matmul_flops / peak,
+               "gemm_ceiling_frac": ours["gemm_ceiling_flops"] / peak, "floor_gb": floor}
         if naive:
             diff = [abs(a - b) for a, b in zip(ours["sums"], naive["sums"], strict=True)]
             print(f"   ratio vs naive: {tps / ntps:.2f}x tokens/s ({with_compile / ntps:.2f}x with the compile), "
@@ -237,7 +240,7 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
                   f"{sum(diff) / ours['response_tokens']:.4f} nats/token (max per sequence {max(diff):.3f} nats)")
             row.update(naive_tok_s=ntps, naive_peak_gb=naive[mem], speedup=tps / ntps,
                        speedup_with_compile=with_compile / ntps, memory_ratio=ours[mem] / naive[mem],
-                       floor_ratio=row["floor_gb"] / naive[mem])
+                       floor_ratio=floor / naive[mem])
         print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the bf16 matmul peak, "
               f"counting 2 x non-embedding params per token the backbone processes (padding included) + 2 x head "
               f"params per scored position (the only ones that go through the head). As 2 x all params x processed "
@@ -246,7 +249,6 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
     print(f"ceiling: this model's own GEMM shapes alone (forwards of {first['token_budget']} tokens,"
           f" no attention/norms/activations) run at {first['gemm_ceiling_flops'] / 1e9:.0f} GFLOP/s = "
           f"{first['gemm_ceiling_flops'] / peak:.1%} of the peak")
-    floor = first["weights_gb"] + (0 if gpu else first["import_rss_gb"])
     imports = "" if gpu else f"{first['import_rss_gb']:.2f} GB RSS after importing torch + transformers (both " \
         "scorers pay it) + "
     print(f"memory floor: {imports}{first['weights_gb']:.2f} GB of {first['dtype']} weights = {floor:.2f} GB"

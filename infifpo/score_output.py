@@ -117,7 +117,8 @@ def _assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], output
     if dropped:
         logger.warning("score: %d row(s) left out of the scored pairs (dropped by a policy): %s", len(dropped),
                        dropped[:10])
-    models = [_model_stats(outputs[ref], ref, role) for ref, role in [(pivot, "pivot"), *((s, "source") for s in sources)]]
+    roles = [(pivot, "pivot"), *((s, "source") for s in sources)]
+    models = [_model_stats(outputs[ref], ref, role) for ref, role in roles]
     (final.path / STATS).write_text(json.dumps({"models": models, "rows": len(result)}, indent=1))
     return final.write_all(result)
 
