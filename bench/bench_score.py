@@ -86,6 +86,7 @@ def worker(args: argparse.Namespace) -> dict:
                           compile_head=args.compile_head, compile={"on": True, "off": False}.get(args.compile),
                           device=dev)
         model = engine.model
+        args.token_budget = engine.token_budget  # None -> the engine's default (4096 on CPU; from free memory on CUDA)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -193,7 +194,8 @@ def run_worker(kind: str, model: str, args: argparse.Namespace, compile: str = "
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--compile", compile]
     for k in ("n", "prompt_tokens", "min_len", "max_len", "seed", "token_budget", "naive_batch", "naive_pad", "dtype",
               "threads", "device"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        if getattr(args, k) is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.compile_head:
         cmd += ["--compile-head"]
     if args.head_chunk:
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-len", type=int, default=32)
     p.add_argument("--max-len", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--token-budget", type=int, default=None, help="tokens per scoring forward; default: the "
+                   "engine's (4096 on CPU, what fits a share of the free memory on CUDA)")
     p.add_argument("--head-chunk", type=int, default=None, help="ours: positions per LM-head chunk (the autograd "
                    "path) instead of vocabulary tiles")
     p.add_argument("--naive-batch", type=int, default=8)

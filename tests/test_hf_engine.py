@@ -11,8 +11,11 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig
 
 from infifpo.backends import SamplingSpec
 from infifpo.backends.hf_engine import (
+    CUDA_MIN_TOKEN_BUDGET,
+    CUDA_TOKEN_BUDGET,
     DEFAULT_TOKEN_BUDGET,
     HFEngine,
+    cuda_token_budget,
     load_causal_lm,
     resolve_dtype,
     token_budget_batches,
@@ -234,3 +237,28 @@ def test_token_budget_default_is_per_device_and_an_explicit_one_wins(tiny_llama)
     assert HFEngine(tiny_llama, dtype="float32").token_budget == DEFAULT_TOKEN_BUDGET == 4096
     assert HFEngine(tiny_llama, dtype="float32", token_budget=None).token_budget == DEFAULT_TOKEN_BUDGET
     assert HFEngine(tiny_llama, dtype="float32", token_budget=96).token_budget == 96
+
+
+def test_cuda_token_budget_fits_the_kv_cache_and_activations_in_a_share_of_free_memory() -> None:
+    """Hand computation: bytes per token = 2 x (2 x layers x kv_heads x head_dim + 3 x MLP width + 4 x hidden) in bf16;
+    the budget is CUDA_MEMORY_SHARE of the free bytes over that, rounded down to 1024, within the bounds."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    smol = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       intermediate_size=1536)
+    per_token = 2 * (2 * 30 * 3 * 64 + 3 * 1536 + 4 * 576)
+    assert per_token == 36864
+    assert cuda_token_budget(smol, 70 * 2**30) == CUDA_TOKEN_BUDGET == 65536  # an H100 after a 135M model: capped
+    assert cuda_token_budget(smol, 4 * 2**30) == int(0.25 * 4 * 2**30 / per_token) // 1024 * 1024 == 28672
+    assert cuda_token_budget(smol, 2**20) == CUDA_MIN_TOKEN_BUDGET  # nearly full: the floor, not zero
+    # A Qwen2.5-7B-like model on a 24 GB card (~8 GB free after its bf16 weights): GQA KV and a wide MLP.
+    qwen7b = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         intermediate_size=18944)
+    per_token = 2 * (2 * 28 * 4 * 128 + 3 * 18944 + 4 * 3584)
+    assert cuda_token_budget(qwen7b, 8 * 2**30) == int(0.25 * 8 * 2**30 / per_token) // 1024 * 1024 == 10240
+    # A Gemma-3-style config (explicit head_dim, text config nested or not) in fp32: 4 bytes per element.
+    gemma = Gemma3TextConfig(hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                             head_dim=256, intermediate_size=2048)
+    per_token = 4 * (2 * 18 * 1 * 256 + 3 * 2048 + 4 * 640)
+    fit = int(0.25 * 2 * 2**30 / per_token) // 1024 * 1024
+    assert cuda_token_budget(gemma, 2 * 2**30, elem_bytes=4) == fit == 7168

@@ -34,10 +34,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 # sorted, so a batch spans a narrower length range when it is smaller); on the 2-core AMX CPU 4096 and 8192 ran at
 # the same speed within noise on Gemma-3-270M, and 4096 padded 14 % instead of 23 % (bench/bench_score.py).
 DEFAULT_TOKEN_BUDGET = 4096
-# The same on a CUDA device: 4096 tokens would generate one prompt's 8 samples of 256-512 tokens per batch. Not yet
-# measured on a GPU (bench/bench_score.py --device cuda and bench_sample.py --device cuda time it); 16384 keeps a 7B
-# model's largest activation (tokens x MLP width, bf16) under 0.5 GB.
-CUDA_TOKEN_BUDGET = 16384
+# On a CUDA device the budget follows free memory (``cuda_token_budget``), between these bounds. On an H100,
+# transformers ``generate`` with SmolLM2-135M (32 prompts x 8 samples x 128 tokens, bench/bench_sample.py --device
+# cuda) ran at 1684 tok/s with 65536 tokens per batch and 774 tok/s with 16384: small batches leave the GPU idle.
+CUDA_TOKEN_BUDGET = 65536
+CUDA_MIN_TOKEN_BUDGET = 4096
+# Share of the GPU memory free after the model's load that a batch's KV cache and activations may take.
+CUDA_MEMORY_SHARE = 0.25
 # compile="auto": switch to the compiled scorer once an engine has scored this many tokens (padding included). On 2
 # CPU cores (bench/bench_score.py) the compiled forward ran 1.13-1.27x the eager tokens/s after a one-off compile of
 # 70-80 s, for ~0.2 GB more RSS, so it pays for itself after roughly 0.2M (Gemma-3-270M) to 0.8M (SmolLM2-135M)
@@ -61,6 +64,22 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
         return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
         else "float32"
+
+
+def cuda_token_budget(config: Any, free_bytes: int, elem_bytes: int = 2) -> int:
+    """Tokens per batch on a CUDA device: as many as fit ``CUDA_MEMORY_SHARE`` of ``free_bytes`` (bytes free after
+    the model's load) at the model's KV cache (all layers) plus its widest activations per token, rounded down to a
+    multiple of 1024, between ``CUDA_MIN_TOKEN_BUDGET`` and ``CUDA_TOKEN_BUDGET``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    layers = int(getattr(text, "num_hidden_layers", 1) or 1)
+    width = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    per_token = elem_bytes * (2 * layers * kv_heads * head_dim + 3 * width + 4 * hidden)
+    fit = int(CUDA_MEMORY_SHARE * max(free_bytes, 0) / per_token) // 1024 * 1024
+    return max(CUDA_MIN_TOKEN_BUDGET, min(CUDA_TOKEN_BUDGET, fit))
 
 
 def token_budget_batches(lengths: Sequence[int], token_budget: int) -> Iterator[list[int]]:
@@ -139,8 +158,8 @@ class HFEngine:
     """A transformers causal LM behind the ``Engine`` interface (``infifpo.backends``).
 
     ``dtype``: "auto" | "bfloat16" | "float32"; ``token_budget``: tokens (padding included) per scoring forward and
-    per generate batch (prompt + max new tokens, times samples); None means ``DEFAULT_TOKEN_BUDGET`` on CPU and
-    ``CUDA_TOKEN_BUDGET`` on a GPU;
+    per generate batch (prompt + max new tokens, times samples); None means ``DEFAULT_TOKEN_BUDGET`` on CPU and,
+    on a GPU, what ``cuda_token_budget`` fits in the memory left free by the model;
     ``head_chunk``: positions per LM-head chunk over the whole vocabulary (default None: vocabulary tiles of ~2**23
     logits over all positions, ~2x faster; see ``logprobs.head_token_logprobs``);
     ``compile``: torch.compile the decoder backbone (dynamic shapes) and the chunked log-softmax for scoring. None
@@ -158,8 +177,7 @@ class HFEngine:
         self.model_dir = str(model_dir)
         self.dtype = resolve_dtype(dtype, device)
         self.device = torch.device(device)
-        self.token_budget = int(token_budget or (CUDA_TOKEN_BUDGET if self.device.type == "cuda"
-                                                 else DEFAULT_TOKEN_BUDGET))
+        self.token_budget = int(token_budget or DEFAULT_TOKEN_BUDGET)  # on CUDA: set from free memory after the load
         self.head_chunk = head_chunk
         self.compile_head = compile_head
         self.compile = compile_setting(compile)
@@ -179,6 +197,11 @@ class HFEngine:
                 "that it is a causal-LM checkpoint directory (config.json, weights, tokenizer); a model with custom "
                 "code needs trust_remote_code=True, which runs code shipped with the model."
             ) from e
+        if token_budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.token_budget = cuda_token_budget(self.model.config, free, torch.finfo(DTYPES[self.dtype]).bits // 8)
+            logger.info("%s: %d tokens per batch (%.1f GB free on %s)", self.model_dir, self.token_budget,
+                        free / 2**30, self.device)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_length = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         self._check_head()
