@@ -350,7 +350,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--on-too-long", choices=POLICIES["on_too_long"], default="error")
     p.add_argument("--max-length", type=int, default=None, help="max prompt+response tokens (default: model context)")
     p.add_argument("--write-every", type=int, default=64, help="rows per written batch (a kill loses at most one)")
-    p.add_argument("--token-budget", type=int, default=None, help="transformers: tokens per forward, padding included (default: 4096 on CPU; on CUDA what fits a quarter of the memory free after the load, up to 65536)")
+    p.add_argument("--token-budget", type=int, default=None, help="transformers: tokens per forward, padding "
+                   "included (default: 4096 on CPU; on CUDA what fits a quarter of the memory free after the load, "
+                   "up to 65536)")
     p.add_argument("--compile-head", action="store_true", help="transformers: torch.compile the chunked log-softmax")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (14-24B models need 2-4)")
     shards.add_arguments(p)
