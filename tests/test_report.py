@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infifpo import cli, report
+from infifpo import cli, report, report_markdown
 from infifpo.schema import DataFormatError
 from infifpo.store import StageOutput, StoreError
 
@@ -157,7 +157,7 @@ def test_comparison_uses_paired_bootstrap_and_says_when_not_distinguishable(run_
     gsm = vs_dpo["benchmarks"]["gsm8k"]  # 5/10 vs 4/10: one discordant item
     assert gsm["diff"] == pytest.approx(10.0) and gsm["distinguishable"] is False
     assert vs_dpo["avg"]["diff"] == pytest.approx(70.0 - 35.0) and vs_dpo["avg"]["distinguishable"] is True
-    text = report.comparison_text(rep["comparisons"])
+    text = report_markdown.comparison_text(rep["comparisons"])
     assert "InfiFPO is ahead of SFT-DPO on Avg: +35.0 points" in text
     assert "gsm8k: +10.0 points" in text and "not distinguishable at this sample size" in text
 
@@ -180,7 +180,7 @@ def test_without_item_rows_the_comparison_falls_back_to_wilson_overlap(run_dir):
     assert vs_dpo["benchmarks"]["gsm8k"]["distinguishable"] is False  # [23.7, 76.3] vs [16.8, 68.7]
     assert vs_dpo["avg"] == {"diff": pytest.approx(35.0), "ci95": None, "method": "difference of means",
                              "distinguishable": None}
-    assert "no per-item rows to put a CI on it" in report.comparison_text([vs_dpo])
+    assert "no per-item rows to put a CI on it" in report_markdown.comparison_text([vs_dpo])
 
 
 def test_missing_eval_renders_dash_and_note(run_dir):
@@ -191,7 +191,7 @@ def test_missing_eval_renders_dash_and_note(run_dir):
     wrpo = next(r for r in rep["table"]["rows"] if r["key"] == "wrpo")
     assert wrpo["avg"] is None and wrpo["benchmarks"] == {"gsm8k": None, "arithmetic": None}
     assert next(c for c in rep["comparisons"] if c["baseline"] == "SFT-WRPO")["avg"] is None
-    md = report.render_markdown(rep)
+    md = report_markdown.render_markdown(rep)
     assert "| SFT-WRPO | — | — | — | — | 0.35 |" in md
     assert any("eval/wrpo" in n for n in rep["notes"])
 
