@@ -102,7 +102,13 @@ def main() -> None:
         from infifpo.models import resolve_model
 
         args.model = random_weight_copy(resolve_model(args.model), args.random_weights)
-    results = [run_child(*(run.split("/") + ["-"])[:2], args) for run in args.runs.split(",") if run]
+    results, failed = [], []
+    for run in filter(None, args.runs.split(",")):
+        try:  # one engine failing (e.g. vLLM missing a kernel package) keeps the others' measurements
+            results.append(run_child(*(run.split("/") + ["-"])[:2], args))
+        except RuntimeError as e:
+            failed.append(run)
+            print(e, file=sys.stderr)
     hf = next((r["tok_per_s"] for r in results if r["backend"] == "transformers"), float("nan"))
     print(f"{args.prompts} prompts x {args.samples} samples x <= {args.max_tokens} tokens, {args.model}, "
           f"{args.dtype}, transformers on {args.device}")
@@ -111,7 +117,11 @@ def main() -> None:
         name = r["backend"] + ("" if r["mode"] == "-" else f"/{r['mode']}")
         print(f"{name:<14}{r['start_s']:>9}{r['generate_s']:>8}{r['tokens']:>8}{r['tok_per_s']:>8}"
               f"{r['tok_per_s'] / hf:>7.2f}x")
+    for run in failed:
+        print(f"{run:<14}failed (its error is above)")
     print("JSON " + json.dumps(results))
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,13 @@ class VLLMEngine:
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:
+            hint = ("on CPU the attention kernel needs head_dim >= 32 and enough free RAM for the KV cache" if on_cpu
+                    else "on a GPU, an attention kernel package that vLLM picked but cannot import (e.g. flashinfer) "
+                    "can be avoided with the engine argument attention_backend=FLASH_ATTN (`--engine-arg "
+                    "attention_backend=FLASH_ATTN`), and the KV cache needs free GPU memory (gpu_memory_utilization)")
             raise ModelLoadError(
                 f"vLLM could not load model {self.model_dir!r} ({type(e).__name__}: {e}). Check the directory is a "
-                "causal-LM checkpoint; on CPU the attention kernel needs head_dim >= 32 and enough free RAM for "
-                "gpu_memory_utilization; or use `--backend transformers`."
+                f"causal-LM checkpoint; {hint}; or use `--backend transformers`."
             ) from e
         self._vllm = vllm
         self.stop_token_ids = self._stop_ids()
