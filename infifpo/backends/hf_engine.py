@@ -197,7 +197,7 @@ class HFEngine:
                 "that it is a causal-LM checkpoint directory (config.json, weights, tokenizer); a model with custom "
                 "code needs trust_remote_code=True, which runs code shipped with the model."
             ) from e
-        if token_budget is None and self.device.type == "cuda":
+        if not token_budget and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             self.token_budget = cuda_token_budget(self.model.config, free, torch.finfo(DTYPES[self.dtype]).bits // 8)
             logger.info("%s: %d tokens per batch (%.1f GB free on %s)", self.model_dir, self.token_budget,
