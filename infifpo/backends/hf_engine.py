@@ -199,7 +199,7 @@ class HFEngine:
             ) from e
         if not token_budget and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            self.token_budget = cuda_token_budget(self.model.config, free, torch.finfo(DTYPES[self.dtype]).bits // 8)
+            self.token_budget = cuda_token_budget(self.model.config, free, DTYPES[self.dtype].itemsize)
             logger.info("%s: %d tokens per batch (%.1f GB free on %s)", self.model_dir, self.token_budget,
                         free / 2**30, self.device)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
