@@ -49,7 +49,9 @@ def worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     kwargs = {"dtype": args.dtype}
     if backend == "vllm":
-        kwargs.update(max_model_len=1024, in_process=(mode == "inproc"))
+        from infifpo.shards import engine_args
+
+        kwargs.update(max_model_len=1024, in_process=(mode == "inproc"), **engine_args(args.engine_arg))
     else:
         kwargs.update(device=args.device, token_budget=args.token_budget)
     engine = load_engine(backend, model_dir, **kwargs)
@@ -71,11 +73,14 @@ def run_child(backend: str, mode: str, args: argparse.Namespace) -> dict:
            "--max-tokens", str(args.max_tokens)]
     if args.token_budget:
         cmd += ["--token-budget", str(args.token_budget)]
+    for item in args.engine_arg:
+        cmd += ["--engine-arg", item]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{backend}/{mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        cause = next((ln for ln in proc.stderr.splitlines() if "Error:" in ln), "")  # the first: the engine core's
+        raise RuntimeError(f"{backend}/{mode} failed (exit {proc.returncode}): {cause}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -92,6 +97,8 @@ def main() -> None:
                    "(prompt + max new tokens, times samples); default: the engine's")
     p.add_argument("--random-weights", metavar="DIR", default=None, help="sample from a random-weight copy of the "
                    "model (its config and tokenizer) saved under DIR, e.g. on a GPU box without the checkpoint")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="vLLM runs: an extra "
+                   "engine argument, e.g. attention_backend=FLASH_ATTN on a GPU without flashinfer (repeatable)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="-", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -146,9 +146,10 @@ class VLLMEngine:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:
             hint = ("on CPU the attention kernel needs head_dim >= 32 and enough free RAM for the KV cache" if on_cpu
-                    else "on a GPU, an attention kernel package that vLLM picked but cannot import (e.g. flashinfer) "
-                    "can be avoided with the engine argument attention_backend=FLASH_ATTN (`--engine-arg "
-                    "attention_backend=FLASH_ATTN`), and the KV cache needs free GPU memory (gpu_memory_utilization)")
+                    else "on a GPU whose log shows No module named 'flashinfer', pass the engine argument "
+                    "attention_backend=FLASH_ATTN (`--engine-arg attention_backend=FLASH_ATTN`) and set "
+                    "VLLM_USE_FLASHINFER_SAMPLER=0 for the sampler, or install flashinfer-python; the KV cache needs "
+                    "free GPU memory (gpu_memory_utilization)")
             raise ModelLoadError(
                 f"vLLM could not load model {self.model_dir!r} ({type(e).__name__}: {e}). Check the directory is a "
                 f"causal-LM checkpoint; {hint}; or use `--backend transformers`."
