@@ -51,16 +51,13 @@ def length_normalize(logps: Tensor, n_tokens: Tensor) -> Tensor:
     bad = n <= 0
     if bool(bad.any()):
         first = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"n_tokens must be positive: {int(bad.sum())} non-positive count(s), first at index {first} "
-            f"(value {n[first].item()}); drop empty responses before length normalisation"
-        )
+        raise ValueError(f"n_tokens must be positive: {int(bad.sum())} non-positive count(s), first at index "
+                         f"{first} (value {n[first].item()}); drop empty responses before length normalisation")
     return logps / n.to(logps.dtype)
 
 
-def clip_to_reference(
-    src_chosen: Tensor, src_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
-) -> tuple[Tensor, Tensor]:
+def clip_to_reference(src_chosen: Tensor, src_rejected: Tensor, ref_chosen: Tensor,
+                      ref_rejected: Tensor) -> tuple[Tensor, Tensor]:
     """Clip source values [B, K] against the frozen initial pivot [B] (methods.md §Probability clipping).
 
     c_k(y_w) = max(v_k(y_w), v_r(y_w)) and c_k(y_l) = min(v_k(y_l), v_r(y_l)): a source may never rate the preferred
@@ -160,29 +157,15 @@ def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Te
     return f_w, f_l, None, None, (w_w, w_l)
 
 
-FUSIONS = {
-    "max_margin": fuse_max_margin,
-    "max_margin_pair": fuse_max_margin_pair,
-    "mean": fuse_mean,
-    "confidence": fuse_confidence,
-}
+FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
+           "confidence": fuse_confidence}
 
 
-def fuse_reference(
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
-    src_chosen: Tensor,
-    src_rejected: Tensor,
-    *,
-    method: str = "max_margin",
-    clip: bool = True,
-    include_pivot: bool = True,
-    ref_offset: float | None = None,
-    eps: float = 1e-6,
-    margin_against: str = "init",
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-) -> tuple[Tensor, Tensor, FusionInfo]:
+def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor, src_rejected: Tensor, *,
+                   method: str = "max_margin", clip: bool = True, include_pivot: bool = True,
+                   ref_offset: float | None = None, eps: float = 1e-6, margin_against: str = "init",
+                   policy_chosen: Tensor | None = None,
+                   policy_rejected: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
     """The fused source reference f(y_w), f(y_l) [B] in the caller's space (sum or per-token mean, nats).
 
     ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (methods.md §Fusion). Steps: clip against v_r
@@ -236,15 +219,8 @@ def _require_positive_beta(beta: float) -> None:
         raise ValueError(f"beta must be > 0, got {beta}")
 
 
-def infifpo_loss(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    fused_chosen: Tensor,
-    fused_rejected: Tensor,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-) -> Tensor:
+def infifpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, fused_chosen: Tensor, fused_rejected: Tensor, *,
+                 beta: float, loss_type: str = "sigmoid") -> Tensor:
     """Per-pair InfiFPO loss [B] (methods.md §The InfiFPO loss); all inputs [B] in the same space (nats).
 
     h = (v_π(y_w) − f(y_w)) − (v_π(y_l) − f(y_l)). `sigmoid`: −log σ(β h) (TRL's DPO sigmoid loss with f in
@@ -266,14 +242,8 @@ def implicit_reward(policy: Tensor, reference: Tensor, *, beta: float) -> Tensor
     return (beta * (policy - reference)).detach()
 
 
-def implicit_rewards(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    fused_chosen: Tensor,
-    fused_rejected: Tensor,
-    *,
-    beta: float,
-) -> tuple[Tensor, Tensor]:
+def implicit_rewards(policy_chosen: Tensor, policy_rejected: Tensor, fused_chosen: Tensor, fused_rejected: Tensor, *,
+                     beta: float) -> tuple[Tensor, Tensor]:
     """(β(v_π(y_w) − f(y_w)), β(v_π(y_l) − f(y_l))), each [B], detached: TRL's rewards/chosen and rewards/rejected."""
     chosen_rewards = implicit_reward(policy_chosen, fused_chosen, beta=beta)
     return chosen_rewards, implicit_reward(policy_rejected, fused_rejected, beta=beta)
@@ -296,17 +266,9 @@ def wrpo_alpha(step: int, total_steps: int, alpha_max: float, is_dynamic: bool =
     return float(alpha_max) * min(1.0, step / total_steps)
 
 
-def wrpo_loss(
-    policy_source_chosen: Tensor,
-    policy_target_chosen: Tensor,
-    policy_rejected: Tensor,
-    ref_source_chosen: Tensor,
-    ref_target_chosen: Tensor,
-    ref_rejected: Tensor,
-    *,
-    alpha: float | Tensor,
-    beta: float,
-) -> Tensor:
+def wrpo_loss(policy_source_chosen: Tensor, policy_target_chosen: Tensor, policy_rejected: Tensor,
+              ref_source_chosen: Tensor, ref_target_chosen: Tensor, ref_rejected: Tensor, *,
+              alpha: float | Tensor, beta: float) -> Tensor:
     """Per-row WRPO loss [B] = −log σ(α ρ(y_ws) + (1 − α) ρ(y_wt) − ρ(y_l)), ρ = β(π − r); methods.md §WRPO.
 
     Inputs [B] are summed log-probs (nats) under the policy and the reference. α = 0 is DPO on (y_wt, y_l).
@@ -329,10 +291,8 @@ def opd_sequence_advantages(fused: Tensor, policy_detached: Tensor, group_size: 
     """
     _require_same_shape(fused=fused, policy_detached=policy_detached)
     if fused.dim() != 1 or group_size <= 0 or fused.shape[0] % group_size != 0:
-        raise ValueError(
-            f"need [N] tensors with N a multiple of group_size; got N-shape {tuple(fused.shape)}, "
-            f"group_size={group_size}"
-        )
+        raise ValueError(f"need [N] tensors with N a multiple of group_size; got N-shape {tuple(fused.shape)}, "
+                         f"group_size={group_size}")
     gap = (fused - policy_detached).detach().view(-1, group_size)
     return (gap - gap.mean(dim=1, keepdim=True)).reshape(-1)
 
@@ -349,13 +309,8 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(torch.isneginf(log_p), torch.zeros_like(terms), terms).sum(dim=-1)
 
 
-def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    beta: float,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float, mask: Tensor | None = None,
+                    temperature: float = 1.0) -> Tensor:
     """Generalised JSD (GKD, TRL's convention), mean nats per supervised token (scalar).
 
     Logits [..., V] over one shared vocabulary, student first; mask [...] (True = the token counts; None = all).
@@ -364,9 +319,8 @@ def generalized_jsd(
     """
     _require_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
     if mask is not None and tuple(mask.shape) != tuple(student_logits.shape[:-1]):
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {student_logits.shape[:-1]}"
-        )
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape "
+                         f"{tuple(student_logits.shape[:-1])}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"JSD beta must be in [0, 1], got {beta}")
     log_s = F.log_softmax(student_logits / temperature, dim=-1)
@@ -385,11 +339,11 @@ def generalized_jsd(
     return (div * mask).sum() / mask.sum().clamp(min=1.0)  # no supervised tokens -> 0
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None):
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """KL(teacher ‖ student), mean nats per supervised token (mode-covering). Same arguments as generalized_jsd."""
     return generalized_jsd(student_logits, teacher_logits, 0.0, mask)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None):
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """KL(student ‖ teacher), mean nats per supervised token (mode-seeking; GKD on-policy). Student first."""
     return generalized_jsd(student_logits, teacher_logits, 1.0, mask)
