@@ -27,6 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 from infifpo.trainers import entry
+from infifpo.trainers import launch as launcher
 from tests.trainers.conftest import make_scored_rows
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def _config(tmp_path: Path, model: str, data: str) -> str:
 
 def _clean_env() -> dict[str, str]:
     """This process's env without any launcher variables (so the child decides for itself whether to launch)."""
-    drop = {entry.LAUNCHED_ENV, *entry.RANK_ENV, "RANK", "MASTER_ADDR", "MASTER_PORT"}
+    drop = {launcher.LAUNCHED_ENV, *launcher.RANK_ENV, "RANK", "MASTER_ADDR", "MASTER_PORT"}
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "HF_HUB_OFFLINE": "1"}
 
 
