@@ -89,3 +89,48 @@ def test_compiled_scores_equal_eager(tiny_llama):
     for p, a, b in zip(completions, eager, got, strict=True):
         assert len(b) == len(p)
         assert b == pytest.approx(a, abs=1e-4)
+
+
+@pytest.fixture
+def fresh_head_compiles():
+    """No compiled head functions or dynamo caches from earlier tests, before and after."""
+    from infifpo import logprobs
+
+    def reset() -> None:
+        torch._dynamo.reset()
+        logprobs._compiled.clear()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_static_width_compiled_head_is_exact_and_compiles_once_for_any_number_of_positions(monkeypatch, softcap,
+                                                                                          fresh_head_compiles):
+    """The CUDA compiled head (fixed-width vocabulary tiles, only the row count dynamic), forced on CPU with small
+    tiles: log-probs equal an fp32 log_softmax to 1e-5 nats for several position counts (blocks of 16 rows, so some
+    calls span two blocks), and after the first call no other count recompiles it."""
+    from infifpo import logprobs
+
+    monkeypatch.setattr(logprobs, "_static_tile_width", lambda hidden, compiled: compiled)
+    monkeypatch.setattr(logprobs, "CUDA_HEAD_TILE_COLUMNS", 64)
+    monkeypatch.setattr(logprobs, "CUDA_HEAD_BLOCK_ROWS", 16)
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(24, 256, bias=False)  # 4 tiles of 64: a single static width
+    with torch.no_grad():
+        head.weight.normal_(0, 0.5, generator=gen)
+        hidden_all = torch.randn(40, 24, generator=gen)
+        targets_all = torch.randint(0, 256, (40,), generator=gen)
+        logits = head(hidden_all).double()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        want = logits.log_softmax(-1).gather(1, targets_all[:, None]).squeeze(1)
+        first = logprobs.head_token_logprobs(hidden_all[:5], targets_all[:5], head, softcap=softcap, compiled=True)
+        assert first.double() == pytest.approx(want[:5], abs=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # rows 7, 14, 16+4, 16+16+8: no new graph
+            for n in (7, 14, 20, 40):
+                got = logprobs.head_token_logprobs(hidden_all[:n], targets_all[:n], head, softcap=softcap,
+                                                   compiled=True)
+                assert got.dtype == torch.float32 and got.double() == pytest.approx(want[:n], abs=1e-5)
+    assert list(logprobs._compiled) == ["_tile_logsumexp/static"]
