@@ -108,14 +108,13 @@ def fresh_head_compiles():
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_static_width_compiled_head_is_exact_and_compiles_once_for_any_number_of_positions(monkeypatch, softcap,
                                                                                           fresh_head_compiles):
-    """The CUDA compiled head (fixed-width vocabulary tiles, only the row count dynamic), forced on CPU with small
-    tiles: log-probs equal an fp32 log_softmax to 1e-5 nats for several position counts (blocks of 16 rows, so some
-    calls span two blocks), and after the first call no other count recompiles it."""
+    """The compiled head (fixed-width vocabulary tiles, only the row count dynamic), with small tiles: log-probs
+    equal an fp32 log_softmax to 1e-5 nats for several position counts (blocks of 16 positions, so some calls span
+    two or three blocks), and after the first call no other count recompiles it."""
     from infifpo import logprobs
 
-    monkeypatch.setattr(logprobs, "_static_tile_width", lambda hidden, compiled: compiled)
-    monkeypatch.setattr(logprobs, "CUDA_HEAD_TILE_COLUMNS", 64)
-    monkeypatch.setattr(logprobs, "CUDA_HEAD_BLOCK_ROWS", 16)
+    monkeypatch.setattr(logprobs, "COMPILED_HEAD_TILE_COLUMNS", 64)
+    monkeypatch.setattr(logprobs, "HEAD_TILE_ELEMENTS", 64 * 16)  # blocks of 16 positions on CPU
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(24, 256, bias=False)  # 4 tiles of 64: a single static width
     with torch.no_grad():
