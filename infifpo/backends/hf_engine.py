@@ -42,8 +42,8 @@ CUDA_MIN_TOKEN_BUDGET = 4096
 # Share of the GPU memory free after the model's load that a batch's KV cache and activations may take.
 CUDA_MEMORY_SHARE = 0.25
 # compile="auto": switch to the compiled scorer once an engine has scored this many tokens (padding included). On 2
-# CPU cores (bench/bench_score.py) the compiled forward ran 1.13-1.27x the eager tokens/s after a one-off compile of
-# 70-80 s, for ~0.2 GB more RSS, so it pays for itself after roughly 0.2M (Gemma-3-270M) to 0.8M (SmolLM2-135M)
+# CPU cores (bench/bench_score.py) the compiled forward ran 1.18-1.37x the eager tokens/s after a one-off compile of
+# 56-80 s, for ~0.2 GB more RSS, so it pays for itself after roughly 0.2M (Gemma-3-270M) to 0.8M (SmolLM2-135M)
 # tokens: a run that has already scored 2**19 tokens is a long one, and the rest of it amortises the compile.
 COMPILE_AFTER_TOKENS = 1 << 19
 # safetensors dtype names -> torch; anything else (fp8, ...) goes through transformers' own loader.
@@ -164,7 +164,7 @@ class HFEngine:
     logits over all positions, ~2x faster; see ``logprobs.head_token_logprobs``);
     ``compile``: torch.compile the decoder backbone (dynamic shapes) and the chunked log-softmax for scoring. None
     (default) = env ``INFIFPO_COMPILE`` (0/1) if set, else auto: on CPU, once the engine has scored
-    ``COMPILE_AFTER_TOKENS`` tokens (a one-off compile of ~1-3 min, then ~1.2x the eager tokens/s; worth it for
+    ``COMPILE_AFTER_TOKENS`` tokens (a one-off compile of ~1-3 min, then ~1.2-1.4x the eager tokens/s; worth it for
     thousands of responses). On a GPU auto stays eager; ``INFIFPO_COMPILE=1`` compiles there from the first batch
     (H100, Gemma-3-270M: 2.1x the eager tokens/s after a ~35 s compile, so for runs of ~10M tokens and more). A compile
     failure (no C++ compiler, unsupported model) logs a warning and scores eagerly. ``compile_head``: compile only
