@@ -116,11 +116,11 @@ def test_static_width_compiled_head_is_exact_and_compiles_once_for_any_number_of
     monkeypatch.setattr(logprobs, "COMPILED_HEAD_TILE_COLUMNS", 64)
     monkeypatch.setattr(logprobs, "HEAD_TILE_ELEMENTS", 64 * 16)  # blocks of 16 positions on CPU
     gen = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(24, 256, bias=False)  # 4 tiles of 64: a single static width
+    head = torch.nn.Linear(24, 288, bias=False)  # 4 tiles of 64 and a narrower last one of 32: two static widths
     with torch.no_grad():
         head.weight.normal_(0, 0.5, generator=gen)
         hidden_all = torch.randn(40, 24, generator=gen)
-        targets_all = torch.randint(0, 256, (40,), generator=gen)
+        targets_all = torch.randint(0, 288, (40,), generator=gen)
         logits = head(hidden_all).double()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
