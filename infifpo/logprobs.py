@@ -182,6 +182,7 @@ def _static_width_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: i
     """(N, tiles) fp32 log-sum-exp of each ``tile``-column slice of ``h @ weight.T``, compiled with a static width:
     one compile for the full tiles and one for a narrower last tile, whatever N."""
     fn = _maybe_compiled(_tile_logsumexp, True, dynamic=False)
+    tile = min(tile, weight.shape[0])  # a vocabulary narrower than one tile is one full tile
     buffer = h.new_empty(h.shape[0], tile)  # one per block, as in _eager_tiles_logsumexp (fresh ones fragment the heap)
     torch._dynamo.maybe_mark_dynamic(buffer, 0)
     out = []

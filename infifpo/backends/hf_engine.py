@@ -162,7 +162,7 @@ class HFEngine:
     on a GPU, what ``cuda_token_budget`` fits in the memory left free by the model;
     ``head_chunk``: positions per LM-head chunk over the whole vocabulary (default None: vocabulary tiles of ~2**23
     logits over all positions, ~2x faster; see ``logprobs.head_token_logprobs``);
-    ``compile``: torch.compile the decoder backbone (dynamic shapes) and the chunked log-softmax for scoring. None
+    ``compile``: torch.compile the decoder backbone (dynamic shapes) and the head's log-sum-exp for scoring. None
     (default) = env ``INFIFPO_COMPILE`` (0/1) if set, else auto: on CPU, once the engine has scored
     ``COMPILE_AFTER_TOKENS`` tokens (a one-off compile of ~1-3 min, then ~1.2-1.4x the eager tokens/s; worth it for
     thousands of responses). On a GPU auto stays eager; ``INFIFPO_COMPILE=1`` compiles there from the first batch
