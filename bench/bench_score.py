@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import best_seconds, bf16_peak_flops, random_weight_copy
+from common import best_seconds, bf16_peak_flops, random_weight_copy, sync
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -104,16 +104,16 @@ def worker(args: argparse.Namespace) -> dict:
     _reset_peak_rss()
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    pad_to = max(lengths) if args.naive_pad == "longest" else None
     t0 = time.perf_counter()
     if args.worker == "ours":
         sums = [sum(x) for x in engine.score(prompts, completions)]
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
-        processed = sum(len(b) * lengths[b[0]] for b in token_budget_batches(lengths, args.token_budget))
+        batches = list(token_budget_batches(lengths, args.token_budget))
+        processed = sum(len(b) * lengths[b[0]] for b in batches)
     else:
-        pad_to = None
-        if args.naive_pad == "longest":
-            pad_to = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
         sums, processed = naive_score(model, prompts, completions, args.naive_batch, dev, pad_to)
+        batches = [list(range(s, min(s + args.naive_batch, args.n))) for s in range(0, args.n, args.naive_batch)]
     seconds = time.perf_counter() - t0
     peak_rss_gb, scoring_peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, _rss_gb("VmHWM")
     # On a GPU the memory that matters is the device's: the allocator's peak while scoring (weights included).
@@ -121,16 +121,31 @@ def worker(args: argparse.Namespace) -> dict:
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight
+    non_embedding = params - embed if head.data_ptr() == model.get_input_embeddings().weight.data_ptr() \
+        else params - embed - head.numel()
+    attention = sum(attention_flops(model.config, len(b), max(lengths[i] for i in b)) for b in batches)
+
+    def batch_flops(batch: list[int]) -> float:  # our forward's count; the naive's batches are padded differently
+        width = lengths[batch[0]]
+        return (2 * non_embedding * len(batch) * width + 2 * head.numel() * sum(len(completions[i]) for i in batch)
+                + attention_flops(model.config, len(batch), width))
+
+    def score_batch(batch: list[int]) -> None:
+        ps, cs = [prompts[i] for i in batch], [completions[i] for i in batch]
+        engine.score(ps, cs) if args.worker == "ours" else naive_score(model, ps, cs, len(batch), dev, pad_to)
+
     ceiling = None
     if args.worker == "ours":  # after the RSS readings: these matmuls allocate
         ceiling = gemm_ceiling(model, args.token_budget, sum(map(len, completions)) / processed, dev)
         peak_flops = max(peak_flops, bf16_peak_flops(dev))
+    interleaved = interleaved_peak_probes(score_batch, batches, lambda b: sum(lengths[i] for i in b),
+                                          batch_flops if args.worker == "ours" else lambda b: 0.0, dev)
     return {
         "scorer": args.worker, "model": args.model, "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
         "seconds": seconds, "real_tokens": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
         "response_tokens": sum(map(len, completions)), "processed_tokens": processed, "params": params,
-        "non_embedding_params": params - embed if head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-        else params - embed - head.numel(), "head_flops_per_position": 2 * head.numel(), "sums": sums,
+        "non_embedding_params": non_embedding, "attention_flops": attention, "interleaved": interleaved,
+        "head_flops_per_position": 2 * head.numel(), "sums": sums,
         "peak_rss_gb": peak_rss_gb, "peak_gpu_gb": peak_gpu_gb, "device": dev, "threads": torch.get_num_threads(),
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None
         and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": scoring_peak_rss_gb,
@@ -138,6 +153,43 @@ def worker(args: argparse.Namespace) -> dict:
         "naive_pad": args.naive_pad, "token_budget": args.token_budget, "gemm_ceiling_flops": ceiling,
         "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
     }  # fmt: skip
+
+
+def attention_flops(config, batch: int, width: int) -> float:
+    """FLOPs of the attention products (Q K^T and A V) in one forward of ``batch`` sequences of ``width`` positions
+    (padding included), counting only the query-key pairs a causal mask keeps (and a sliding window, on the layers
+    that have one): 4 x heads x head_dim per pair per layer."""
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    window = getattr(text, "sliding_window", None) or width
+    pairs = 0
+    for kind in layer_types:
+        w = min(window, width) if kind == "sliding_attention" else width
+        pairs += w * (w + 1) // 2 + (width - w) * w  # query i sees min(i + 1, w) keys
+    return 4 * heads * head_dim * pairs * batch
+
+
+def interleaved_peak_probes(score_batch, batches: list[list[int]], batch_tokens, batch_flops, device: str) -> dict:
+    """Score the requests again, one batch of the timed run at a time (``score_batch``), with a bf16 matmul peak probe
+    (best of 3) before the first batch and after each one. Returns the tokens, forward FLOPs and seconds, and the FLOPs
+    the peak would have done in those seconds (each batch's seconds x the mean of the probes on either side of it).
+    Shares and speeds are then taken against the machine's speed at the moment each batch ran: this 2-core machine's
+    matmul throughput moved between ~400 and ~1300 GFLOP/s from one minute to the next."""
+    before = bf16_peak_flops(device, reps=3)
+    tokens = flops = seconds = peak_work = 0.0
+    for batch in batches:
+        sync(device)
+        t0 = time.perf_counter()
+        score_batch(batch)
+        sync(device)
+        dt = time.perf_counter() - t0
+        after = bf16_peak_flops(device, reps=3)
+        tokens, flops, seconds = tokens + batch_tokens(batch), flops + batch_flops(batch), seconds + dt
+        peak_work += dt * (before + after) / 2
+        before = after
+    return {"tokens": tokens, "flops": flops, "seconds": seconds, "peak_work": peak_work}
 
 
 def gemm_ceiling(model, tokens: int, scored_fraction: float, device: str = "cpu") -> float:
@@ -206,6 +258,11 @@ def run_worker(kind: str, model: str, args: argparse.Namespace, compile: str = "
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _tokens_per_peak(run: dict) -> float:
+    """A scorer's tokens/s over the matmul peak at the moments it ran (tokens per peak FLOP, from its probed pass)."""
+    return run["interleaved"]["tokens"] / run["interleaved"]["peak_work"]
+
+
 def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> list[dict]:
     """Print one model's comparison (every run of our scorer against the naive one) and return its summary rows."""
     first = runs[0]
@@ -219,12 +276,14 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
         pad = "the set's longest" if naive["naive_pad"] == "longest" else "their longest"
         print(f"naive ({naive['dtype']}, batches of {naive['naive_batch']} padded to {pad}): {ntps:8.1f} tok/s  "
               f"{mem_name} {naive[mem]:.2f} GB; padding {naive['processed_tokens'] / naive['real_tokens'] - 1:.1%}")
+        naive_per_peak = _tokens_per_peak(naive)
     rows = []
     for ours in runs:
         tps = ours["real_tokens"] / ours["seconds"]
         brief_flops = 2 * ours["params"] * ours["processed_tokens"] / ours["seconds"]
-        matmul_flops = (2 * ours["non_embedding_params"] * ours["processed_tokens"]
+        matmul_flops = (2 * ours["non_embedding_params"] * ours["processed_tokens"] + ours["attention_flops"]
                         + ours["head_flops_per_position"] * ours["response_tokens"]) / ours["seconds"]
+        inter = ours["interleaved"]
         with_compile = ours["real_tokens"] / (ours["seconds"] + ours["warmup_s"])
         mode = "compiled" if ours["compiled"] else "eager"
         print(f"ours  ({ours['dtype']}, {mode}): {tps:8.1f} tok/s ({with_compile:.1f} counting the "
@@ -234,19 +293,27 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
         row = {"model": model, "mode": mode, "device": first["device"], "ours_tok_s": tps, "ours_peak_gb": ours[mem],
                "ours_scoring_peak_gb": ours["scoring_peak_rss_gb"], "bf16_peak_tflops": peak / 1e12,
                "flops_frac_2PT": brief_flops / peak, "flops_frac_matmul": matmul_flops / peak,
+               "flops_frac_interleaved": inter["flops"] / inter["peak_work"],
                "gemm_ceiling_frac": ours["gemm_ceiling_flops"] / peak, "floor_gb": floor}
         if naive:
             diff = [abs(a - b) for a, b in zip(ours["sums"], naive["sums"], strict=True)]
             print(f"   ratio vs naive: {tps / ntps:.2f}x tokens/s ({with_compile / ntps:.2f}x with the compile), "
                   f"{ours[mem] / naive[mem]:.3f}x {mem_name}; |ours - naive fp32| = "
                   f"{sum(diff) / ours['response_tokens']:.4f} nats/token (max per sequence {max(diff):.3f} nats)")
-            row.update(naive_tok_s=ntps, naive_peak_gb=naive[mem], speedup=tps / ntps,
+            at_equal_speed = _tokens_per_peak(ours) / naive_per_peak
+            print(f"   at equal machine speed: {at_equal_speed:.2f}x tokens/s (both scored again batch by batch, each "
+                  f"one's tokens/s divided by the matmul peak probed around its batches)")
+            row.update(naive_tok_s=ntps, naive_peak_gb=naive[mem], speedup=tps / ntps, speedup_at_equal_peak=at_equal_speed,
                        speedup_with_compile=with_compile / ntps, memory_ratio=ours[mem] / naive[mem],
                        floor_ratio=floor / naive[mem])
-        print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the bf16 matmul peak, "
-              f"counting 2 x non-embedding params per token the backbone processes (padding included) + 2 x head "
-              f"params per scored position (the only ones that go through the head). As 2 x all params x processed "
-              f"tokens: {brief_flops / peak:.1%}")
+        print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the run's best bf16 matmul "
+              f"peak, counting 2 x non-embedding params per token the backbone processes (padding included) + 2 x "
+              f"head params per scored position (the only ones that go through the head) + the causal attention "
+              f"products ({ours['attention_flops'] / (matmul_flops * ours['seconds']):.1%} of the count). As 2 x "
+              f"all params x processed tokens: {brief_flops / peak:.1%}")
+        print(f"   batch by batch, against the peak probed before and after each batch: "
+              f"{inter['flops'] / inter['seconds'] / 1e9:.0f} GFLOP/s = {inter['flops'] / inter['peak_work']:.1%} of "
+              f"the peak at those moments (mean {inter['peak_work'] / inter['seconds'] / 1e9:.0f} GFLOP/s)")
         rows.append(row)
     print(f"ceiling: this model's own GEMM shapes alone (forwards of {first['token_budget']} tokens,"
           f" no attention/norms/activations) run at {first['gemm_ceiling_flops'] / 1e9:.0f} GFLOP/s = "
