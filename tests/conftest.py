@@ -85,6 +85,25 @@ def tiny_llama_b(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> str:
+    """A tiny Gemma-3 (gelu_pytorch_tanh MLP) with final-logit soft-capping, a sliding window shorter than the inputs
+    and a padded vocab."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    path = str(tmp_path_factory.mktemp("tiny_gemma"))
+    tok = make_char_tokenizer(path)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok) + 29, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, final_logit_softcapping=3.0,
+        sliding_window=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def packaged_model():
     """A function ``packaged_model(name) -> str``: the local checkpoint dir of a real packaged model.
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 
 import pytest
 import torch
+from transformers.activations import GELUTanh
 
 from infifpo.backends import hf_engine
-from infifpo.backends.hf_engine import HFEngine, compile_setting
+from infifpo.backends.hf_engine import GELUTanhForCompile, HFEngine, compile_setting, use_compile_friendly_gelu
 
 
 def requests(n: int, vocab: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -78,17 +80,40 @@ def test_compile_failure_falls_back_to_eager_with_warning(tiny_qwen, no_cxx, cap
         assert b == pytest.approx(a, abs=1e-6)
 
 
-def test_compiled_scores_equal_eager(tiny_llama):
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_compiled_scores_equal_eager(fixture, request):
     """The compiled backbone (dynamic shapes: several batch widths and sizes) and compiled head give the eager
-    fp32 scores to 1e-4 nats per token, and the compiled path really ran (no silent fallback)."""
+    fp32 scores to 1e-4 nats per token, and the compiled path really ran (no silent fallback); Gemma's gelu runs in
+    its compile form (x * sigmoid(2z)) there."""
+    model_dir = request.getfixturevalue(fixture)
     prompts, completions = requests(14, 90, seed=11)
-    eager = HFEngine(tiny_llama, dtype="float32", token_budget=96, compile=False).score(prompts, completions)
-    engine = HFEngine(tiny_llama, dtype="float32", token_budget=96, compile=True)
+    eager = HFEngine(model_dir, dtype="float32", token_budget=96, compile=False).score(prompts, completions)
+    engine = HFEngine(model_dir, dtype="float32", token_budget=96, compile=True)
+    gelus = [m for m in engine.model.modules() if isinstance(m, GELUTanh)]
+    assert all(type(m) is GELUTanhForCompile for m in gelus) and len(gelus) == (2 if fixture == "tiny_gemma" else 0)
     got = engine.score(prompts, completions)
     assert engine._compiled_backbone is not None and not engine._compile_failed
     for p, a, b in zip(completions, eager, got, strict=True):
         assert len(b) == len(p)
         assert b == pytest.approx(a, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_form_of_gelu_tanh_matches_torch_gelu(dtype):
+    """GELUTanhForCompile: eagerly the very F.gelu(approximate="tanh") output; compiled (x * sigmoid(2z) in fp32, then
+    rounded) within fp32 rounding of the exact value, i.e. correctly rounded to bf16 up to one step. The exact value
+    is the fp64 sigmoid form (the tanh form cancels for x << 0, where eager's own error is largest)."""
+    x = torch.linspace(-12, 12, 4097, dtype=torch.float64).to(dtype)
+    exact = x.double() * torch.sigmoid(math.sqrt(8 / math.pi) * (x.double() + 0.044715 * x.double() ** 3))
+    module = GELUTanh()
+    assert use_compile_friendly_gelu(torch.nn.Sequential(module, GELUTanh(use_gelu_tanh_python=True))) == 1
+    assert type(module) is GELUTanhForCompile
+    assert torch.equal(module(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    compiled = torch.compile(module)(x)
+    assert compiled.dtype == dtype
+    err = (compiled.double() - exact).abs()
+    bound = 1e-6 if dtype == torch.float32 else torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-30
+    assert (err <= bound).all(), float((err - bound).max())
 
 
 @pytest.fixture
