@@ -42,6 +42,22 @@ def bf16_peak_flops(device: str = "cpu", size: int | None = None, reps: int = 6)
     return 2 * size**3 / best_seconds(lambda: a @ b, device, reps)
 
 
+def bf16_matmul_rate(device: str = "cpu", size: int | None = None, reps: int = 3) -> float:
+    """Sustained FLOP/s of ``reps`` back-to-back bf16 ``size``^3 matmuls after a warm-up (total FLOPs / total seconds):
+    the machine's matmul speed now, where ``bf16_peak_flops`` takes the fastest single product."""
+    import torch
+
+    size = size or (8192 if device.startswith("cuda") else 4096)
+    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return reps * 2 * size**3 / (time.perf_counter() - t0)
+
+
 def random_weight_copy(src: str, dst_root: str | Path, seed: int = 0) -> str:
     """Save a model with ``src``'s config (a checkpoint directory or just its config.json) and random weights (fp32,
     seeded) under ``dst_root``, with ``src``'s tokenizer files; returns its directory. Speed does not depend on the
