@@ -66,7 +66,8 @@ def naive_score(model, prompts, completions, batch_size: int, device: str = "cpu
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Load one scorer, score the requests once, report seconds, tokens and this process's peak RSS."""
+    """Load one scorer, score the requests once (timed, peak RSS), then again batch by batch between probes of the
+    machine's matmul speed (``interleaved_peak_probes``); report seconds, tokens, FLOP counts and the peak RSS."""
     import torch
 
     from infifpo.backends.hf_engine import HFEngine, token_budget_batches
@@ -123,10 +124,9 @@ def worker(args: argparse.Namespace) -> dict:
     head = model.get_output_embeddings().weight
     non_embedding = params - embed if head.data_ptr() == model.get_input_embeddings().weight.data_ptr() \
         else params - embed - head.numel()
-    attention = sum(attention_flops(model.config, len(b), max(lengths[i] for i in b)) for b in batches)
 
-    def batch_flops(batch: list[int]) -> float:  # our forward's count; the naive's batches are padded differently
-        width = lengths[batch[0]]
+    def batch_flops(batch: list[int]) -> float:  # our forward's count (each batch padded to its longest request)
+        width = max(lengths[i] for i in batch)
         return (2 * non_embedding * len(batch) * width + 2 * head.numel() * sum(len(completions[i]) for i in batch)
                 + attention_flops(model.config, len(batch), width))
 
@@ -142,9 +142,10 @@ def worker(args: argparse.Namespace) -> dict:
                                           batch_flops if args.worker == "ours" else lambda b: 0.0, dev)
     return {
         "scorer": args.worker, "model": args.model, "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
-        "seconds": seconds, "real_tokens": sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
+        "seconds": seconds, "real_tokens": sum(lengths),
         "response_tokens": sum(map(len, completions)), "processed_tokens": processed, "params": params,
-        "non_embedding_params": non_embedding, "attention_flops": attention, "interleaved": interleaved,
+        "non_embedding_params": non_embedding, "interleaved": interleaved,
+        "attention_flops": sum(attention_flops(model.config, len(b), max(lengths[i] for i in b)) for b in batches),
         "head_flops_per_position": 2 * head.numel(), "sums": sums,
         "peak_rss_gb": peak_rss_gb, "peak_gpu_gb": peak_gpu_gb, "device": dev, "threads": torch.get_num_threads(),
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None

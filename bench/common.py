@@ -33,22 +33,25 @@ def best_seconds(fn: Callable[[], object], device: str = "cpu", reps: int = 3) -
     return best
 
 
-def bf16_peak_flops(device: str = "cpu", size: int | None = None, reps: int = 6) -> float:
-    """Best-of-``reps`` FLOP/s of a (size x size) @ (size x size) bf16 torch.matmul: 4096 on CPU, 8192 on a GPU."""
+def _square_bf16(device: str, size: int | None) -> tuple[int, object, object]:
+    """Two random bf16 (size x size) matrices on ``device``: 4096 on CPU, 8192 on a GPU unless ``size`` is given."""
     import torch
 
     size = size or (8192 if device.startswith("cuda") else 4096)
     a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
+    return size, a, b
+
+
+def bf16_peak_flops(device: str = "cpu", size: int | None = None, reps: int = 6) -> float:
+    """Best-of-``reps`` FLOP/s of a (size x size) @ (size x size) bf16 torch.matmul: 4096 on CPU, 8192 on a GPU."""
+    size, a, b = _square_bf16(device, size)
     return 2 * size**3 / best_seconds(lambda: a @ b, device, reps)
 
 
 def bf16_matmul_rate(device: str = "cpu", size: int | None = None, reps: int = 3) -> float:
     """Sustained FLOP/s of ``reps`` back-to-back bf16 ``size``^3 matmuls after a warm-up (total FLOPs / total seconds):
     the machine's matmul speed now, where ``bf16_peak_flops`` takes the fastest single product."""
-    import torch
-
-    size = size or (8192 if device.startswith("cuda") else 4096)
-    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
+    size, a, b = _square_bf16(device, size)
     a @ b
     sync(device)
     t0 = time.perf_counter()
