@@ -159,18 +159,29 @@ def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Te
 
 FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
            "confidence": fuse_confidence}
+# methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation arms,
+# γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
+# equivalent form and credits the pivot in the selection metrics.
+INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False}
+
+
+def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
+    """``include_pivot`` as given, or the default of fusion ``method`` when None (methods.md §Fusion (choice))."""
+    if method not in FUSIONS:
+        raise ValueError(f"unknown fusion method {method!r}; valid methods: {sorted(FUSIONS)}")
+    return INCLUDE_PIVOT_DEFAULT[method] if include_pivot is None else bool(include_pivot)
 
 
 def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor, src_rejected: Tensor, *,
-                   method: str = "max_margin", clip: bool = True, include_pivot: bool = True,
+                   method: str = "max_margin", clip: bool = True, include_pivot: bool | None = None,
                    ref_offset: float | None = None, eps: float = 1e-6, margin_against: str = "init",
                    policy_chosen: Tensor | None = None,
                    policy_rejected: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
     """The fused source reference f(y_w), f(y_l) [B] in the caller's space (sum or per-token mean, nats).
 
     ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (methods.md §Fusion). Steps: clip against v_r
-    (`clip`), append v_r as candidate K (`include_pivot`), fuse with FUSIONS[method], then clamp f into
-    [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set. `margin_against="policy"` measures max-margin's
+    (`clip`), append v_r as candidate K (`include_pivot`; None = the method's default, INCLUDE_PIVOT_DEFAULT), fuse
+    with FUSIONS[method], then clamp f into [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set. `margin_against="policy"` measures max-margin's
     D against the given current policy values policy_* [B] (detached) instead of v_r; clipping stays against v_r.
     NaN inputs raise (−inf is allowed and handled without NaN). Returns (fused_chosen, fused_rejected, FusionInfo).
     When every candidate equals v_r (e.g. all clipped to it) and the pivot is included, the selected index is the
@@ -185,6 +196,7 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
         raise ValueError(f"ref_offset must be >= 0 nats (or None for no clamp), got {ref_offset}")
     if bool(torch.isnan(torch.cat([ref_chosen, ref_rejected, src_chosen.flatten(), src_rejected.flatten()])).any()):
         raise ValueError("reference/source log-probs contain NaN; validate the scored pairs before fusion")
+    include_pivot = resolve_include_pivot(method, include_pivot)
     pivot_w, pivot_l = ref_chosen, ref_rejected
     if margin_against == "policy":
         if policy_chosen is None or policy_rejected is None:

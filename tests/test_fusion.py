@@ -132,7 +132,7 @@ def test_mean():
     """clip on + pivot: row 0: w (-0.5-1-1)/3, l (-2.5-2-2)/3; row 1: w -2, l (-1-1.4-1)/3.
     clip off, no pivot: row 0: w (-0.5-1.5)/2 = -1, l (-2.5-1.2)/2 = -1.85; row 1: w -2.75, l (-0.8-1.4)/2 = -1.1
     """
-    f_w, f_l, info = fuse("mean")
+    f_w, f_l, info = fuse("mean", include_pivot=True)
     torch.testing.assert_close(f_w, T([-2.5 / 3, -2.0]))
     torch.testing.assert_close(f_l, T([-6.5 / 3, -3.4 / 3]))
     assert info.chosen_index is None and info.rejected_index is None
@@ -149,7 +149,7 @@ def test_confidence():
                      row 1 l: c = [-1, -1.4, -1] -> [1, 1/1.4, 1], f = -3 / (2 + 1/1.4)
     clip off, no pivot, row 1 w: c = [-3, -2.5] -> [1/3, 0.4] / (11/15) = [5/11, 6/11], f = -(1 + 1)/(11/15) = -30/11
     """
-    f_w, f_l, info = fuse("confidence")
+    f_w, f_l, info = fuse("confidence", include_pivot=True)
     torch.testing.assert_close(f_w, T([-0.75, -2.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(f_l, T([-3 / 1.4, -3 / (2 + 1 / 1.4)]), atol=1e-5, rtol=0)
     w_w, w_l = info.weights
@@ -159,6 +159,22 @@ def test_confidence():
     f_w, _, info = fuse("confidence", clip=False, include_pivot=False)
     torch.testing.assert_close(f_w[1], T(-30 / 11), atol=1e-5, rtol=0)
     torch.testing.assert_close(info.weights[0][1], T([5 / 11, 6 / 11]), atol=1e-5, rtol=0)
+
+
+def test_include_pivot_defaults_weight_the_sources_only_in_mean_and_confidence():
+    """methods.md §Fusion (choice): mean/confidence default to the N sources only (the paper's arms, γ_i = 1/N).
+
+    clip on, row 0: chosen c = [max(-0.5, -1), max(-1.5, -1)] = [-0.5, -1]; rejected c = [min(-2.5, -2),
+    min(-1.2, -2)] = [-2.5, -2]. mean: f_w = -0.75, f_l = -2.25 (with the pivot: -2.5/3, -6.5/3).
+    confidence: 1/|c| = [2, 1] -> w = [2/3, 1/3], f_w = -(1 + 1)/3 = -2/3; rejected [0.4, 0.5] -> f_l = -2/0.9.
+    """
+    f_w, f_l, info = fuse("mean")
+    assert (f_w[0].item(), f_l[0].item()) == pytest.approx((-0.75, -2.25)) and info.num_candidates == 2
+    f_w, f_l, info = fuse("confidence")
+    assert (f_w[0].item(), f_l[0].item()) == pytest.approx((-2 / 3, -2 / 0.9), abs=1e-5)
+    assert info.weights[0][0].tolist() == pytest.approx([2 / 3, 1 / 3], abs=1e-5)
+    for method in ("max_margin", "max_margin_pair"):  # the pivot only breaks ties there: included by default
+        assert fuse(method)[2].num_candidates == 3
 
 
 def test_confidence_rejects_positive_log_probs():
