@@ -32,6 +32,7 @@ from infifpo.trainers.data import (
     score_columns,
     validate_preference_rows,
 )
+from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
 
 logger = logging.getLogger(__name__)
 LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
@@ -49,8 +50,10 @@ class InfiFPOConfig(DPOConfig):
         "help": "Compare mean per-token log-probs (each model divided by its own token count) instead of sums."})
     clip: bool = field(default=True, metadata={
         "help": "Clip sources against the frozen pivot: never below it on chosen, never above it on rejected."})
-    include_pivot: bool = field(default=True, metadata={
-        "help": "Append the frozen initial pivot as one more fusion candidate (the paper's derivation)."})
+    include_pivot: bool | None = field(default=None, metadata={
+        "help": "Append the frozen initial pivot as one more fusion candidate (the paper's derivation). Default: "
+                "false for mean/confidence (the paper's arms weight the N sources only), true for the max-margin "
+                "forms, where it only breaks ties (methods.md §Fusion)."})
     margin_against: str = field(default="init", metadata={
         "help": "max_margin's distance is measured against the frozen initial pivot ('init') or the current "
                 "policy ('policy').", "choices": ["init", "policy"]})
@@ -72,6 +75,9 @@ class InfiFPOConfig(DPOConfig):
         "help": "β of the loss; default 2.5 with length normalisation and 0.1 without (paper / run.sh)."})
     precompute_ref_log_probs: bool = field(default=True, metadata={
         "help": "Always True: the reference log-probs are dataset columns; no reference model is loaded."})
+    max_length: int | None = field(default=4096, metadata={
+        "help": "Maximum prompt + response tokens (the paper's 4096). A longer row is an error naming it (or a "
+                "counted drop with skip_invalid_rows): the scores cover the whole response, so it is never cut."})
 
     def __post_init__(self):
         if self.fusion_type is not None:
@@ -88,6 +94,12 @@ class InfiFPOConfig(DPOConfig):
             raise ConfigError(f"loss_type={self.loss_type}: InfiFPO supports exactly one of {list(LOSS_TYPES)}.")
         if self.fusion_method not in fusion.FUSIONS:
             raise ConfigError(f"fusion_method={self.fusion_method!r}; choose one of {list(fusion.FUSIONS)}.")
+        self.include_pivot = fusion.resolve_include_pivot(self.fusion_method, self.include_pivot)
+        if self.loss_type[0] == "ipo" and not self.length_normalize:
+            raise ConfigError("loss_type=ipo is defined on per-token mean log-probs (as TRL's ipo and the paper); "
+                              "set length_normalize: true, or use loss_type sigmoid with sums.")
+        check_truncation_mode(self)
+        refuse_ignored_dpo_options(self, "InfiFPOTrainer")
 
 
 class InfiFPOTrainer(DPOTrainer):

@@ -36,6 +36,7 @@ from infifpo.trainers.data import (
     score_columns,
     validate_preference_rows,
 )
+from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
 
 logger = logging.getLogger(__name__)
 RESPONSES = ("source_chosen", "chosen", "rejected")
@@ -54,6 +55,9 @@ class WRPOConfig(DPOConfig):
         "help": "Drop (and count in the log) rows that fail validation instead of raising a named error."})
     # Overridden DPOConfig defaults
     beta: float = field(default=0.01, metadata={"help": "β of ρ(y) = β(π(y) − r(y)) (released: 0.01)."})
+    max_length: int | None = field(default=2048, metadata={
+        "help": "Maximum prompt + response tokens (released: 2048). A longer row is an error naming it (or a counted "
+                "drop with skip_invalid_rows): precomputed reference sums cover the whole response."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +65,8 @@ class WRPOConfig(DPOConfig):
             raise ConfigError(f"loss_type={self.loss_type}: WRPO has one objective (methods.md §WRPO); leave it unset.")
         if not 0.0 <= self.alpha_max <= 1.0:
             raise ConfigError(f"alpha_max={self.alpha_max} must be in [0, 1].")
+        check_truncation_mode(self)
+        refuse_ignored_dpo_options(self, "WRPOTrainer")
 
 
 class WRPOTrainer(DPOTrainer):

@@ -76,3 +76,49 @@ def assert_same_loss_and_grads(trainer_a, batch_a, trainer_b, batch_b, atol: flo
     grads_b = dict(trainer_b.model.named_parameters())
     for name, p in trainer_a.model.named_parameters():
         assert_close(p.grad, grads_b[name].grad, atol=atol, rtol=0, msg=name)
+
+
+def plain_completion_logps(model, tokenizer, prompt, texts):
+    """Independent of the trainers: (summed log-probs [R] with grad, token counts [R]) of each assistant text after
+    ``prompt``, from one plain full-logits forward per response (no fused head, no batching, no padding)."""
+    import torch
+
+    prompt_ids, spans = response_spans(tokenizer, prompt, list(texts))
+    sums, counts = [], []
+    for span in spans:
+        ids = torch.tensor([prompt_ids + span])
+        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+        sums.append(logp[len(prompt_ids) - 1:].sum())
+        counts.append(len(span))
+    return torch.stack(sums), torch.tensor(counts, dtype=torch.float32)
+
+
+def sgd_args(**kw) -> dict:
+    """One plain SGD step (no momentum, decay, clipping, warm-up or schedule): Δθ = −lr ∇L exactly."""
+    return cpu_args(**{"optim": "sgd", "max_steps": 1, "lr_scheduler_type": "constant", "weight_decay": 0.0,
+                       "max_grad_norm": 0.0, "learning_rate": 0.5, **kw})
+
+
+def assert_sgd_step(trainer, hand_loss_fn, lr: float, atol: float = 1e-6) -> None:
+    """Train one SGD step and check every trainable parameter moved by exactly −lr × ∇ of ``hand_loss_fn(model)``,
+    an independently computed loss evaluated on a copy of the model before the step; the move is non-trivial."""
+    import copy
+
+    import torch
+
+    hand = copy.deepcopy(trainer.model)
+    for module in hand.modules():  # accelerate patches instance `forward`s bound to the original: drop the copies
+        module.__dict__.pop("forward", None)
+    if getattr(hand, "is_gradient_checkpointing", False):  # TRL turns it on; the plain forward needs no recompute
+        hand.gradient_checkpointing_disable()
+    hand_loss_fn(hand).backward()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    grads = {n: p.grad for n, p in hand.named_parameters() if p.requires_grad}
+    after = dict(trainer.model.named_parameters())
+    moved = 0.0
+    for name, old in before.items():
+        expected = -lr * (grads[name] if grads[name] is not None else torch.zeros_like(old))
+        torch.testing.assert_close(after[name].detach() - old, expected, atol=atol, rtol=1e-4, msg=name)
+        moved = max(moved, float(expected.abs().max()))
+    assert moved > 100 * atol  # the step is not vacuous

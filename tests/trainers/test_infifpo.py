@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,14 @@ from infifpo.logprobs import response_spans
 from infifpo.schema import ConfigError
 from infifpo.store import read_jsonl
 from infifpo.trainers.infifpo import InfiFPOConfig, InfiFPOTrainer
-from tests.trainers.conftest import assert_same_loss_and_grads, cpu_args, make_scored_rows
+from tests.trainers.conftest import (
+    assert_same_loss_and_grads,
+    assert_sgd_step,
+    cpu_args,
+    make_scored_rows,
+    plain_completion_logps,
+    sgd_args,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "official_format_row.jsonl"
 
@@ -95,38 +103,48 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _hand_infifpo_loss(model, tok, rows, beta):
+    """methods.md, LN on, max_margin with clip (init): f(y_w) = max(v_r, max_k v_k), f(y_l) = min(v_r, min_k v_k);
+    −log σ(β[(π̄_w − f_w) − (π̄_l − f_l)]) averaged over rows, π̄ from plain forwards."""
+    losses = []
+    for row in rows:
+        texts = [row[r][-1]["content"] for r in ("chosen", "rejected")]
+        sums, n = plain_completion_logps(model, tok, row["prompt"], texts)
+        f_w = max(row["ref_mean_chosen_logps"], *row["fuse_mean_chosen_logps"])
+        f_l = min(row["ref_mean_rejected_logps"], *row["fuse_mean_rejected_logps"])
+        u = beta * ((sums[0] / n[0] - f_w) - (sums[1] / n[1] - f_l))
+        losses.append(-torch.nn.functional.logsigmoid(u))
+    return torch.stack(losses).mean()
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_training_reduces_loss_and_changes_parameters(tiny_llama, tiny_tok, tmp_path, lora):
+def test_one_sgd_step_follows_the_hand_computed_gradient(tiny_llama, tiny_tok, tmp_path, lora):
+    """One SGD step moves every trainable parameter by −lr ∇L, L the InfiFPO loss computed by hand (plain forwards,
+    the methods.md max-margin form); with LoRA only adapter weights are trainable."""
     from peft import LoraConfig
 
-    rows = make_scored_rows(tiny_tok, 2, k=2)  # batch 2 of 2 rows: every step sees the same pairs
+    rows = make_scored_rows(tiny_tok, 2, k=2)  # batch 2 of 2 rows: the step sees both pairs
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
     trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
-                             peft_config=peft, args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args(
-                                 max_steps=4, learning_rate=1e-2 if lora else 1e-3)))
-    before = _params(trainer.model)
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < losses[0]
-    after = _params(trainer.model)
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert changed and (not lora or all("lora_" in n for n in changed))
+                             peft_config=peft,
+                             args=InfiFPOConfig(output_dir=str(tmp_path), **sgd_args(learning_rate=0.5)))
+    assert trainer.beta == 2.5
+    assert_sgd_step(trainer, lambda m: _hand_infifpo_loss(m, tiny_tok, rows, 2.5), lr=0.5)
+    assert not lora or all("lora_" in n for n in _params(trainer.model))
 
 
 def test_official_format_example_loads_and_trains(tiny_llama, tiny_tok, tmp_path):
     rows = read_jsonl(EXAMPLE)
     assert "prompt" not in rows[0] and "ref_chosen_num_tokens" not in rows[0]
     trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
-                             args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args(max_steps=3)))
+                             args=InfiFPOConfig(output_dir=str(tmp_path), **sgd_args(learning_rate=0.5)))
     # TRL extracted the shared prompt: the completion is the assistant turn only.
     first = trainer.train_dataset[0]
     assert tiny_tok.decode(first["chosen_ids"]) == json.loads(EXAMPLE.read_text().splitlines()[0])["chosen"][1][
         "content"] + "|"
-    before = _params(trainer.model)
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < losses[0]
-    assert any(not torch.equal(v, _params(trainer.model)[n]) for n, v in before.items())
+    as_ours = [{**r, "prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]}
+               for r in rows]
+    assert_sgd_step(trainer, lambda m: _hand_infifpo_loss(m, tiny_tok, as_ours, 2.5), lr=0.5)
     assert "fusion/chosen_share/src0" in trainer.state.log_history[0]  # no source_models column: src0..
 
 
@@ -139,29 +157,78 @@ def test_config_defaults_and_run_script_aliases(tmp_path):
     alias = InfiFPOConfig(fusion_type="mean", length_norm=False, **base)
     assert (alias.fusion_method, alias.length_normalize, alias.beta) == ("mean", False, 0.1)
     assert InfiFPOConfig(beta=0.7, **base).beta == 0.7
+    assert cfg.max_length == 4096  # the paper's, not TRL's inherited 1024
+    # methods.md §Fusion (choice): mean/confidence weight the N sources only unless asked; max-margin keeps the pivot
+    assert [InfiFPOConfig(fusion_method=m, **base).include_pivot for m in ("mean", "confidence", "max_margin_pair")] \
+        == [False, False, True]
+    assert InfiFPOConfig(fusion_method="mean", include_pivot=True, **base).include_pivot is True
+    with pytest.raises(ConfigError, match="per-token"):
+        InfiFPOConfig(loss_type="ipo", length_normalize=False, **base)
     with pytest.raises(ConfigError, match="hinge"):
         InfiFPOConfig(loss_type="hinge", **base)
     with pytest.raises(ConfigError, match="max_margin"):
         InfiFPOConfig(fusion_method="maxmargin", **base)
 
 
-def test_wrpo_variant_with_source_equal_to_reference_is_wrpo(tiny_llama, tiny_tok, tmp_path):
-    """InfiFPO-WRPO (every WRPO reference term replaced by f) with f == r (one source equal to the pivot, LN off)
-    gives WRPOTrainer's loss on the same batch; α follows the same schedule (constant α_max here)."""
-    from infifpo.trainers.wrpo import WRPOConfig, WRPOTrainer
+def test_wrpo_variant_loss_matches_hand_computation_with_fused_references(tiny_llama, tiny_tok, tmp_path):
+    """InfiFPO-WRPO (methods.md §The InfiFPO loss): the WRPO objective with every reference term replaced by f.
 
-    rows = make_scored_rows(tiny_tok, 4, k=1, wrpo=True)
-    for row in rows:
-        for r in ("source_chosen", "chosen", "rejected"):
-            row[f"fuse_{r}_logps"] = [row[f"ref_{r}_logps"]]
-    common = cpu_args(beta=0.05)
+    LN off (sums), two sources, max_margin with clip against the initial pivot: f(y_ws) = max(r_ws, max_k s_k(y_ws)),
+    f(y_wt) = max(r_wt, max_k s_k(y_wt)), f(y_l) = min(r_l, min_k s_k(y_l)); α constant 0.3, β 0.05;
+    L = −log σ(β[α(π_ws − f_ws) + (1 − α)(π_wt − f_wt) − (π_l − f_l)]) with π from plain forwards.
+    """
+    rows = make_scored_rows(tiny_tok, 4, k=2, wrpo=True)
     infi = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
                           args=InfiFPOConfig(output_dir=str(tmp_path / "i"), loss_type="wrpo", length_normalize=False,
-                                             alpha_max=0.3, is_dynamic=False, **common))
-    wrpo = WRPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
-                       args=WRPOConfig(output_dir=str(tmp_path / "w"), alpha_max=0.3, is_dynamic=False, **common))
+                                             alpha_max=0.3, is_dynamic=False, **cpu_args(beta=0.05)))
     infi.model.train()
-    loss_i = infi.compute_loss(infi.model, _batch(infi, 4))
-    loss_w = wrpo.compute_loss(wrpo.model, _batch(wrpo, 4))
-    assert_close(loss_i, loss_w, atol=1e-6, rtol=0)
+    loss = infi.compute_loss(infi.model, _batch(infi, 4))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    expected = []
+    with torch.no_grad():
+        for row in rows:
+            responses = ("source_chosen", "chosen", "rejected")
+            pi = plain_completion_logps(model, tiny_tok, row["prompt"], [row[r][0]["content"] for r in responses])[0]
+            f_ws, f_wt = (max(row[f"ref_{r}_logps"], *row[f"fuse_{r}_logps"]) for r in responses[:2])
+            f_l = min(row["ref_rejected_logps"], *row["fuse_rejected_logps"])
+            z = 0.05 * (0.3 * (pi[0].item() - f_ws) + 0.7 * (pi[1].item() - f_wt) - (pi[2].item() - f_l))
+            expected.append(math.log1p(math.exp(-z)))
+    assert loss.item() == pytest.approx(sum(expected) / 4, abs=1e-5)
     assert infi._metrics["train"]["alpha"] == [0.3]
+
+
+@pytest.mark.parametrize(("loss_type", "trl_loss_type"), [("sigmoid", "sigmoid_norm"), ("ipo", "ipo")])
+def test_single_source_equal_to_reference_with_ln_is_trl_per_token_loss(tiny_llama, tiny_llama_b, tiny_tok, tmp_path,
+                                                                        loss_type, trl_loss_type):
+    """methods.md identity with LN on: one source whose values equal the frozen pivot's → f = r̄, and the InfiFPO loss
+    equals TRL's per-token form (``sigmoid_norm``; ``ipo``, which TRL computes on per-token means), loss and grads."""
+    rows = make_scored_rows(tiny_tok, 4, k=1)
+    plain = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    dpo = DPOTrainer(tiny_llama_b, ref_model=ref_model, train_dataset=plain, processing_class=tiny_tok,
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True, beta=0.5,
+                                    loss_type=[trl_loss_type], **cpu_args()))
+    ref_c, ref_r = dpo.train_dataset["ref_chosen_logps"], dpo.train_dataset["ref_rejected_logps"]
+    for row, c, r in zip(rows, ref_c, ref_r, strict=True):
+        n_c, n_r = row["ref_chosen_num_tokens"], row["ref_rejected_num_tokens"]
+        row.update(ref_chosen_logps=c, ref_rejected_logps=r, ref_mean_chosen_logps=c / n_c,
+                   ref_mean_rejected_logps=r / n_r, fuse_chosen_logps=[c], fuse_rejected_logps=[r],
+                   fuse_mean_chosen_logps=[c / n_c], fuse_mean_rejected_logps=[r / n_r],
+                   fuse_chosen_num_tokens=[n_c], fuse_rejected_num_tokens=[n_r])
+    infi = InfiFPOTrainer(tiny_llama_b, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                          args=InfiFPOConfig(output_dir=str(tmp_path / "infi"), length_normalize=True, beta=0.5,
+                                             loss_type=loss_type, **cpu_args()))
+    assert_same_loss_and_grads(infi, _batch(infi, 4), dpo, _batch(dpo, 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [{"label_smoothing": 0.1}, {"ld_alpha": 0.5},
+                                    {"f_divergence_type": "js_divergence"}, {"use_weighting": True}, {"loss_weights": [1.0]}, {"padding_free": True},
+                                    {"truncation_mode": "keep_end"}])
+def test_inherited_options_the_loss_ignores_are_refused(tmp_path, option):
+    """TRL DPO options that InfiFPO's and WRPO's losses would silently ignore are named errors, not no-ops."""
+    from infifpo.trainers.wrpo import WRPOConfig
+
+    name = next(iter(option))
+    for config in (InfiFPOConfig, WRPOConfig):
+        with pytest.raises(ConfigError, match=name):
+            config(output_dir=str(tmp_path), use_cpu=True, bf16=False, **option)
