@@ -109,9 +109,20 @@ class StageOutput:
         return ShardWriter(self.path / shard_name(shard, num_shards))
 
     def write_all(self, rows: Iterable[dict[str, Any]]) -> Path:
-        """Write a whole (small) output in one go and mark it complete; for stages with no long-running work."""
-        with self.open_shard() as w:
-            w.write(list(rows))
+        """Write a whole (small) output in one go and mark it complete; for stages with no long-running work.
+
+        The rows go to a temporary file that replaces the shard in one rename, so a crash at any instant leaves the
+        old shard or the new one, never both: a re-run after a crash before ``_SUCCESS`` rewrites, never appends.
+        """
+        self.open_shard().close()  # the directory and meta.json
+        target = self.path / shard_name()
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(_row_line(row, target))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
         return self.finalize()
 
     def finalize(self) -> Path:
@@ -120,7 +131,8 @@ class StageOutput:
         for f in self.shard_files():
             for row in _read_jsonl(f, tolerate_partial_tail=False):
                 if row["id"] in seen:
-                    raise StoreError(f"{self.path}: row id {row['id']!r} appears twice across shards")
+                    raise StoreError(f"{self.path}: row id {row['id']!r} appears twice across shards (two writers, or "
+                                     f"a shard written twice). Delete {self.path} and re-run the stage.")
                 seen.add(row["id"])
         files = {f.name: file_sha256(f) for f in self.shard_files()}
         _atomic_write(self.path / SUCCESS, json.dumps({"num_rows": len(seen), "files": files}, indent=1))
@@ -137,12 +149,7 @@ class ShardWriter:
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append rows (each must have an ``id``) and make them durable."""
-        lines = []
-        for row in rows:
-            if "id" not in row:
-                raise StoreError(f"{self.path}: every row needs an 'id' column, got keys {sorted(row)}")
-            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n")
-        self._f.write("".join(lines))
+        self._f.write("".join(_row_line(row, self.path) for row in rows))
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -154,6 +161,13 @@ class ShardWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _row_line(row: dict[str, Any], path: Path) -> str:
+    """One JSONL line of ``row``; every row needs an ``id``."""
+    if "id" not in row:
+        raise StoreError(f"{path}: every row needs an 'id' column, got keys {sorted(row)}")
+    return json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n"
 
 
 def read_output(path: str | os.PathLike, *, verify: bool = True) -> list[dict[str, Any]]:

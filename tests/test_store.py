@@ -86,3 +86,51 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     p.write_text("[1, 2]\n")
     with pytest.raises(DataFormatError, match="JSON object"):
         read_jsonl(p)
+
+
+class _Crash(BaseException):
+    """An injected crash (BaseException, like the SystemExit/KeyboardInterrupt of a killed process)."""
+
+
+def test_write_all_crash_at_every_step_of_finalize_reruns_to_the_identical_output(tmp_path, monkeypatch):
+    """issue: prompts / pair / score's assembled output appended their rows and then wrote _SUCCESS; a crash between
+    the two made the re-run append every row again. Inject a crash at each file operation of write_all (every
+    fsync, rename and marker write), re-run, and the output equals a clean run's, byte for byte."""
+    import infifpo.store as store
+
+    rows = [{"id": f"r{i}", "x": i} for i in range(5)]
+    clean = StageOutput(tmp_path / "clean", "out", {"k": 1}).write_all(rows)
+    expected = {p.name: p.read_bytes() for p in clean.iterdir()}
+    real_replace, real_fsync = store.os.replace, store.os.fsync
+    step = 0
+    while True:
+        calls = 0
+
+        def crash_at(real):
+            def wrapped(*args):
+                nonlocal calls
+                calls += 1
+                if calls == step + 1:
+                    raise _Crash
+                return real(*args)
+            return wrapped
+
+        monkeypatch.setattr(store.os, "replace", crash_at(real_replace))
+        monkeypatch.setattr(store.os, "fsync", crash_at(real_fsync))
+        out = StageOutput(tmp_path / f"crash{step}", "out", {"k": 1})
+        try:
+            out.write_all(rows)
+            crashed = False
+        except _Crash:
+            crashed = True
+        monkeypatch.setattr(store.os, "replace", real_replace)
+        monkeypatch.setattr(store.os, "fsync", real_fsync)
+        if not crashed:
+            break
+        assert not out.is_complete() or read_output(out.path) == rows  # old state or the new one
+        out.write_all(rows)  # the re-run
+        got = {p.name: p.read_bytes() for p in out.path.iterdir() if not p.name.endswith(".tmp")}
+        assert got == expected, f"crash at step {step}"
+        assert read_output(out.path) == rows
+        step += 1
+    assert step >= 3  # the shard's fsync and rename, the marker's rename were all crash points
