@@ -57,7 +57,8 @@ def build_model(path: str, quick: bool) -> None:
 
 
 def make_rows(n: int, prompt_len: int, response_len: int, k: int = 2) -> list[dict]:
-    """Conversational scored pairs with random (valid) log-probs; lengths in characters = tokens here."""
+    """Conversational scored pairs with random (valid) log-probs; lengths in characters = tokens here (+1 for the
+    end-of-turn token the trainer's completion includes), so means are sums over those token counts."""
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz "
 
@@ -70,10 +71,12 @@ def make_rows(n: int, prompt_len: int, response_len: int, k: int = 2) -> list[di
                "chosen": [{"role": "assistant", "content": text(response_len)}],
                "rejected": [{"role": "assistant", "content": text(response_len - 10)}]}
         for r in ("chosen", "rejected"):
-            ref = -rng.uniform(1, 3) * response_len
-            src = [-rng.uniform(1, 3) * response_len for _ in range(k)]
-            row.update({f"ref_{r}_logps": ref, f"ref_mean_{r}_logps": ref / response_len, f"fuse_{r}_logps": src,
-                        f"fuse_mean_{r}_logps": [s / response_len for s in src]})
+            n_tok = len(row[r][0]["content"]) + 1
+            ref = -rng.uniform(1, 3) * n_tok
+            src = [-rng.uniform(1, 3) * n_tok for _ in range(k)]
+            row.update({f"ref_{r}_logps": ref, f"ref_mean_{r}_logps": ref / n_tok, f"fuse_{r}_logps": src,
+                        f"fuse_mean_{r}_logps": [s / n_tok for s in src], f"ref_{r}_num_tokens": n_tok,
+                        f"fuse_{r}_num_tokens": [n_tok] * k})
         rows.append(row)
     return rows
 

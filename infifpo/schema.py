@@ -130,8 +130,13 @@ def check_messages(value: Any, index: int, row: dict[str, Any], field: str) -> N
             )
 
 
+# torch.finfo(torch.float32).max: the trainers' collator carries score columns as float32 tensors.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_logp(value: Any, index: int, row: dict[str, Any], field: str, source: str | None = None) -> float:
-    """Return ``value`` as a float log-prob, or raise ScoredPairsError if it is missing, non-finite or > 0."""
+    """Return ``value`` as a float log-prob, or raise ScoredPairsError if it is missing, non-finite, > 0, or too
+    large in magnitude for float32 (the dtype the trainers' collator uses: it would become -inf there)."""
     where = f"{row_label(index, row)}, field {field!r}" + (f", source {source!r}" if source else "")
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         raise ScoredPairsError(f"{where}: expected a float log-prob, got {value!r}. Re-run `infifpo score`.")
@@ -139,6 +144,11 @@ def check_logp(value: Any, index: int, row: dict[str, Any], field: str, source: 
         raise ScoredPairsError(
             f"{where}: log-prob is {value} (not finite). The response is likely empty or was scored with a "
             "broken model; drop the row or re-run `infifpo score`."
+        )
+    if abs(value) > FLOAT32_MAX:
+        raise ScoredPairsError(
+            f"{where}: log-prob {value} does not fit float32 (|value| <= {FLOAT32_MAX:.4g}), the dtype training reads "
+            "scores in: it would become -inf and the loss meaningless. Drop the row or re-run `infifpo score`."
         )
     if value > 1e-4:
         raise ScoredPairsError(f"{where}: log-prob {value} is positive; a log-probability must be <= 0.")

@@ -19,7 +19,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from infifpo.logprobs import common_prefix_length, response_spans
-from infifpo.schema import ChatTemplateError, row_label
+from infifpo.schema import ChatTemplateError, ScoredPairsError, row_label
 
 
 @dataclass
@@ -28,7 +28,8 @@ class ScoredPreferenceCollator(DataCollatorForPreference):
 
     Output: ``input_ids``/``attention_mask``/``completion_mask`` of shape (N*B, L), right-padded, rows ordered
     response-major (with the default ``("chosen", "rejected")`` exactly TRL's layout), and one tensor per score
-    column: (B,) for a scalar column, (B, K) for a per-source list. Truncation happens before padding, as in TRL.
+    column: (B,) for a scalar column, (B, K) for a per-source list. Unlike TRL's, it never truncates: a row longer
+    than ``max_length`` is a ScoredPairsError (the trainers refuse or drop such rows before, naming them).
     """
 
     responses: tuple[str, ...] = ("chosen", "rejected")
@@ -40,11 +41,12 @@ class ScoredPreferenceCollator(DataCollatorForPreference):
             for ex in examples:
                 ids.append(ex["prompt_ids"] + ex[f"{r}_ids"])
                 masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[f"{r}_ids"]))
-        if self.max_length is not None:
-            if self.truncation_mode not in ("keep_start", "keep_end"):
-                raise ValueError(f"Unsupported truncation mode: {self.truncation_mode}")
-            sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
-            ids, masks = [x[sl] for x in ids], [m[sl] for m in masks]
+        longest = max((len(x) for x in ids), default=0)
+        if self.max_length is not None and longest > self.max_length:  # never cut: the scores cover whole responses
+            raise ScoredPairsError(
+                f"a batch row has {longest} tokens > max_length={self.max_length}; this collator never cuts a row. "
+                "The trainers' _prepare_dataset names such rows (trainers.data.prepare_scored_dataset): pass the "
+                "dataset through the trainer, raise max_length, or drop the row.")
         kw = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
         out = {
             "input_ids": pad([torch.tensor(x) for x in ids], padding_value=self.pad_token_id, **kw),
@@ -53,6 +55,9 @@ class ScoredPreferenceCollator(DataCollatorForPreference):
         }
         for col in self.score_columns:
             out[col] = torch.tensor([ex[col] for ex in examples], dtype=torch.float32)
+            if not torch.isfinite(out[col]).all():  # the trainers check every row first (schema.check_logp)
+                raise ScoredPairsError(f"score column {col!r} holds a value that is not finite in float32; validate "
+                                       "the rows through the trainer (it names the row).")
         return out
 
 

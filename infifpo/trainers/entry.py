@@ -148,7 +148,18 @@ def quantization_config(model_args: Any) -> Any:
 
 
 def prepare_rows(method: str, dataset: Any) -> Any:
-    """The columns each method trains on: SFT prompt/completion from (prompt, chosen); stock DPO drops score columns."""
+    """The columns each method trains on: SFT prompt/completion from (prompt, chosen); stock DPO drops score columns.
+
+    Rows are first checked by the validator every method uses (``data.validate_preference_rows``): an empty or
+    whitespace-only SFT target or DPO response, or chosen == rejected, is a DataFormatError naming the row (TRL's
+    SFTConfig / DPOConfig have no skip_invalid_rows). InfiFPO / WRPO validate in their own ``_prepare_dataset``.
+    """
+    from infifpo.trainers.data import validate_preference_rows
+
+    sft_target = next((c for c in ("chosen", "completion", "messages") if c in dataset.column_names), None)
+    responses = {"dpo": ("chosen", "rejected"), "sft": (sft_target,) if sft_target else ()}.get(method, ())
+    if responses:
+        validate_preference_rows(dataset, responses=responses, length_normalize=False, sources=False, ref=False)
     if method == "sft" and "chosen" in dataset.column_names:
         keep = [c for c in ("prompt", "chosen") if c in dataset.column_names]
         dataset = dataset.select_columns(keep)

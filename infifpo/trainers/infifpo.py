@@ -27,10 +27,10 @@ from infifpo.trainers.collate import (
     pop_score_columns,
 )
 from infifpo.trainers.data import (
-    check_reference_token_counts,
-    report_truncated_prompts,
+    model_reference,
+    prepare_scored_dataset,
     score_columns,
-    validate_preference_rows,
+    without_max_length,
 )
 from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
 
@@ -67,6 +67,9 @@ class InfiFPOConfig(DPOConfig):
     # Parameters that control the data
     skip_invalid_rows: bool = field(default=False, metadata={
         "help": "Drop (and count in the log) rows that fail validation instead of raising a named error."})
+    allow_reference_model_mismatch: bool = field(default=False, metadata={
+        "help": "Train although the rows' pivot_model is not the model trained (a logged warning instead of an "
+                "error): for a reference deliberately scored with another model, e.g. the SFT checkpoint's parent."})
     # Aliases of the official InfiFPO run script (run.sh); None means "not given".
     fusion_type: str | None = field(default=None, metadata={"help": "Alias of fusion_method (official run.sh)."})
     length_norm: bool | None = field(default=None, metadata={"help": "Alias of length_normalize (official run.sh)."})
@@ -125,6 +128,7 @@ class InfiFPOTrainer(DPOTrainer):
         self._score_columns = tuple(score_columns(self._responses, length_normalize=args.length_normalize,
                                                   sources=True))
         self._source_names: list[str] = []
+        self._model_ref = model_reference(model)  # the pivot the scores must come from (data.prepare_scored_dataset)
         super().__init__(model, args=args, data_collator=data_collator, **kwargs)
         if data_collator is None:
             self.data_collator = ScoredPreferenceCollator(
@@ -135,18 +139,22 @@ class InfiFPOTrainer(DPOTrainer):
     # -- data hooks ---------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: InfiFPOConfig, dataset_name: str
                          ) -> Dataset:
-        dataset = validate_preference_rows(dataset, responses=self._responses, length_normalize=args.length_normalize,
-                                           sources=True, skip_invalid=args.skip_invalid_rows)
+        trl_prepare = super()._prepare_dataset
+
+        def tokenize(rows: Dataset) -> Dataset:  # TRL drops no row: too-long rows are named (or counted) after it
+            rows = trl_prepare(rows, processing_class, without_max_length(args), dataset_name)
+            if "source_chosen" in self._responses:
+                rows = add_response_ids(rows, "source_chosen", self._tokenizer)
+            return rows
+
+        dataset = prepare_scored_dataset(
+            dataset, tokenize, responses=self._responses, length_normalize=args.length_normalize, sources=True,
+            ref=True, skip_invalid=args.skip_invalid_rows, max_length=args.max_length,
+            tokenizer_name=self._tokenizer.name_or_path, model=self._model_ref,
+            allow_model_mismatch=args.allow_reference_model_mismatch)
         if "source_models" in dataset.column_names and not self._source_names:
             self._source_names = list(dataset[0]["source_models"])
-        n_before = len(dataset)
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        report_truncated_prompts(n_before, dataset, args.max_length, dataset_name)
-        if "source_chosen" in self._responses:
-            dataset = add_response_ids(dataset, "source_chosen", self._tokenizer)
-        return check_reference_token_counts(dataset, responses=self._responses, max_length=args.max_length,
-                                            tokenizer_name=self._tokenizer.name_or_path,
-                                            skip_invalid=args.skip_invalid_rows)
+        return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

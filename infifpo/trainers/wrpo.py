@@ -31,10 +31,10 @@ from infifpo.trainers.collate import (
     pop_score_columns,
 )
 from infifpo.trainers.data import (
-    check_reference_token_counts,
-    report_truncated_prompts,
+    model_reference,
+    prepare_scored_dataset,
     score_columns,
-    validate_preference_rows,
+    without_max_length,
 )
 from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
 
@@ -53,6 +53,9 @@ class WRPOConfig(DPOConfig):
     # Parameters that control the data
     skip_invalid_rows: bool = field(default=False, metadata={
         "help": "Drop (and count in the log) rows that fail validation instead of raising a named error."})
+    allow_reference_model_mismatch: bool = field(default=False, metadata={
+        "help": "Train although the rows' pivot_model is not the model trained (a logged warning instead of an "
+                "error): for a reference deliberately scored with another model, e.g. the SFT checkpoint's parent."})
     # Overridden DPOConfig defaults
     beta: float = field(default=0.01, metadata={"help": "β of ρ(y) = β(π(y) − r(y)) (released: 0.01)."})
     max_length: int | None = field(default=2048, metadata={
@@ -91,6 +94,7 @@ class WRPOTrainer(DPOTrainer):
                               "(`infifpo score` writes them); set precompute_ref_log_probs=False for a live reference.")
         self._score_columns = tuple(score_columns(RESPONSES, length_normalize=False, sources=False,
                                                   ref=self._precomputed))
+        self._model_ref = model_reference(model)  # the pivot the scores must come from (data.prepare_scored_dataset)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, **kwargs)
         if data_collator is None:
@@ -102,15 +106,17 @@ class WRPOTrainer(DPOTrainer):
     # -- data hooks ---------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: WRPOConfig, dataset_name: str
                          ) -> Dataset:
-        dataset = validate_preference_rows(dataset, responses=RESPONSES, length_normalize=False, sources=False,
-                                           ref=self._precomputed, skip_invalid=args.skip_invalid_rows)
-        n_before = len(dataset)
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        report_truncated_prompts(n_before, dataset, args.max_length, dataset_name)
-        dataset = add_response_ids(dataset, "source_chosen", self._tokenizer)
-        return check_reference_token_counts(dataset, responses=RESPONSES, max_length=args.max_length,
-                                            tokenizer_name=self._tokenizer.name_or_path,
-                                            skip_invalid=args.skip_invalid_rows)
+        trl_prepare = super()._prepare_dataset
+
+        def tokenize(rows: Dataset) -> Dataset:  # TRL drops no row: too-long rows are named (or counted) after it
+            rows = trl_prepare(rows, processing_class, without_max_length(args), dataset_name)
+            return add_response_ids(rows, "source_chosen", self._tokenizer)
+
+        return prepare_scored_dataset(
+            dataset, tokenize, responses=RESPONSES, length_normalize=False, sources=False, ref=self._precomputed,
+            skip_invalid=args.skip_invalid_rows, max_length=args.max_length,
+            tokenizer_name=self._tokenizer.name_or_path, model=self._model_ref,
+            allow_model_mismatch=args.allow_reference_model_mismatch)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -46,7 +46,11 @@ def test_single_source_equal_to_reference_is_dpo(tiny_llama, tiny_llama_b, tiny_
                                     **cpu_args()))
     ref_c, ref_r = dpo.train_dataset["ref_chosen_logps"], dpo.train_dataset["ref_rejected_logps"]
     for row, c, r in zip(rows, ref_c, ref_r, strict=True):
-        row.update(ref_chosen_logps=c, ref_rejected_logps=r, fuse_chosen_logps=[c], fuse_rejected_logps=[r])
+        n_c, n_r = row["ref_chosen_num_tokens"], row["ref_rejected_num_tokens"]
+        row.update(ref_chosen_logps=c, ref_rejected_logps=r, ref_mean_chosen_logps=c / n_c,
+                   ref_mean_rejected_logps=r / n_r, fuse_chosen_logps=[c], fuse_rejected_logps=[r],
+                   fuse_mean_chosen_logps=[c / n_c], fuse_mean_rejected_logps=[r / n_r],
+                   fuse_chosen_num_tokens=[n_c], fuse_rejected_num_tokens=[n_r])
     infi = InfiFPOTrainer(tiny_llama_b, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
                           args=InfiFPOConfig(output_dir=str(tmp_path / "infi"), length_normalize=False, beta=0.1,
                                              **cpu_args()))
@@ -80,6 +84,10 @@ def test_max_margin_with_clip_matches_hand_computation(tiny_llama, tiny_tok, tmp
     for row, (rc, sc, rr, sr, _, _) in zip(rows, hand, strict=True):
         row.update(ref_mean_chosen_logps=rc, fuse_mean_chosen_logps=sc, ref_mean_rejected_logps=rr,
                    fuse_mean_rejected_logps=sr)
+        for r in ("chosen", "rejected"):  # sums = mean × count, as `infifpo score` writes them
+            row[f"ref_{r}_logps"] = row[f"ref_mean_{r}_logps"] * row[f"ref_{r}_num_tokens"]
+            row[f"fuse_{r}_logps"] = [m * n for m, n in zip(row[f"fuse_mean_{r}_logps"], row[f"fuse_{r}_num_tokens"],
+                                                            strict=True)]
     trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
                              args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args()))
     assert trainer.beta == 2.5

@@ -30,6 +30,13 @@ BAD = {
     "zero_tokens": (_set("ref_chosen_num_tokens", 0), ScoredPairsError, "ref_chosen_num_tokens.*positive integer"),
     "chosen_is_rejected": (lambda r: r.__setitem__("rejected", r["chosen"]), ScoredPairsError, "chosen == rejected"),
     "last_not_assistant": (_set("chosen", [{"role": "user", "content": "hi"}]), DataFormatError, "last message"),
+    "empty_chosen": (_set("chosen", [{"role": "assistant", "content": ""}]), DataFormatError,
+                     "field 'chosen'.*empty or whitespace only"),
+    "whitespace_rejected": (_set("rejected", [{"role": "assistant", "content": " \n"}]), DataFormatError,
+                            "field 'rejected'.*empty or whitespace only"),
+    "beyond_float32": (_set("ref_mean_chosen_logps", -1e300), ScoredPairsError, "does not fit float32"),
+    "mean_is_sum": (lambda r: r.__setitem__("ref_mean_rejected_logps", r["ref_rejected_logps"]), ScoredPairsError,
+                    "field 'ref_mean_rejected_logps': mean .* != ref_rejected_logps / ref_rejected_num_tokens"),
 }
 
 
@@ -82,19 +89,25 @@ def test_trainer_validates_at_init(tiny_llama, tiny_tok, tmp_path):
 
 def test_reference_token_count_mismatch_is_detected(tiny_llama, tiny_tok, tmp_path):
     rows = make_scored_rows(tiny_tok, 3, k=2)
-    rows[2]["ref_rejected_num_tokens"] += 1  # scored with another tokenizer / template
+    rows[2]["ref_rejected_num_tokens"] += 1  # scored with another tokenizer / template (mean = sum / count still)
+    rows[2]["ref_mean_rejected_logps"] = rows[2]["ref_rejected_logps"] / rows[2]["ref_rejected_num_tokens"]
     with pytest.raises(ScoredPairsError, match=r"row 2 \(id='p002'\), field 'ref_rejected_num_tokens'.*scores cover"):
         InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
                        args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args()))
-    # Truncation by max_length is a mismatch too: the trainer would sum fewer tokens than were scored.
+    # A row longer than max_length is never cut (the scores cover the whole response): named with both lengths,
+    # whether the prompt alone fills max_length (TRL would drop the row) or prompt + response exceed it.
     rows = make_scored_rows(tiny_tok, 3, k=2)
     longest_prompt = max(len(encode_prompt(tiny_tok, r["prompt"])) for r in rows)
-    with pytest.raises(ScoredPairsError, match=rf"row 0 .*max_length={longest_prompt + 2}"):
+    with pytest.raises(ScoredPairsError, match=rf"row 0 .*field 'chosen'.*exceed max_length={longest_prompt + 2}"):
         InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
                        args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args(max_length=longest_prompt + 2)))
-    with pytest.raises(ScoredPairsError, match="every prompt is at least max_length=10"):
+    with pytest.raises(ScoredPairsError, match=r"row 0 \(id='p000'\), field 'chosen': the prompt \(20 tokens\) .*"
+                                               r"exceed max_length=10"):
         InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
                        args=InfiFPOConfig(output_dir=str(tmp_path), **cpu_args(max_length=10)))
+    with pytest.raises(ScoredPairsError, match="every row was too-long"):
+        InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                       args=InfiFPOConfig(output_dir=str(tmp_path), skip_invalid_rows=True, **cpu_args(max_length=10)))
 
 
 def test_score_columns_survive_remove_unused_columns(tiny_llama, tiny_tok, tmp_path):
