@@ -1,4 +1,4 @@
-"""InfiFPO/WRPO/OPD math as pure torch functions, exactly as in `/work/shared/reference/methods.md`.
+"""InfiFPO/WRPO/OPD math as pure torch functions, exactly as in `docs/methods.md`.
 
 Owns: length normalisation, clipping against the frozen initial pivot, fusion of K source values into one reference
 (FUSIONS), the InfiFPO loss (sigmoid, ipo), the WRPO loss and alpha schedule, and the OPD objectives (sequence-level
@@ -181,8 +181,9 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
 
     ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (methods.md §Fusion). Steps: clip against v_r
     (`clip`), append v_r as candidate K (`include_pivot`; None = the method's default, INCLUDE_PIVOT_DEFAULT), fuse
-    with FUSIONS[method], then clamp f into [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set. `margin_against="policy"` measures max-margin's
-    D against the given current policy values policy_* [B] (detached) instead of v_r; clipping stays against v_r.
+    with FUSIONS[method], then clamp f into [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set.
+    `margin_against="policy"` measures max-margin's D against the given current policy values policy_* [B]
+    (detached) instead of v_r; clipping stays against v_r.
     NaN inputs raise (−inf is allowed and handled without NaN). Returns (fused_chosen, fused_rejected, FusionInfo).
     When every candidate equals v_r (e.g. all clipped to it) and the pivot is included, the selected index is the
     pivot's (K): the fused value is the pivot's whichever candidate wins the tie.
@@ -295,24 +296,53 @@ def wrpo_loss(policy_source_chosen: Tensor, policy_target_chosen: Tensor, policy
     return -F.logsigmoid(alpha * rho_ws + (1 - alpha) * rho_wt - rho_l)
 
 
-def opd_sequence_advantages(fused: Tensor, policy_detached: Tensor, group_size: int) -> Tensor:
-    """A_i = (f(y_i) − v̂_π(y_i)) − mean over its group [N], detached (methods.md §On-policy distillation).
+OPD_BASELINES = ("leave_one_out", "group_mean")
 
-    fused, policy_detached: [N] in the same space (nats); groups are consecutive blocks of `group_size` samples
-    of one prompt, so N must be a multiple of `group_size`.
+
+def opd_sequence_advantages(fused: Tensor, policy_detached: Tensor, group_size: int, *,
+                            baseline: str = "leave_one_out") -> Tensor:
+    """A_i = g_i − b_i with g = f(y) − v̂_π(y), detached [N] (methods.md §On-policy distillation).
+
+    fused, policy_detached: [N] in the same space (nats, or nats/token with LN); groups are consecutive blocks of
+    `group_size` samples of one prompt, so N must be a multiple of `group_size`. `baseline`:
+    "leave_one_out" (default): b_i = mean of g over the *other* G − 1 samples of the group (RLOO), = G/(G−1) times
+    the group_mean advantage; b_i is independent of y_i, so with `opd_sequence_loss` the gradient is unbiased.
+    "group_mean": b_i = mean over all G samples (methods.md's literal text). b_i then contains g_i/G, so the score
+    term's expectation is scaled by (G−1)/G while the LN pathwise term (`opd_sequence_loss`) is not: biased with LN.
     """
     _require_same_shape(fused=fused, policy_detached=policy_detached)
+    if baseline not in OPD_BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; valid baselines: {list(OPD_BASELINES)}")
     if fused.dim() != 1 or group_size <= 0 or fused.shape[0] % group_size != 0:
         raise ValueError(f"need [N] tensors with N a multiple of group_size; got N-shape {tuple(fused.shape)}, "
                          f"group_size={group_size}")
+    if baseline == "leave_one_out" and group_size < 2:
+        raise ValueError("the leave_one_out baseline needs group_size >= 2 (the mean over the other samples)")
     gap = (fused - policy_detached).detach().view(-1, group_size)
-    return (gap - gap.mean(dim=1, keepdim=True)).reshape(-1)
+    centred = gap - gap.mean(dim=1, keepdim=True)
+    if baseline == "leave_one_out":  # g_i − (Σ_j g_j − g_i)/(G − 1) = G/(G − 1) · (g_i − mean_j g_j)
+        centred = centred * (group_size / (group_size - 1))
+    return centred.reshape(-1)
 
 
-def opd_sequence_loss(policy_logps: Tensor, advantages: Tensor) -> Tensor:
-    """Scalar score-function loss −mean_i(A_i · v_π(y_i)); its gradient estimates ∇ E_y~π[v_π(y) − f(y)]."""
-    _require_same_shape(policy_logps=policy_logps, advantages=advantages)
-    return -(advantages.detach() * policy_logps).mean()
+def opd_sequence_loss(policy_sum_logps: Tensor, advantages: Tensor, num_tokens: Tensor | None = None) -> Tensor:
+    """Scalar score-function surrogate whose gradient estimates ∇ E_y~π[v_π(y) − f(y)] (methods.md §OPD).
+
+    policy_sum_logps: [N] summed log-probs log π(y_i) over each response (nats, differentiable); advantages: [N]
+    from `opd_sequence_advantages` (detached here), in the space of v (nats/token with LN, nats without).
+    num_tokens: [N] response token counts n_i when v is length-normalised (v_π = log π / n): the loss is then
+    −mean_i (A_i − 1/n_i)·log π(y_i), where −1/n_i is the pathwise term E[(1/n)∇log π] of ∇E[v_π]. None (sums,
+    no LN): −mean_i A_i·log π(y_i) (the pathwise term is E[∇log π] = 0). Unbiased with the leave-one-out baseline.
+    """
+    _require_same_shape(policy_sum_logps=policy_sum_logps, advantages=advantages)
+    weight = advantages.detach()
+    if num_tokens is not None:
+        n = torch.as_tensor(num_tokens, device=policy_sum_logps.device)
+        if tuple(n.shape) != tuple(policy_sum_logps.shape) or bool((n <= 0).any()):
+            raise ValueError(f"num_tokens must be positive counts of shape {tuple(policy_sum_logps.shape)}, got "
+                             f"shape {tuple(n.shape)} with min {n.min().item() if n.numel() else None}")
+        weight = weight - 1.0 / n.to(policy_sum_logps.dtype)
+    return -(weight * policy_sum_logps).mean()
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

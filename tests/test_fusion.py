@@ -13,6 +13,7 @@ Clipped (c_w = max(s_w, r_w), c_l = min(s_l, r_l)):
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -369,40 +370,112 @@ def test_wrpo_loss_by_hand_and_alpha_zero_is_dpo():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_opd_advantages_and_loss_by_hand_with_finite_difference_gradient():
-    """f = [-1, -2, -3, -4], v̂ = [-1.5, -1, -2, -5], G = 2: f - v̂ = [0.5, -1, -1, 1]; group means -0.25, 0
-    -> A = [0.75, -0.75, -1, 1]. loss = -mean(A v) = -(-1.125 + 0.75 + 2 - 5)/4 = 0.84375; d loss/d v = -A/4.
+def test_opd_advantages_and_loss_by_hand():
+    """f = [-1, -2, -3, -4], v̂ = [-1.5, -1, -2, -5], G = 2: g = f - v̂ = [0.5, -1, -1, 1].
+    group_mean: A = g - mean(group) = [0.75, -0.75, -1, 1]; leave_one_out: A = g_i - g_other = [1.5, -1.5, -2, 2].
+    log π = [-1, -2, -8, -10], n = [1, 2, 4, 5]: A - 1/n = [0.5, -2, -2.25, 1.8], products [-0.5, 4, 18, -18]
+    -> loss (LN) = -3.5/4 = -0.875; without counts A log π = [-1.5, 3, 16, -20] -> loss = 2.5/4 = 0.625.
     """
     fused, pol = T([-1.0, -2.0, -3.0, -4.0], dtype=torch.float64), T([-1.5, -1.0, -2.0, -5.0], dtype=torch.float64)
+    torch.testing.assert_close(opd_sequence_advantages(fused, pol, 2, baseline="group_mean"),
+                               T([0.75, -0.75, -1.0, 1.0], dtype=torch.float64))
     adv = opd_sequence_advantages(fused, pol, 2)
-    torch.testing.assert_close(adv, T([0.75, -0.75, -1.0, 1.0], dtype=torch.float64))
-    v = pol.clone().requires_grad_()
-    loss = opd_sequence_loss(v, adv)
-    assert loss.item() == pytest.approx(0.84375)
-    (grad,) = torch.autograd.grad(loss, v)
-    h = 1e-4
-    for i in range(4):
-        e = torch.zeros(4, dtype=torch.float64)
-        e[i] = h
-        fd = (opd_sequence_loss(pol + e, adv) - opd_sequence_loss(pol - e, adv)) / (2 * h)
-        assert grad[i].item() == pytest.approx(fd.item(), abs=1e-8) == pytest.approx(-adv[i].item() / 4)
+    torch.testing.assert_close(adv, T([1.5, -1.5, -2.0, 2.0], dtype=torch.float64))
+    logp = T([-1.0, -2.0, -8.0, -10.0], dtype=torch.float64, requires_grad=True)
+    n = T([1, 2, 4, 5])
+    assert opd_sequence_loss(logp, adv, n).item() == pytest.approx(-0.875)
+    assert opd_sequence_loss(logp, adv).item() == pytest.approx(0.625)
+    (grad,) = torch.autograd.grad(opd_sequence_loss(logp, adv, n), logp)
+    torch.testing.assert_close(grad, -(adv - 1.0 / n) / 4)
     with pytest.raises(ValueError, match="multiple of group_size"):
         opd_sequence_advantages(fused, pol, 3)
+    with pytest.raises(ValueError, match="unknown baseline 'mean'"):
+        opd_sequence_advantages(fused, pol, 2, baseline="mean")
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        opd_sequence_advantages(fused, pol, 1)
+    with pytest.raises(ValueError, match="num_tokens must be positive"):
+        opd_sequence_loss(logp, adv, T([1, 0, 4, 5]))
 
 
-def test_opd_score_function_gradient_matches_exact_reverse_kl_gradient():
-    """Toy policy over 3 'sequences', π = softmax(θ), teacher f = log q. J(θ) = E_π[log π - f] = KL(π ‖ q); its
-    exact gradient (autograd) must match the mean of the OPD loss gradient over many on-policy samples (one group)."""
-    theta0, log_q = T([0.3, -0.2, 0.1], dtype=torch.float64), T([0.6, 0.3, 0.1], dtype=torch.float64).log()
-    theta = theta0.clone().requires_grad_()
-    log_pi = F.log_softmax(theta, dim=0)
-    (exact,) = torch.autograd.grad((log_pi.exp() * (log_pi - log_q)).sum(), theta, retain_graph=True)
-    y = torch.multinomial(log_pi.detach().exp(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
-    v = log_pi[y]
-    adv = opd_sequence_advantages(log_q[y], v.detach(), group_size=y.numel())
-    (estimate,) = torch.autograd.grad(opd_sequence_loss(v, adv), theta)
-    torch.testing.assert_close(estimate, exact, atol=5e-3, rtol=0)
-    assert exact.abs().max() > 0.05  # the check is not vacuous
+# The tabular policy for the enumeration test: vocabulary {a, b, EOS}, a sequence ends at EOS or after 3 tokens,
+# one row of 3 logits per non-EOS prefix. Every sequence, with its (prefix row, token) per position:
+_VOCAB, _EOS, _MAX_LEN = 3, 2, 3
+
+
+def _all_sequences() -> list[tuple[int, ...]]:
+    done, open_ = [], [()]
+    while open_:
+        prefix = open_.pop(0)
+        for tok in range(_VOCAB):
+            y = (*prefix, tok)
+            (done if tok == _EOS or len(y) == _MAX_LEN else open_).append(y)
+    return done
+
+
+def _sequence_logps(theta: torch.Tensor, sequences: list[tuple[int, ...]]) -> torch.Tensor:
+    """log π(y) = Σ_t log softmax(θ[prefix_t])[y_t] for every sequence [S], differentiable in θ [prefixes, 3]."""
+    prefixes = sorted({y[:t] for y in sequences for t in range(len(y))}, key=lambda p: (len(p), p))
+    row = {p: i for i, p in enumerate(prefixes)}
+    assert theta.shape == (len(prefixes), _VOCAB)  # (), a, b, aa, ab, ba, bb
+    table = F.log_softmax(theta, dim=1)
+    return torch.stack([sum(table[row[y[:t]], y[t]] for t in range(len(y))) for y in sequences])
+
+
+def _expected_estimator_gradient(theta: torch.Tensor, log_pi: torch.Tensor, f: torch.Tensor, n: torch.Tensor, G: int, *,
+                                 length_normalize: bool, baseline: str) -> torch.Tensor:
+    """E over G i.i.d. samples y_1..y_G ~ π of ∇θ of the OPD surrogate, exactly: every G-tuple, weighted by Π π."""
+    prob = log_pi.detach().exp()
+    v = log_pi / n if length_normalize else log_pi
+    total = torch.zeros((), dtype=torch.float64)
+    for tup in itertools.product(range(len(f)), repeat=G):
+        idx = torch.tensor(tup)
+        adv = opd_sequence_advantages(f[idx], v.detach()[idx], G, baseline=baseline)
+        loss = opd_sequence_loss(log_pi[idx], adv, n[idx] if length_normalize else None)
+        total = total + prob[idx].prod() * loss
+    (grad,) = torch.autograd.grad(total, theta, retain_graph=True)
+    return grad
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+@pytest.mark.parametrize("G", [2, 3])
+def test_opd_estimator_is_unbiased_for_the_exact_objective_by_enumeration(length_normalize, G):
+    """J(θ) = Σ_y π(y)(v_π(y) − f(y)) over all 15 sequences of a tabular policy (v = log π / n with LN, log π
+    without; f a fixed arbitrary teacher value in the same space). Its exact gradient (autograd) must equal the
+    exact expectation of the estimator's gradient (leave-one-out baseline) over all 15^G groups. The group_mean
+    baseline's expectation is (G−1)/G · score term + pathwise term: equal to ∇J only without LN (up to the
+    (G−1)/G scale, i.e. a learning-rate rescale)."""
+    sequences = _all_sequences()
+    assert len(sequences) == 15
+    gen = torch.Generator().manual_seed(0)
+    theta = (0.8 * torch.randn(7, _VOCAB, generator=gen, dtype=torch.float64)).requires_grad_()
+    n = torch.tensor([len(y) for y in sequences], dtype=torch.float64)
+    f = -0.5 - 2.5 * torch.rand(len(sequences), generator=gen, dtype=torch.float64)  # nats/token (LN) or nats
+    if not length_normalize:
+        f = f * n
+    log_pi = _sequence_logps(theta, sequences)
+    prob = log_pi.exp()
+    assert prob.sum().item() == pytest.approx(1.0, abs=1e-12)
+    v = log_pi / n if length_normalize else log_pi
+    (exact,) = torch.autograd.grad((prob * (v - f)).sum(), theta, retain_graph=True)
+    # The two parts of the exact gradient: E[(v − f) ∇log π] (score) and E[∇v] = E[(1/n) ∇log π] with LN (pathwise).
+    (score,) = torch.autograd.grad((prob.detach() * (v - f).detach() * log_pi).sum(), theta, retain_graph=True)
+    (pathwise,) = torch.autograd.grad((prob.detach() * v).sum(), theta, retain_graph=True)
+    torch.testing.assert_close(score + pathwise, exact, atol=1e-12, rtol=0)
+    assert exact.abs().max() > 0.05  # not vacuous
+    if length_normalize:
+        assert pathwise.abs().max() > 0.01  # the LN pathwise term matters here
+    else:
+        assert pathwise.abs().max() < 1e-12  # E[∇log π] = 0
+
+    estimate = _expected_estimator_gradient(theta, log_pi, f, n, G, length_normalize=length_normalize,
+                                            baseline="leave_one_out")
+    torch.testing.assert_close(estimate, exact, atol=1e-10, rtol=0)
+
+    group_mean = _expected_estimator_gradient(theta, log_pi, f, n, G, length_normalize=length_normalize,
+                                              baseline="group_mean")
+    torch.testing.assert_close(group_mean, (G - 1) / G * score + pathwise, atol=1e-10, rtol=0)
+    if length_normalize:
+        assert (group_mean - exact).abs().max() > 1e-3
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl_on_toy_distribution():

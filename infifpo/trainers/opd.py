@@ -11,8 +11,15 @@ gradient accumulation, PEFT checks, ``_forward_redirection`` for DDP/FSDP and th
 GRPOTrainer would bring rewards, clipping ratios and importance sampling we do not use. Departures from it:
 ``_get_train_sampler`` repeats every prompt G = ``num_generations`` times (GRPO's layout; TRL's distillation has
 G = 1); ``_generate_and_score_completions`` adds the advantages; ``compute_loss`` is the sequence-level score-function
-loss −mean_i A_i·v_π(y_i) (+ the optional token-level generalised JSD for same-vocabulary teachers); the teacher is a
-list of ``Teacher`` records with their own tokenizers, not ``teacher_model``.
+surrogate −mean_i (A_i − 1/n_i)·log π(y_i) on the *summed* log-probs (−mean_i A_i·log π(y_i) without LN; ``fusion.
+opd_sequence_loss``) (+ the optional token-level generalised JSD for same-vocabulary teachers); the teacher is a list
+of ``Teacher`` records with their own tokenizers, not ``teacher_model``.
+
+The gradient is an unbiased estimate of ∇ E_y~π[v_π(y) − f(y)] (f detached) with the default leave-one-out baseline
+(A_i = g_i − mean of g over the other G − 1 samples, g = f − v̂_π in the space of v); ``advantage_baseline:
+group_mean`` (methods.md's literal group mean) scales the score term by (G − 1)/G but not the LN term 1/n_i, so it is
+biased with LN. The estimator needs samples from the policy it differentiates: generation runs at temperature 1 with
+no truncation (top_p 1, top_k 0, no min_p, repetition_penalty 1); other settings raise ConfigError.
 
 (choice) ``clip`` is off by default here, unlike InfiFPO: an on-policy sample is by construction likely under the
 student, and on the default pool every teacher rated the student's samples below the initial student (SmolLM2
@@ -21,6 +28,18 @@ student, and on the default pool every teacher rated the student's samples below
 preferred response: c_k = max(v_k, v_r), i.e. a teacher may pull the student toward a sample it rates above the
 initial student, never below it (InfiFPO's y_w rule; with max_margin, f(y) = max(v_r, max_k v_k)). Completions cut
 at ``max_completion_length`` are scored as they are: the teachers see them closed by their end-of-turn token.
+
+What max-margin selects without clipping: f(y) = c_k*(y) with k* = argmax_k |exp(c_k) − exp(v_r)|, the teacher
+(or the initial student, a candidate when ``include_pivot``) whose sequence probability differs most from the initial
+student's, in either direction. A teacher far more confident than the student on a sample is selected (that is how
+the good teacher pulls the student toward its answers); but when every teacher rates the sample below the student,
+the one that disagrees most is the most pessimistic one, so f(y) is the lowest teacher score and the advantage
+follows the harshest teacher. (|exp(c) − exp(v_r)| saturates at exp(v_r) for c far below v_r, so among very
+pessimistic teachers the larger |c − v_r| wins.) ``clip`` on removes that downward pull (c_k ≥ v_r), at the price of
+zero advantages when no teacher beats the student. Conversely, where the initial student is unlikely (v_r far below
+the teachers, e.g. text it never produced) max-margin takes the most confident teacher, so E_y~π[v_π − f] there is at
+most the student's divergence from any single teacher: the objective is minimised by matching whichever teacher is
+easiest to match, a weak high-entropy one included (tests/trainers/test_opd.py shows such a run).
 """
 
 from __future__ import annotations
@@ -54,14 +73,22 @@ from infifpo.trainers.teachers import (
 
 logger = logging.getLogger(__name__)
 FUSION_METHODS = [m for m in fusion.FUSIONS if m != "max_margin_pair"]  # OPD samples are not pairs
+# Generation settings (DistillationConfig fields or generation_kwargs keys) and the values that leave the student's
+# distribution unchanged (the first is the one to set); anything else samples from a different policy.
+SAMPLING_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "temperature": (1.0,), "top_p": (1.0,), "top_k": (0, None), "min_p": (None, 0.0),
+    "repetition_penalty": (1.0, None), "do_sample": (True,), "num_beams": (1,), "typical_p": (1.0, None),
+    "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None), "no_repeat_ngram_size": (0, None),
+}
 
 
 @dataclass
 class FusedDistillationConfig(DistillationConfig):
     """DistillationConfig plus the fused-teacher options (methods.md §OPD, §Fusion). ``help`` is the documentation.
 
-    Inherited and used: generation (temperature, top_p, max_completion_length, use_vllm, ...), ``beta`` (the
-    token-level JSD's interpolation: 1 = reverse KL), ``teacher_model_init_kwargs`` (applied to every teacher).
+    Inherited and used: generation (max_completion_length, use_vllm, ...; sampling must be untempered and
+    untruncated, see ``SAMPLING_NEUTRAL``), ``beta`` (the token-level JSD's interpolation: 1 = reverse KL),
+    ``teacher_model_init_kwargs`` (applied to every teacher).
     """
 
     # Parameters that control the teachers
@@ -72,7 +99,12 @@ class FusedDistillationConfig(DistillationConfig):
     teacher_batch_size: int = field(default=8, metadata={"help": "Completions per teacher forward (memory bound)."})
     # Parameters that control on-policy sampling
     num_generations: int = field(default=4, metadata={
-        "help": "G completions per prompt; the advantage baseline is the mean over these G (needs G >= 2)."})
+        "help": "G completions per prompt; the advantage baseline is computed within these G (needs G >= 2)."})
+    advantage_baseline: str = field(default="leave_one_out", metadata={
+        "help": "Baseline subtracted from f - v̂ within a prompt's G samples: 'leave_one_out' (mean of the other "
+                "G - 1; unbiased gradient) or 'group_mean' (mean of all G, methods.md's text; scales the score "
+                "term by (G-1)/G but not the 1/n length term, so biased with length_normalize).",
+        "choices": list(fusion.OPD_BASELINES)})
     # Parameters that control the fused teacher score f(y) (methods.md §LN, §Clipping, §Fusion)
     fusion_method: str = field(default="max_margin", metadata={
         "help": "How the teachers' values become f(y) (methods.md §Fusion).", "choices": FUSION_METHODS})
@@ -80,9 +112,12 @@ class FusedDistillationConfig(DistillationConfig):
         "help": "Use mean per-token log-probs (each model divided by its own token count) instead of sums."})
     clip: bool = field(default=False, metadata={
         "help": "Clip teachers against the frozen initial student, c_k = max(v_k, v_r); off by default because "
-                "teachers usually rate on-policy samples below the student, which makes every advantage 0."})
-    include_pivot: bool = field(default=True, metadata={
-        "help": "Append the frozen initial student v_r as one more fusion candidate."})
+                "teachers usually rate on-policy samples below the student, which makes every advantage 0. Without "
+                "clipping max_margin selects the teacher that disagrees most with the student, which for a sample "
+                "every teacher rates below the student is the most pessimistic teacher."})
+    include_pivot: bool | None = field(default=None, metadata={
+        "help": "Append the frozen initial student v_r as one more fusion candidate; unset (None) = the fusion "
+                "method's default (fusion.resolve_include_pivot: true for max_margin, false for mean/confidence)."})
     margin_against: str = field(default="init", metadata={
         "help": "max_margin's distance against the initial student ('init') or the current one ('policy').",
         "choices": ["init", "policy"]})
@@ -97,6 +132,11 @@ class FusedDistillationConfig(DistillationConfig):
     # Overridden DistillationConfig defaults
     disable_dropout: bool = field(default=True, metadata={
         "help": "Disable dropout so v̂_π at generation time equals the value the loss differentiates."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature; must be 1: the score-function gradient needs samples from the policy it "
+                "differentiates (log-probs at temperature 1)."})
+    top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling; must be 1 (no truncation), for the same reason as temperature."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,6 +145,10 @@ class FusedDistillationConfig(DistillationConfig):
         if self.fusion_method not in FUSION_METHODS:
             raise ConfigError(f"fusion_method={self.fusion_method!r}; OPD supports {FUSION_METHODS} "
                               "(max_margin_pair needs preference pairs).")
+        if self.advantage_baseline not in fusion.OPD_BASELINES:
+            raise ConfigError(f"advantage_baseline={self.advantage_baseline!r}; valid: {list(fusion.OPD_BASELINES)}.")
+        self.include_pivot = fusion.resolve_include_pivot(self.fusion_method, self.include_pivot)
+        self._check_sampling_is_the_policy()
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations}: the group baseline needs G >= 2 samples per "
                               "prompt (with G = 1 every advantage is 0).")
@@ -115,6 +159,19 @@ class FusedDistillationConfig(DistillationConfig):
                               "scored in the same process.")
         if self.token_level_weight < 0:
             raise ConfigError(f"token_level_weight must be >= 0, got {self.token_level_weight}.")
+
+    def _check_sampling_is_the_policy(self) -> None:
+        """ConfigError unless generation samples from π itself (methods.md §OPD: E_y~π with π at temperature 1)."""
+        settings = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        extra = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        settings.update({k: v for k, v in extra.items() if k in SAMPLING_NEUTRAL})
+        bad = {k: v for k, v in settings.items() if v not in SAMPLING_NEUTRAL[k]}
+        if bad:
+            got = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+            fix = ", ".join(f"{k}: {SAMPLING_NEUTRAL[k][0]}" for k in bad)
+            raise ConfigError(f"OPD samples must come from the student's own distribution (the score-function "
+                              f"gradient differentiates log-probs at temperature 1), got {got}; set {fix} "
+                              "(also in generation_kwargs).")
 
 
 class FusedDistillationTrainer(DistillationTrainer):
@@ -204,18 +261,24 @@ class FusedDistillationTrainer(DistillationTrainer):
                                                include_pivot=a.include_pivot, ref_offset=a.ref_offset,
                                                margin_against=a.margin_against, policy_chosen=policy,
                                                policy_rejected=policy)
-        advantages = fusion.opd_sequence_advantages(fused, policy, a.num_generations)
+        advantages = fusion.opd_sequence_advantages(fused, policy, a.num_generations, baseline=a.advantage_baseline)
+        # Clip rate of the side used (c_k = max(v_k, v_r) changes v_k iff v_k < v_r); FusionInfo.clip_rate also
+        # counts the unused mirrored side.
+        clipped = (src < ref[:, None]).float().mean(dim=1) if a.clip else torch.zeros_like(ref)
         if not bool(advantages.any()):
-            self._warn_zero_advantages(info)
-        self._log_scores(policy, ref, src, fused, info, advantages, num_tokens)
+            self._warn_zero_advantages(float(clipped.mean()))
+        self._log_scores(policy, ref, src, fused, info, advantages, num_tokens, clipped)
         return advantages
 
-    def _warn_zero_advantages(self, info: fusion.FusionInfo) -> None:
+    def _warn_zero_advantages(self, clip_rate: float) -> None:
         # users.md #27: a distillation run that silently trains on nothing must say so.
-        logger.warning("OPD step %d: every advantage is 0, so this step does not change the student (clip rate "
-                       "%.2f). With clip=True this happens when every teacher rates the samples below the initial "
-                       "student (f = v_r); set clip: false or add teachers that are more confident than the student.",
-                       self.state.global_step, float(info.clip_rate))
+        rest = (" (with length_normalize only the 1/n length term of the gradient remains, which favours longer "
+                "completions)" if self.args.length_normalize else "")
+        logger.warning("OPD step %d: every advantage is 0, so the teachers do not move the student this step%s; "
+                       "clip rate %.2f (fraction of teacher values raised to the initial student). With clip=True "
+                       "this happens when every teacher rates the samples below the initial student (f = v_r); set "
+                       "clip: false or add teachers that are more confident than the student.",
+                       self.state.global_step, rest, clip_rate)
 
     def _values(self, logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """v: summed log-probs (nats) or, with LN, per-token means (nats/token) (methods.md §LN)."""
@@ -262,10 +325,11 @@ class FusedDistillationTrainer(DistillationTrainer):
         return (loss, None) if return_outputs else loss
 
     def _opd_loss(self, student: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """−mean_i A_i·v_π(y_i) (methods.md §OPD) [+ token_level_weight · mean token-level JSD], and that JSD."""
+        """−mean_i (A_i − 1/n_i)·log π(y_i) with LN, −mean_i A_i·log π(y_i) without (methods.md §OPD; log π summed
+        over the completion tokens) [+ token_level_weight · mean token-level JSD], and that JSD."""
         sums, hidden = self._completion_logps(student, inputs)
-        values = self._values(sums, inputs["completion_mask"].sum(dim=1))
-        loss = fusion.opd_sequence_loss(values, inputs["advantages"])
+        num_tokens = inputs["completion_mask"].sum(dim=1) if self.args.length_normalize else None
+        loss = fusion.opd_sequence_loss(sums, inputs["advantages"], num_tokens)
         if not self._token_level_teachers:
             return loss, None
         divergence = self._token_level_divergence(student, hidden, inputs)
@@ -291,15 +355,18 @@ class FusedDistillationTrainer(DistillationTrainer):
 
     # -- metrics --------------------------------------------------------------------------------------------------
     def _log_scores(self, policy: torch.Tensor, ref: torch.Tensor, src: torch.Tensor, fused: torch.Tensor,
-                    info: fusion.FusionInfo, advantages: torch.Tensor, num_tokens: torch.Tensor) -> None:
-        """Per-sample opd/* metrics, averaged over all processes (collate.gather_means, as InfiFPO's fusion/*)."""
+                    info: fusion.FusionInfo, advantages: torch.Tensor, num_tokens: torch.Tensor,
+                    clipped: torch.Tensor) -> None:
+        """Per-sample opd/* metrics, averaged over all processes (collate.gather_means, as InfiFPO's fusion/*).
+
+        ``clipped`` [N]: per sample, the fraction of teacher values clipping raised to v_r (0 with clip off)."""
         mode = "train" if self.model.training else "eval"
-        clipped = (src < ref[:, None]).float().mean(dim=1) if self.args.clip else torch.zeros_like(ref)
         per_sample = {"opd/fused_teacher_score": fused, "opd/student_teacher_gap": policy - fused,
                       "opd/completion_length": num_tokens.to(ref.device), "opd/clip_rate": clipped,
                       "opd/policy_score": policy, "opd/student_init_score": ref}
         for k, t in enumerate(self.teachers):
             per_sample[f"opd/teacher_score/{t.name}"] = src[:, k]
+        # args.include_pivot is resolved in __post_init__ (fusion.resolve_include_pivot), so names match K'.
         names = [t.name for t in self.teachers] + (["pivot"] if self.args.include_pivot else [])
         shares = selection_shares(info, len(ref))
         for k, name in enumerate(names):
