@@ -33,30 +33,33 @@ def _batch(trainer, n):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
 
-def test_single_source_equal_to_reference_is_dpo(tiny_llama, tiny_llama_b, tiny_tok, tmp_path):
-    """methods.md sanity identity: one source == the frozen pivot, LN off -> TRL's sigmoid DPO loss and gradients.
-
-    The policy (tiny_llama_b) differs from the reference (tiny_llama), so the DPO logits are not zero.
-    """
+@pytest.mark.parametrize(("length_normalize", "loss_type", "trl_loss_type", "beta"), [
+    (False, "sigmoid", "sigmoid", 0.1), (True, "sigmoid", "sigmoid_norm", 0.5), (True, "ipo", "ipo", 0.5)])
+def test_single_source_equal_to_reference_is_trl_dpo(tiny_llama, tiny_llama_b, tiny_tok, tmp_path, length_normalize,
+                                                     loss_type, trl_loss_type, beta):
+    """methods.md sanity identity: one source whose values equal the frozen pivot's → f = r, and the InfiFPO loss and
+    gradients equal TRL's DPO on the same reference: ``sigmoid`` with LN off; with LN on TRL's per-token forms
+    (``sigmoid_norm``; ``ipo``, which TRL computes on per-token means). The policy (tiny_llama_b) differs from the
+    reference (tiny_llama), so the DPO logits are not zero."""
     rows = make_scored_rows(tiny_tok, 4, k=1)
     plain = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     dpo = DPOTrainer(tiny_llama_b, ref_model=ref_model, train_dataset=plain, processing_class=tiny_tok,
-                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True, beta=0.1,
-                                    **cpu_args()))
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True, beta=beta,
+                                    loss_type=[trl_loss_type], **cpu_args()))
     ref_c, ref_r = dpo.train_dataset["ref_chosen_logps"], dpo.train_dataset["ref_rejected_logps"]
-    for row, c, r in zip(rows, ref_c, ref_r, strict=True):
+    for row, c, r in zip(rows, ref_c, ref_r, strict=True):  # the source is the pivot: sums, means, counts alike
         n_c, n_r = row["ref_chosen_num_tokens"], row["ref_rejected_num_tokens"]
         row.update(ref_chosen_logps=c, ref_rejected_logps=r, ref_mean_chosen_logps=c / n_c,
                    ref_mean_rejected_logps=r / n_r, fuse_chosen_logps=[c], fuse_rejected_logps=[r],
                    fuse_mean_chosen_logps=[c / n_c], fuse_mean_rejected_logps=[r / n_r],
                    fuse_chosen_num_tokens=[n_c], fuse_rejected_num_tokens=[n_r])
     infi = InfiFPOTrainer(tiny_llama_b, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
-                          args=InfiFPOConfig(output_dir=str(tmp_path / "infi"), length_normalize=False, beta=0.1,
-                                             **cpu_args()))
+                          args=InfiFPOConfig(output_dir=str(tmp_path / "infi"), length_normalize=length_normalize,
+                                             beta=beta, loss_type=loss_type, **cpu_args()))
     batch_d, batch_i = _batch(dpo, 4), _batch(infi, 4)
     assert torch.equal(batch_d["input_ids"], batch_i["input_ids"])
-    assert_same_loss_and_grads(infi, batch_i, dpo, batch_d)
+    assert_same_loss_and_grads(infi, batch_i, dpo, batch_d, atol=1e-5)
 
 
 def _policy_mean_logps(model_path, tok, row):
@@ -205,33 +208,9 @@ def test_wrpo_variant_loss_matches_hand_computation_with_fused_references(tiny_l
     assert infi._metrics["train"]["alpha"] == [0.3]
 
 
-@pytest.mark.parametrize(("loss_type", "trl_loss_type"), [("sigmoid", "sigmoid_norm"), ("ipo", "ipo")])
-def test_single_source_equal_to_reference_with_ln_is_trl_per_token_loss(tiny_llama, tiny_llama_b, tiny_tok, tmp_path,
-                                                                        loss_type, trl_loss_type):
-    """methods.md identity with LN on: one source whose values equal the frozen pivot's → f = r̄, and the InfiFPO loss
-    equals TRL's per-token form (``sigmoid_norm``; ``ipo``, which TRL computes on per-token means), loss and grads."""
-    rows = make_scored_rows(tiny_tok, 4, k=1)
-    plain = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    ref_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    dpo = DPOTrainer(tiny_llama_b, ref_model=ref_model, train_dataset=plain, processing_class=tiny_tok,
-                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True, beta=0.5,
-                                    loss_type=[trl_loss_type], **cpu_args()))
-    ref_c, ref_r = dpo.train_dataset["ref_chosen_logps"], dpo.train_dataset["ref_rejected_logps"]
-    for row, c, r in zip(rows, ref_c, ref_r, strict=True):
-        n_c, n_r = row["ref_chosen_num_tokens"], row["ref_rejected_num_tokens"]
-        row.update(ref_chosen_logps=c, ref_rejected_logps=r, ref_mean_chosen_logps=c / n_c,
-                   ref_mean_rejected_logps=r / n_r, fuse_chosen_logps=[c], fuse_rejected_logps=[r],
-                   fuse_mean_chosen_logps=[c / n_c], fuse_mean_rejected_logps=[r / n_r],
-                   fuse_chosen_num_tokens=[n_c], fuse_rejected_num_tokens=[n_r])
-    infi = InfiFPOTrainer(tiny_llama_b, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
-                          args=InfiFPOConfig(output_dir=str(tmp_path / "infi"), length_normalize=True, beta=0.5,
-                                             loss_type=loss_type, **cpu_args()))
-    assert_same_loss_and_grads(infi, _batch(infi, 4), dpo, _batch(dpo, 4), atol=1e-5)
-
-
-@pytest.mark.parametrize("option", [{"label_smoothing": 0.1}, {"ld_alpha": 0.5},
-                                    {"f_divergence_type": "js_divergence"}, {"use_weighting": True}, {"loss_weights": [1.0]}, {"padding_free": True},
-                                    {"truncation_mode": "keep_end"}])
+@pytest.mark.parametrize("option", [
+    {"label_smoothing": 0.1}, {"ld_alpha": 0.5}, {"f_divergence_type": "js_divergence"}, {"use_weighting": True},
+    {"loss_weights": [1.0]}, {"padding_free": True}, {"truncation_mode": "keep_end"}])
 def test_inherited_options_the_loss_ignores_are_refused(tmp_path, option):
     """TRL DPO options that InfiFPO's and WRPO's losses would silently ignore are named errors, not no-ops."""
     from infifpo.trainers.wrpo import WRPOConfig
