@@ -1,11 +1,21 @@
 """store: content addressing, crash-safe appends, resume without loss or duplication, checksums."""
 
 import json
+import re
 
 import pytest
 
 from infifpo.schema import DataFormatError
-from infifpo.store import StageOutput, StoreError, fingerprint, in_shard, parse_shard, read_jsonl, read_output
+from infifpo.store import (
+    CorruptOutputError,
+    StageOutput,
+    StoreError,
+    fingerprint,
+    in_shard,
+    parse_shard,
+    read_jsonl,
+    read_output,
+)
 
 
 def test_fingerprint_ignores_dict_order_and_changes_with_content():
@@ -58,6 +68,76 @@ def test_read_output_detects_corruption_and_incompleteness(tmp_path):
         read_output(out.path)
 
 
+def test_every_wedged_state_names_the_directory_and_the_fix(tmp_path):
+    """issue "a recovery command or message for every wedged state": each error the store can raise about an output
+    on disk names the path and says what to do (resume with the same command, or delete the directory and re-run)."""
+    out = StageOutput(tmp_path, "samples-m", {"k": 1})
+    path = re.escape(str(out.path))
+    with pytest.raises(StoreError, match=f"{path}: does not exist.*run the stage that writes it"):
+        read_output(out.path)
+    with out.open_shard() as w:
+        w.write([{"id": "a"}, {"id": "b"}, {"id": "c"}])
+    out.release()  # the writer is gone: nobody is writing it now
+    resume = f"{path}: output is incomplete.*stopped before it finished.*re-run `infifpo sample` with the same"
+    with pytest.raises(StoreError, match=resume):
+        read_output(out.path)
+
+    part = out.shard_files()[0]
+    good = part.read_text()
+    part.write_text(good.replace('{"id": "b"}', '{"id": "b"'))  # damaged mid-file: no killed writer leaves this
+    delete = f"delete {path} and re-run `infifpo sample`"
+    for call in (out.done_ids, out.finalize):
+        with pytest.raises(CorruptOutputError, match=f"line 2: malformed JSON.*before the end.*{delete}"):
+            call()
+    with pytest.raises(DataFormatError):  # still the DataFormatError it always was
+        out.done_ids()
+    part.write_text(good + '{"x": 1}\n')
+    with pytest.raises(CorruptOutputError, match=f"line 4: a row without an 'id'.*{delete}"):
+        out.done_ids()
+    part.write_text(good + '{"id": "d", "tr')  # a killed writer's torn line: finalize says resume, not delete
+    assert out.done_ids() == {"a", "b", "c"}
+    with pytest.raises(CorruptOutputError, match="line 4: malformed JSON.*torn last line.*Re-run `infifpo sample`"):
+        out.finalize()
+    part.write_text(good)
+
+    with out.open_shard(0, 2) as w:  # the same row in two shards: two writers
+        w.write([{"id": "b"}])
+    twice = f"'b' appears twice \\(in part-00000-of-00001.jsonl and part-00000-of-00002.jsonl\\).*Delete {path}"
+    with pytest.raises(StoreError, match=twice):
+        out.finalize()
+    (out.path / "part-00000-of-00002.jsonl").unlink()
+    out.finalize()
+
+    (out.path / "_SUCCESS").write_text("{")
+    with pytest.raises(StoreError, match=f"_SUCCESS: unreadable.*Delete {path} and re-run `infifpo sample`"):
+        read_output(out.path)
+    out.finalize()
+    part.write_text(good.replace('"c"', '"C"'))
+    with pytest.raises(StoreError, match=f"checksum mismatch.*Delete {path} and re-run `infifpo sample`"):
+        read_output(out.path)
+    part.unlink()
+    with pytest.raises(StoreError, match=f"{re.escape(str(part))}: missing.*Delete {path}"):
+        read_output(out.path)
+
+
+def test_meta_json_for_another_key_is_refused_before_writing(tmp_path):
+    out = StageOutput(tmp_path, "judged-m", {"k": 1})
+    path = re.escape(str(out.path))
+    with out.open_shard() as w:
+        w.write([{"id": "a"}])
+    out.release()
+    meta = out.path / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "key": {"k": 2}}))  # edited, or copied from elsewhere
+    before = out.shard_files()[0].read_bytes()
+    for call in (out.lock, out.open_shard, lambda: out.write_all([{"id": "b"}])):
+        with pytest.raises(StoreError, match=f"meta.json: records a key.*Delete {path} and re-run `infifpo judge`"):
+            call()
+    meta.write_text("{not json")
+    with pytest.raises(StoreError, match=f"meta.json: unreadable.*Delete {path}"):
+        out.lock()
+    assert out.shard_files()[0].read_bytes() == before and not (out.path / ".lock-part-00000-of-00001").read_text()
+
+
 def test_rows_without_id_are_rejected(tmp_path):
     with StageOutput(tmp_path, "s", {}).open_shard() as w, pytest.raises(StoreError, match="'id'"):
         w.write([{"x": 1}])
@@ -106,7 +186,7 @@ def test_write_all_crash_at_every_step_of_finalize_reruns_to_the_identical_outpu
     while True:
         calls = 0
 
-        def crash_at(real):
+        def crash_at(real, step=step):
             def wrapped(*args):
                 nonlocal calls
                 calls += 1
