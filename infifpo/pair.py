@@ -2,7 +2,8 @@
 
 Owns: the recipes of methods.md "Data recipes" (InfiFPO best/worst, WRPO quadruple, FuseChat same-source reward
 gap), which samples may be chosen, why a prompt is dropped, the split, and the stats. Does not own: judging
-(`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`).
+(`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`). The CLI refuses judged outputs
+judged against other prompts than its ``--prompts`` (``provenance.InputMismatchError``): rows join by prompt id.
 
 Samples are ranked by correctness first (True > None > False), then reward (higher is better, None lowest), then
 a tie-break by a hash of (seed, sample id), so the result never depends on row order. A response with
@@ -20,9 +21,9 @@ import logging
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from infifpo.provenance import output_digest, require_built_from
 from infifpo.schema import (
     FINISH_REASONS,
     JUDGED_COLUMNS,
@@ -35,7 +36,7 @@ from infifpo.schema import (
     row_label,
     sample_id,
 )
-from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
+from infifpo.store import StageOutput, read_output
 
 logger = logging.getLogger(__name__)
 
@@ -306,11 +307,6 @@ def pair_stats(rows: list[dict[str, Any]], dropped: Counter, excluded: Counter, 
     }  # fmt: skip
 
 
-def _input_digest(path: str) -> str:
-    """A digest of a finished stage output's checksums: the pair output is keyed by its inputs' content."""
-    return fingerprint(json.loads((Path(path) / SUCCESS).read_text()))
-
-
 def main(argv: list[str] | None = None) -> int:
     """`infifpo pair --judged DIR [DIR...] --prompts DIR --recipe R --pivot NAME [...] [--out ROOT]`."""
     ap = argparse.ArgumentParser(prog="infifpo pair", description="Build preference rows from judged samples.")
@@ -329,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     judged = [row for d in args.judged for row in read_output(d)]
     prompts = read_output(args.prompts)
+    prompts_digest = output_digest(args.prompts)
+    for d in args.judged:  # every input checked before anything is written
+        require_built_from(d, "prompts", prompts_digest, what="prompts", given=f"--prompts {args.prompts}",
+                           fix=f"Pass the prompts output {d} was judged against, or judge its samples again with "
+                               f"`infifpo judge --prompts {args.prompts}`.")  # fmt: skip
     options = {k: getattr(args, k) for k in ("recipe", "pivot", "sources", "seed", "sft_fraction",
                                               "allow_truncated_chosen", "min_gap", "max_gap")}  # fmt: skip
-    key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": _input_digest(args.prompts),
-           "judged": sorted(_input_digest(d) for d in args.judged)}  # fmt: skip
-    out = StageOutput(args.out, f"pairs-{args.recipe}", key)
+    key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": prompts_digest,
+           "judged": sorted(output_digest(d) for d in args.judged)}  # fmt: skip
+    out = StageOutput(args.out, f"pairs-{args.recipe}", key).lock()
     if out.is_complete():
         logger.info("pairs already built for these inputs; reusing %s", out.path)
         stats = json.loads((out.path / "stats.json").read_text())

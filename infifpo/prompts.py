@@ -5,7 +5,9 @@ problems, hub datasets, user JSONL files), spec parsing (``gsm8k:train:64``), se
 validation of user prompt files. Does not own: the on-disk format (`store`) or the column names (`schema`).
 
 Ids come from a row's index in its source (``gsm8k-train-00012``), never from its position in the subset, so the
-same problem keeps its id whatever the subset size or seed.
+same problem keeps its id whatever the subset size or seed. A user file's line without an ``id`` gets one from its
+content (``<file stem>-<hash of its messages>``), never from its line number: inserting, deleting or reordering lines
+leaves the other prompts' ids alone, and an id never moves to another prompt.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from infifpo.schema import DOMAINS, PROMPT_COLUMNS, ConfigError, DataFormatError, check_messages
-from infifpo.store import StageOutput, file_sha256, read_jsonl, read_output
+from infifpo.store import StageOutput, file_sha256, fingerprint, read_jsonl, read_output
 
 logger = logging.getLogger(__name__)
 
 # Bump when a loader changes what it produces, so old stage outputs are not reused.
-PROMPTS_VERSION = 1
+PROMPTS_VERSION = 2  # 2: ids of user-file lines without one come from their content, not their line
 MATH_INSTRUCTION = 'Solve the problem, then end your reply with "The answer is N." where N is the final number.'
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block."
 
@@ -210,18 +212,30 @@ def load_jsonl(path: str) -> list[list[dict[str, Any]]]:
         raise ConfigError(f"jsonl:{path}: no such file.")
     rows = read_jsonl(p)  # names the line of malformed JSON / non-UTF-8
     lines = [n for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1) if line.strip()]
-    out, first_keys = [], None
+    out, first_keys, line_of = [], None, {}
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", p.stem)
     for i, (lineno, r) in enumerate(zip(lines, rows, strict=True)):
         where = f"{p}, line {lineno}"
         first_keys = first_keys if first_keys is not None else set(r)
         if set(r) != first_keys:
             raise DataFormatError(f"{where}: keys {sorted(r)} differ from line {lines[0]}'s {sorted(first_keys)}; "
                                   "every line needs the same keys.")  # fmt: skip
-        out.append(_validate_user_row(r, i, where, f"{re.sub(r'[^A-Za-z0-9]+', '-', p.stem)}-{i:05d}", p.name))
+        row = _validate_user_row(r, i, where, stem, p.name)
+        if row["id"] in line_of:
+            same = "the same prompt as" if "id" not in r else "the same id as"
+            raise DataFormatError(f"{where}: {same} line {line_of[row['id']]} (id {row['id']!r}); remove the "
+                                  "duplicate, or give each line a unique 'id'.")  # fmt: skip
+        line_of[row["id"]] = lineno
+        out.append(row)
     return [out]
 
 
-def _validate_user_row(r: dict[str, Any], i: int, where: str, default_id: str, fname: str) -> dict[str, Any]:
+def content_id(stem: str, prompt: list[dict[str, Any]]) -> str:
+    """The id of a user prompt that gives none: ``<stem>-`` and 12 hex digits of the sha256 of its messages."""
+    return f"{stem}-{fingerprint(prompt)}"
+
+
+def _validate_user_row(r: dict[str, Any], i: int, where: str, stem: str, fname: str) -> dict[str, Any]:
     unknown = sorted(set(r) - set(PROMPT_COLUMNS))
     if "prompt" not in r or unknown:
         hint = " (rename 'question'/'messages'/'instruction' to 'prompt')" if "prompt" not in r else ""
@@ -237,7 +251,7 @@ def _validate_user_row(r: dict[str, Any], i: int, where: str, default_id: str, f
     if prompt[-1]["role"] != "user":
         raise DataFormatError(f"{where}, field 'prompt': the last message must be from the user, got "
                               f"{prompt[-1]['role']!r}; responses belong in later stages, not in the prompt.")
-    rid = r.get("id", default_id)
+    rid = r["id"] if "id" in r else content_id(stem, prompt)
     if not isinstance(rid, str) or not rid or "|" in rid:
         raise DataFormatError(f"{where}, field 'id': need a non-empty string without '|', got {rid!r}.")
     domain = r.get("domain", "general")
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs", help="root directory of stage outputs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = StageOutput(args.out, "prompts", prompts_key(args.source, args.seed))
+    out = StageOutput(args.out, "prompts", prompts_key(args.source, args.seed)).lock()
     if out.is_complete():
         logger.info("prompts already built for these sources and seed; reusing %s", out.path)
         rows = read_output(out.path)

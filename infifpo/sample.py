@@ -38,16 +38,15 @@ from infifpo import shards
 from infifpo.backends import Engine, SamplingSpec, load_engine
 from infifpo.backends.vllm_engine import one_engine_process
 from infifpo.logprobs import encode_prompt
+from infifpo.models import model_identity
+from infifpo.provenance import prompt_set_digest
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
-from infifpo.store import StageOutput, fingerprint, in_shard, parse_shard, read_jsonl, read_output
+from infifpo.store import StageOutput, in_shard, parse_shard, read_jsonl, read_output
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_VERSION = 1  # bump when this stage changes what it writes, so old outputs are not reused
 DEFAULT_BATCH_PROMPTS = 16
-# Files whose content decides what a model generates besides its weights (hashed into the output key, C11).
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")  # fmt: skip
 
 
 @dataclass
@@ -83,22 +82,17 @@ def resolve(ref: str) -> str:
     return resolve_model(ref)
 
 
-def model_fingerprint(model_dir: str) -> dict[str, Any]:
-    """What identifies a checkpoint's behaviour: its path, the sha256 of its config/tokenizer/template files, and
-    the names and sizes of its weight files (hashing gigabytes of weights per run would cost more than sampling)."""
-    root = Path(model_dir)
-    files = {n: hashlib.sha256((root / n).read_bytes()).hexdigest()[:16] for n in MODEL_FILES if (root / n).is_file()}
-    weights = {p.name: p.stat().st_size for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))}
-    return {"path": str(root.resolve()), "files": files, "weights": weights}
-
-
 def output_for(prompt_rows: Sequence[dict], model_name: str, model_dir: str, spec: SamplingSpec, backend: str,
                out_root: str | Path, engine_kwargs: dict[str, Any] | None = None) -> StageOutput:
-    """The stage output (directory) that sampling ``prompt_rows`` with this model, spec and backend writes to."""
+    """The stage output (directory) that sampling ``prompt_rows`` with this model, spec and backend writes to.
+
+    Keyed by the checkpoint's identity (``models.model_identity``: config, tokenizer and weight bytes, so a model
+    retrained into the same directory is another output) and by the prompts drawn from, recorded under ``prompts``
+    (``provenance.prompt_set_digest``), which `infifpo judge` compares with its ``--prompts``."""
     key = {
-        "stage": "sample", "version": SAMPLE_VERSION, "model": model_name, "checkpoint": model_fingerprint(model_dir),
+        "stage": "sample", "version": SAMPLE_VERSION, "model": model_name, "checkpoint": model_identity(model_dir),
         "sampling": asdict(spec), "backend": backend, "engine": dict(sorted((engine_kwargs or {}).items())),
-        "prompts": fingerprint([[r["id"], r["prompt"]] for r in prompt_rows]),
+        "prompts": prompt_set_digest(prompt_rows),
     }  # fmt: skip
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:60]
     return StageOutput(out_root, f"samples-{safe}", key)
@@ -176,7 +170,7 @@ def sample_prompts(prompt_rows: Sequence[dict], *, model: str, spec: SamplingSpe
     _check_prompts(prompt_rows)
     name = name or model
     model_dir = resolve(model)
-    output = output_for(prompt_rows, name, model_dir, spec, backend, out_root, engine_kwargs)
+    output = output_for(prompt_rows, name, model_dir, spec, backend, out_root, engine_kwargs).lock(*shard)
     if output.is_complete():
         logger.info("%s: already complete, skipping", output.path)
         return output.path

@@ -34,7 +34,7 @@ from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
 from infifpo.backends.vllm_engine import one_engine_process
 from infifpo.logprobs import Messages, response_spans
-from infifpo.models import load_tokenizer, resolve_model
+from infifpo.models import load_tokenizer, model_identity, resolve_model
 from infifpo.schema import (
     RESPONSE_COLUMNS,
     SPLITS,
@@ -46,7 +46,7 @@ from infifpo.schema import (
     require_columns,
     row_label,
 )
-from infifpo.score_output import ShardStats, assemble, finalize_model, model_key
+from infifpo.score_output import ShardStats, assemble, finalize_model
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str,
     path = resolve_model(ref)
     device = job["engine_kw"].get("device", "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(job["dtype"], device)
-    key = {"model": model_key(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
+    key = {"model": model_identity(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
            "max_length": job["max_length"], "on_too_long": job["on_too_long"], "spans": "trl-conversational"}
     return store.StageOutput(job["out_root"], _output_name(ref), key), path, dtype
 
@@ -239,6 +239,7 @@ def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.St
     """Score the job's rows (this shard, not yet done) under one model; finalize its output (with its
     ``score_stats.json``) once every row of every shard is done. ``role`` ("pivot" | "source") is recorded there."""
     out, path, dtype = model_output(ref, job)
+    out.lock(*job["shard"])  # one writer per (output, shard)
     if out.is_complete():
         logger.info("score %s: already complete at %s", ref, out.path)
         return out

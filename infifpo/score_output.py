@@ -1,7 +1,7 @@
 """The outputs of stage `score` on disk: what identifies a model's scores, the per-shard run statistics, and the
 assembled scored-pairs output.
 
-Owns: ``model_key`` (a model directory's identity: paths and file hashes), ``ShardStats`` and the per-model
+Owns: ``model_key`` (a model directory's identity, ``models.model_identity``), ``ShardStats`` and the per-model
 ``score_stats.json`` (CONTRACTS.md section 2), and ``assemble``: joining the per-model outputs by row id into the
 scored-pairs format (schema.py: methods.md's official InfiFPO columns plus token counts and model names).
 Does not own: tokenising or running models, or which rows are scored (``infifpo.score``).
@@ -9,7 +9,6 @@ Does not own: tokenising or running models, or which rows are scored (``infifpo.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,36 +18,20 @@ from typing import Any
 from filelock import FileLock
 
 from infifpo import store
+from infifpo.models import model_files, model_identity
+from infifpo.provenance import rows_digest
 from infifpo.schema import RESPONSE_COLUMNS, fuse_columns, ref_columns
 
 logger = logging.getLogger(__name__)
 
-# Files whose bytes determine a model's scores; files above _FULL_HASH_BYTES are keyed by size + head/tail hash.
-_KEY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-              "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
-_FULL_HASH_BYTES = 64 << 20
 STATS = "score_stats.json"  # CONTRACTS.md section 2: per-model output dirs and the assembled output dir
 
 
 def model_key(path: str) -> dict[str, Any]:
-    """What determines a model's scores: its directory and the hashes of its config, tokenizer and weight files."""
-    files = {}
-    for f in sorted(Path(path).iterdir()):
-        if f.name in _KEY_FILES or f.suffix in (".safetensors", ".bin", ".gguf"):
-            files[f.name] = _file_digest(f)
-    return {"path": str(Path(path).resolve()), "files": files}
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    if size <= _FULL_HASH_BYTES:
-        return store.file_sha256(path)
-    h = hashlib.sha256(str(size).encode())  # large weights: size + first and last MiB (hashing GBs per run is slow)
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(-(1 << 20), 2)
-        h.update(f.read(1 << 20))
-    return h.hexdigest()
+    """What determines a model's scores: ``models.model_identity`` (the sha256 of its config, tokenizer and weight
+    files) and the per-file digests it is made of (``models.model_files``, which ``trainers.data.same_model``
+    compares). Where the directory lies does not matter."""
+    return {"identity": model_identity(path), "files": model_files(path)}
 
 
 class ShardStats:
@@ -92,8 +75,12 @@ def finalize_model(out: store.StageOutput, entry: dict[str, Any]) -> None:
 
 def assemble(rows: list[dict[str, Any]], pivot: str, sources: list[str], outputs: dict[str, store.StageOutput],
              out_root: str | Path) -> Path:
-    """Join the per-model outputs by id into the scored-pairs output (schema.py); rows a model dropped are left out."""
-    key = {"pivot": [pivot, outputs[pivot].fingerprint], "sources": [[s, outputs[s].fingerprint] for s in sources]}
+    """Join the per-model outputs by id into the scored-pairs output (schema.py); rows a model dropped are left out.
+
+    Keyed by the per-model outputs (each keyed by its model's identity and the scored texts) and by the full content
+    of ``rows``, whose other columns (split, domain, provenance) are copied: other rows are another output."""
+    key = {"pivot": [pivot, outputs[pivot].fingerprint], "sources": [[s, outputs[s].fingerprint] for s in sources],
+           "pairs": rows_digest(rows)}
     final = store.StageOutput(out_root, "scored", key)
     if final.is_complete():
         return final.path

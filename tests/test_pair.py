@@ -10,6 +10,7 @@ import pytest
 
 from infifpo import pair
 from infifpo.pair import build_pairs, split_of
+from infifpo.provenance import output_digest
 from infifpo.schema import PAIR_COLUMNS, ConfigError, DataFormatError, sample_id
 from infifpo.store import StageOutput, read_output
 
@@ -251,8 +252,9 @@ def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
     judged, prompts = _many(40)
     root = tmp_path / "runs"
     p_dir = StageOutput(root, "prompts", {"t": 1}).write_all(prompts)
-    j_dirs = [str(StageOutput(root, f"judged-{m}", {"m": m}).write_all([j for j in judged if j["model"] == m]))
-              for m in (PIVOT, A, B)]  # fmt: skip
+    judged_against = {"prompts": output_digest(p_dir)}  # recorded as `infifpo judge` records it
+    j_dirs = [str(StageOutput(root, f"judged-{m}", {"m": m, **judged_against}).write_all(
+        [j for j in judged if j["model"] == m])) for m in (PIVOT, A, B)]  # fmt: skip
     argv = ["--prompts", str(p_dir), "--recipe", "wrpo", "--pivot", PIVOT, "--seed", "3", "--out", str(root)]
     assert pair.main(["--judged", *j_dirs, *argv]) == 0
     out_dir = capsys.readouterr().out.splitlines()[0]

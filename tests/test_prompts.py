@@ -176,7 +176,9 @@ def test_user_jsonl_prompts_load(tmp_path):
                     "domain": "general", "answer": None}),
     ])  # fmt: skip
     rows = build_prompts([spec])
-    assert [r["id"] for r in rows] == ["my-prompts-00000", "my-prompts-00001"]
+    # Ids from content (file stem + a hash of the messages), not from the line: tests/test_identity.py
+    assert [r["id"] for r in rows] == [prompts.content_id("my-prompts", r["prompt"]) for r in rows]
+    assert all(re.fullmatch(r"my-prompts-[0-9a-f]{12}", r["id"]) for r in rows)
     assert rows[0]["prompt"] == [{"role": "user", "content": "What is 2+2?"}] and rows[0]["answer"] == "4"
     assert rows[1]["prompt"][0]["role"] == "system" and rows[1]["source"] == "my prompts.jsonl"
 
@@ -191,6 +193,9 @@ def test_user_jsonl_prompts_load(tmp_path):
         (['{"prompt": [{"role": "user", "content": {"answer": "x", "score": 1}}]}'], r"line 1: .*'prompt'.*content"),
         (['{"prompt": "a", "domain": "poetry"}'], r"line 1, field 'domain'"),
         (['{"prompt": "a", "id": "x|y"}'], r"line 1, field 'id'"),
+        (['{"prompt": "a"}', '{"prompt": "b"}', '{"prompt": [{"role": "user", "content": "a"}]}'],
+         r"line 3: the same prompt as line 1 \(id 'bad-[0-9a-f]{12}'\); remove the duplicate, or give each line"),
+        (['{"prompt": "a", "id": "x"}', '{"prompt": "b", "id": "x"}'], r"line 2: the same id as line 1 \(id 'x'\)"),
         (['{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}'], "last message"),
         ([b'{"prompt": "caf\xe9"}'], "not valid UTF-8"),
     ],

@@ -15,6 +15,8 @@ import sys
 import pytest
 
 from infifpo.backends import SamplingSpec
+from infifpo.models import model_identity
+from infifpo.provenance import prompt_set_digest
 from infifpo.sample import ModelSpec, main, run, sample_prompts, sample_seed
 from infifpo.schema import SAMPLE_COLUMNS, ModelLoadError, sample_id
 from infifpo.store import read_output
@@ -148,7 +150,8 @@ def test_output_is_keyed_by_content(hf_tiny, tiny_llama, tmp_path):
     assert sample(rows, hf_tiny, "transformers", tmp_path, spec=other_seed, model=tiny_llama) != path
     assert sample(rows[:2], hf_tiny, "transformers", tmp_path, model=tiny_llama) != path
     meta = json.loads((path / "meta.json").read_text())["key"]
-    assert meta["checkpoint"]["files"]["tokenizer.json"] and meta["sampling"]["seed"] == 0
+    assert meta["checkpoint"] == model_identity(tiny_llama) and meta["sampling"]["seed"] == 0
+    assert meta["prompts"] == prompt_set_digest(rows)  # what `infifpo judge` checks its --prompts against
 
 
 def test_missing_vllm_is_a_named_error(tiny_llama, tmp_path, monkeypatch):

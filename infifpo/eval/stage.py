@@ -11,11 +11,13 @@ judge stage's verifier (math: gold answer via math-verify; code: hidden tests in
 per-item rows and ``scores.json`` of the ``eval-<label>`` output (CONTRACTS.md §3). Does not own: generation,
 answer checking, the statistics (``infifpo.eval.stats``) or lm-eval (``infifpo.eval.lm_eval_adapter``).
 
-Resuming: the output is keyed by the model fingerprint (``sample.model_fingerprint``), the benchmark specs, the
-generation settings, the seed and the judge version. A finished eval is skipped (its directory is printed again). A
-killed one resumes: finished samples are kept by the sample stage; judging is cheap and redone, and only rows not yet
-written are appended. A prompt that cannot be generated (too long for the context) is an ``error`` sample and counts
-as incorrect. ``seconds`` in scores.json is the wall time of the invocation that finished the eval.
+Resuming: the output is keyed by the checkpoint's identity (``models.model_identity``: its config, tokenizer and
+weight bytes, so a model retrained into the same directory is evaluated again), the benchmark specs and the content
+of their items, the generation settings, the seed and the judge version. A finished eval is skipped (its directory
+is printed again). A killed one resumes: finished samples are kept by the sample stage; judging is cheap and
+redone, and only rows not yet written are appended. A prompt that cannot be generated (too long for the context) is
+an ``error`` sample and counts as incorrect. ``seconds`` in scores.json is the wall time of the invocation that
+finished the eval.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from tqdm import tqdm
 from infifpo.backends import SamplingSpec
 from infifpo.eval.stats import accuracy, wilson_interval
 from infifpo.judge.stage import JUDGE_VERSION, verify_sample
+from infifpo.models import model_identity
 from infifpo.prompts import build_prompts, parse_spec, prompts_key
-from infifpo.sample import ModelSpec, model_fingerprint, output_for, resolve, run, sample_prompts
+from infifpo.provenance import prompt_set_digest, require_built_from, rows_digest
+from infifpo.sample import ModelSpec, output_for, resolve, run, sample_prompts
 from infifpo.schema import ConfigError, DataFormatError, ModelLoadError
 from infifpo.store import StageOutput, read_output
 
@@ -173,15 +177,19 @@ def greedy_spec(max_tokens: int, seed: int) -> SamplingSpec:
 
 
 def eval_output(model_dir: str, benchmarks: Sequence[str | dict[str, Any]], seed: int, settings: dict[str, Any],
-                label: str, out_root: str | Path) -> StageOutput:
-    """The ``eval-<label>`` output keyed by the checkpoint fingerprint, benchmark specs, seed and settings."""
+                label: str, out_root: str | Path, rows: Sequence[Row] | None = None) -> StageOutput:
+    """The ``eval-<label>`` output keyed by the checkpoint's identity, the benchmark specs, the content of their items
+    (``rows``: built from the specs when None), the seed and the settings."""
+    rows = build_benchmarks(benchmarks, seed)[0] if rows is None else rows
     key = {"stage": "eval", "version": EVAL_VERSION, "judge_version": JUDGE_VERSION,
-           "checkpoint": model_fingerprint(model_dir), "benchmarks": prompts_key(list(benchmarks), seed), **settings}
+           "checkpoint": model_identity(model_dir), "benchmarks": prompts_key(list(benchmarks), seed),
+           "items": rows_digest(rows), **settings}  # fmt: skip
     return StageOutput(out_root, f"eval-{safe_label(label)}", key)
 
 
 def _write_missing(output: StageOutput, rows: Sequence[Row]) -> None:
     """Append the rows whose id is not on disk yet (a killed run may have written some)."""
+    output.lock(wait=60)  # evals of other models on the same benchmarks share the prompts output: seconds to write
     done = output.done_ids()
     with output.open_shard() as writer:
         writer.write([r for r in rows if r["id"] not in done])
@@ -235,7 +243,7 @@ def run_eval(model: str, benchmarks: Sequence[str | dict[str, Any]] = DEFAULT_BE
                                "engine": dict(sorted(engine_kwargs.items()))},
                 "code_timeout": code_timeout,
                 "lm_eval": {"tasks": list(lm_eval_tasks), "limit": lm_eval_limit} if lm_eval_tasks else None}
-    out = eval_output(model_dir, benchmarks, seed, settings, label, out_root)
+    out = eval_output(model_dir, benchmarks, seed, settings, label, out_root, rows).lock()
     if out.is_complete():
         logger.info("%s: already evaluated with these settings; reusing it", out.path)
         return out.path
@@ -243,6 +251,9 @@ def run_eval(model: str, benchmarks: Sequence[str | dict[str, Any]] = DEFAULT_BE
     before = output_for(rows, name, model_dir, spec, backend, out_root, engine_kwargs).done_ids()
     samples_dir = generate(rows, model_dir, spec, backend, out_root, prompts_key(list(benchmarks), seed),
                            engine=engine, engine_kwargs=engine_kwargs)
+    require_built_from(samples_dir, "prompts", prompt_set_digest(rows), what="prompts", given="the benchmarks",
+                       fix=f"The items changed since the prompts under {out_root} were written (a data or loader "
+                           "update): delete that prompts-* output and run the eval again.")  # fmt: skip
     samples = read_output(samples_dir)
     gen_seconds, new_tokens = time.perf_counter() - start, sum(s["num_tokens"] for s in samples if s["id"] not in before)
     items = judge_items(samples, rows, bench_of, workers=workers, code_timeout=code_timeout)

@@ -1,6 +1,7 @@
 """Stage `judge`: samples -> judged samples (verifier verdict, reward-model score, and the reason for both).
 
-Owns: joining samples to prompts by ``prompt_id``, choosing the verifier by the prompt's domain (math: gold
+Owns: joining samples to prompts by ``prompt_id`` (refused with ``provenance.InputMismatchError`` unless the samples
+were drawn from exactly these prompts), choosing the verifier by the prompt's domain (math: gold
 ``answer``; code: ``tests`` / ``entry_point`` in the sandbox; general: none), reward-model scoring, and the resumable
 ``judged`` stage output (columns ``schema.JUDGED_COLUMNS``, one output per samples output, keyed by the inputs'
 checksums and the judge settings). Does not own: the checks themselves (`math`, `code`, `reward_model`) or pairing.
@@ -11,8 +12,6 @@ checksums and the judge settings). Does not own: the checks themselves (`math`, 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import re
@@ -25,12 +24,14 @@ from tqdm.auto import tqdm
 
 from infifpo.judge.code import judge_code
 from infifpo.judge.math import judge_math
+from infifpo.models import model_identity
+from infifpo.provenance import output_digest, prompt_set_digest, require_built_from
 from infifpo.schema import JUDGED_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, DataFormatError, require_columns, row_label
-from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
+from infifpo.store import StageOutput, read_output
 
 logger = logging.getLogger(__name__)
 
-JUDGE_VERSION = 1  # bump when a verdict for the same inputs would change (extraction rules, sandbox harness)
+JUDGE_VERSION = 2  # bump when a verdict for the same inputs would change (extraction rules, sandbox harness)
 Row = dict[str, Any]
 
 
@@ -119,30 +120,21 @@ def judge_rows(
     return judged
 
 
-def _output_digest(path: str | os.PathLike) -> str:
-    """A digest of a finished stage output (its checksums): the judged output is keyed by its inputs' content."""
-    return fingerprint(json.loads((Path(path) / SUCCESS).read_text()))
-
-
 def reward_model_key(model: str | None) -> dict[str, Any] | None:
-    """What determines the rewards: the hub id, or a local dir's path with its config hash and weight-file sizes."""
+    """What determines the rewards: the hub id, or a local directory's ``models.model_identity``."""
     if model is None:
         return None
     path = Path(model)
-    if not path.is_dir():
-        return {"hub_id": model}
-    config = path / "config.json"
-    return {
-        "path": str(path.resolve()),
-        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
-        "weights": {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.suffix in (".safetensors", ".bin")},
-    }
+    return {"identity": model_identity(path)} if path.is_dir() else {"hub_id": model}
 
 
 def judged_output(samples_dir: str, prompts_dir: str, out_root: str, settings: dict[str, Any]) -> StageOutput:
-    """The StageOutput of the judged version of one samples output, keyed by both inputs and the settings."""
-    key = {"stage": "judge", "version": JUDGE_VERSION, "samples": _output_digest(samples_dir),
-           "prompts": _output_digest(prompts_dir), **settings}  # fmt: skip
+    """The StageOutput of the judged version of one samples output, keyed by both inputs' content and the settings.
+
+    ``prompts`` records the digest of the whole prompts output (gold answers and tests included), which `infifpo
+    pair` compares with its ``--prompts``."""
+    key = {"stage": "judge", "version": JUDGE_VERSION, "samples": output_digest(samples_dir),
+           "prompts": output_digest(prompts_dir), **settings}  # fmt: skip
     base = re.sub(r"-[0-9a-f]{12}$", "", Path(samples_dir).resolve().name)  # drop the samples' own fingerprint
     model_part = re.sub(r"^samples-?", "", base)
     return StageOutput(out_root, f"judged-{model_part}" if model_part else "judged", key)
@@ -162,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prompts = read_output(args.prompts)
+    drawn_from = prompt_set_digest(prompts)
+    for samples_dir in args.samples:  # every input checked before anything is written
+        require_built_from(samples_dir, "prompts", drawn_from, what="prompts", given=f"--prompts {args.prompts}",
+                           fix=f"Pass the prompts output {samples_dir} was sampled from, or sample again from "
+                               f"{args.prompts} (`infifpo sample --prompts {args.prompts}`).")  # fmt: skip
     settings = {"reward_model": reward_model_key(args.reward_model), "code_timeout": args.code_timeout}
     rm = None
     for samples_dir in args.samples:
-        out = judged_output(samples_dir, args.prompts, args.out, settings)
+        out = judged_output(samples_dir, args.prompts, args.out, settings).lock()
         if out.is_complete():
             logger.info("%s already judged with these settings; reusing %s", samples_dir, out.path)
             print(out.path)

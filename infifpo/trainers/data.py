@@ -292,14 +292,13 @@ def _local_model_dir(ref: str) -> tuple[str | None, str]:
 
 
 def same_model(a: str, b: str) -> bool:
-    """Whether local model directories ``a`` and ``b`` hold the same model under `infifpo score`'s identity
-    (``score_output.model_key``: the hashes of config, tokenizer and weight files), wherever each lies."""
-    from infifpo.score_output import model_key
+    """Whether local model directories ``a`` and ``b`` hold the same model under infifpo's one identity rule
+    (``models.model_identity``: the hashes of config, tokenizer and weight files), wherever each lies."""
+    from infifpo.models import model_files, model_identity
 
     if Path(a).resolve() == Path(b).resolve():
         return True
-    files_a, files_b = model_key(a)["files"], model_key(b)["files"]
-    return bool(files_a) and files_a == files_b
+    return bool(model_files(a)) and model_identity(a) == model_identity(b)
 
 
 def _shown(ref: str, path: str) -> str:

@@ -10,6 +10,8 @@ import pytest
 
 from infifpo.judge.reward_model import score_with_reward_model
 from infifpo.judge.stage import judge_rows, main
+from infifpo.models import model_identity
+from infifpo.provenance import InputMismatchError, prompt_set_digest
 from infifpo.schema import JUDGED_COLUMNS, DataFormatError, sample_id
 from infifpo.store import StageOutput, read_output
 
@@ -54,8 +56,13 @@ EXPECTED = {("m1", 0): True, ("m1", 1): False, ("m2", 0): True, ("m2", 1): False
             ("g1", 0): None, ("g1", 1): None}  # fmt: skip
 
 
-def _write(root: Path, name: str, rows: list[dict]) -> str:
-    return str(StageOutput(root, name, {"test": name}).write_all(rows))
+def _write(root: Path, name: str, rows: list[dict], **key) -> str:
+    return str(StageOutput(root, name, {"test": name, **key}).write_all(rows))
+
+
+def _write_samples(root: Path, rows: list[dict]) -> str:
+    """A samples output recording the prompts it was drawn from, as `infifpo sample` writes it."""
+    return _write(root, "samples-m", rows, prompts=prompt_set_digest(_prompts()))
 
 
 def test_judge_rows_joins_by_prompt_id_not_order() -> None:
@@ -84,7 +91,7 @@ def test_unknown_prompt_id_is_a_named_error() -> None:
 
 def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Path, tiny_rm: str, capsys) -> None:
     prompts_dir = _write(tmp_path, "prompts", _prompts())
-    samples_dir = _write(tmp_path, "samples-m", _samples())
+    samples_dir = _write_samples(tmp_path, _samples())
     argv = ["--samples", samples_dir, "--prompts", prompts_dir, "--out", str(tmp_path), "--workers", "2"]
     assert main(argv + ["--reward-model", tiny_rm]) == 0
     out_dir = Path(capsys.readouterr().out.splitlines()[0])
@@ -97,7 +104,7 @@ def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Pa
                                                [r["text"] for r in rows], tiny_rm, progress=False)  # fmt: skip
     assert [r["reward"] for r in rows] == pytest.approx(expected_rewards, abs=1e-5)
     key = json.loads((out_dir / "meta.json").read_text())["key"]
-    assert key["reward_model"]["path"] == str(Path(tiny_rm).resolve()) and key["code_timeout"] == 10.0
+    assert key["reward_model"] == {"identity": model_identity(tiny_rm)} and key["code_timeout"] == 10.0
     # Done: a second run reuses it; different settings (no reward model) give a different output.
     assert main(argv + ["--reward-model", tiny_rm]) == 0
     assert Path(capsys.readouterr().out.splitlines()[0]) == out_dir
@@ -108,7 +115,7 @@ def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Pa
 
 def test_stage_resumes_after_a_crash_without_redoing_rows(tmp_path: Path, capsys) -> None:
     prompts_dir = _write(tmp_path, "prompts", _prompts())
-    samples_dir = _write(tmp_path, "samples-m", _samples())
+    samples_dir = _write_samples(tmp_path, _samples())
     from infifpo.judge.stage import judged_output
 
     # A generous code timeout: a loaded CI machine must not turn a correct program into a timeout.
@@ -127,3 +134,13 @@ def test_stage_resumes_after_a_crash_without_redoing_rows(tmp_path: Path, capsys
     assert {r["id"]: r["judge_reason"] for r in rows}[first[0]["id"]] == "from the first run"
     verdicts = {(r["prompt_id"], r["sample_index"]): r["correct"] for r in rows}
     assert verdicts == EXPECTED, {r["id"]: r["judge_reason"] for r in rows}
+
+
+def test_samples_that_record_no_prompts_are_refused_before_writing(tmp_path: Path) -> None:
+    """Samples written by hand or by an older infifpo say nothing of their prompts: the join cannot be checked."""
+    prompts_dir = _write(tmp_path, "prompts", _prompts())
+    samples_dir = _write(tmp_path, "samples-m", _samples())
+    with pytest.raises(InputMismatchError, match=r"^prompts unknown: .*samples-m-\w+ records no digest of the prompts"
+                                                 r".*Pass the prompts output .* or sample again"):
+        main(["--samples", samples_dir, "--prompts", prompts_dir, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
