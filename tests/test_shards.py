@@ -34,6 +34,17 @@ def _order_id(order: tuple[int, ...]) -> str:
     return f"{len(order)}shards-" + "".join(map(str, order))
 
 
+def _rounded(value):
+    """``value`` with every float rounded to 4 decimals (nats): equal up to fp32 round-off of the log-prob sums."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 @pytest.mark.parametrize("order", ORDERS, ids=_order_id)
 def test_greedy_sample_shards_in_any_order_equal_single_process(backend_engine, tiny_llama, tmp_path,  # noqa: F811
                                                                 order):
@@ -50,6 +61,17 @@ def _score_kw(tiny_llama, tiny_qwen, root):
     return {"pivot": tiny_llama, "sources": [tiny_qwen], "out_root": root, **ENGINE}
 
 
+def _rounded(value):
+    """``value`` with every float rounded to 4 decimals (nats): equal up to fp32 round-off of the log-prob sums."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 @pytest.mark.parametrize("order", ORDERS, ids=_order_id)
 def test_score_shards_in_any_order_equal_single_process(tiny_llama, tiny_qwen, tmp_path, order):
     rows = make_rows(7)
@@ -57,7 +79,9 @@ def test_score_shards_in_any_order_equal_single_process(tiny_llama, tiny_qwen, t
     for k, i in enumerate(order):
         path = score_pairs(rows, shard=(i, len(order)), **_score_kw(tiny_llama, tiny_qwen, tmp_path / "sharded"))
         assert (path is None) == (k < len(order) - 1), "assembled by whichever shard finishes last"
-    assert json.dumps(store.read_output(path)) == json.dumps(whole)
+    # Same rows, ids, texts and counts; log-probs equal to fp32 round-off: a shard batches other rows together, and
+    # oneDNN's kernels for other padded widths may round the last bits differently (seen: 3 shards, ~1e-6 nats).
+    assert _rounded(store.read_output(path)) == _rounded(whole)
     stats = json.loads((path / "score_stats.json").read_text())
     whole_stats = json.loads(next((tmp_path / "whole").glob("scored-*/score_stats.json")).read_text())
     for a, b in zip(stats["models"], whole_stats["models"], strict=True):  # shard totals add up to one process's

@@ -273,8 +273,9 @@ def test_memory_ceiling_covers_the_whole_process_tree() -> None:
         res = run_sandboxed(_FOUR_CHILDREN, memory_mb=256, timeout=30)
     assert not res.ok and res.oom_killed and "memory ceiling of 256 MiB" in res.reason, res
     assert res.memory_peak_mb is not None and res.memory_peak_mb <= 256, res.memory_peak_mb
-    # Sampled RSS counts pages shared after fork once per process: a small allowance, far below the 800 MiB asked.
-    assert sampler.peak_mb <= 256 + 64, sampler.peak_mb
+    # Sampled RSS counts pages shared after fork once per process (seen up to 336 MiB on a loaded machine): an
+    # allowance that still lies far below the 800 MiB the children ask for without a ceiling.
+    assert sampler.peak_mb <= 256 + 192, sampler.peak_mb
     assert _leftover_cgroups() == []
     _assert_still_works()
 
