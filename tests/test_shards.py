@@ -61,17 +61,6 @@ def _score_kw(tiny_llama, tiny_qwen, root):
     return {"pivot": tiny_llama, "sources": [tiny_qwen], "out_root": root, **ENGINE}
 
 
-def _rounded(value):
-    """``value`` with every float rounded to 4 decimals (nats): equal up to fp32 round-off of the log-prob sums."""
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
 @pytest.mark.parametrize("order", ORDERS, ids=_order_id)
 def test_score_shards_in_any_order_equal_single_process(tiny_llama, tiny_qwen, tmp_path, order):
     rows = make_rows(7)

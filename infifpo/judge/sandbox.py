@@ -172,32 +172,33 @@ def _own_cgroups(text: str) -> dict[str, str]:
     return own
 
 
+def _v2_layout(base: Path, label: str, why: list[str]) -> _CgroupLayout | None:
+    """The cgroup v2 layout rooted at ``base`` when its children may use the memory controller; else None, with
+    the reason appended to ``why`` under ``label``."""
+    try:
+        enabled = set((base / "cgroup.subtree_control").read_text().split())
+    except OSError as e:
+        why.append(f"{label}: cannot read {base}/cgroup.subtree_control ({e})")
+        return None
+    if "memory" in enabled:
+        return _CgroupLayout(2, base, base if "pids" in enabled else None)
+    why.append(f"{label}: memory is not enabled in {base}/cgroup.subtree_control")
+    return None
+
+
 def _find_layout(root: Path, own: dict[str, str], configured: str = "") -> tuple[_CgroupLayout | None, str]:
     """The strongest usable cgroup layout (``configured`` v2 directory, then this process's own cgroup under v2,
     then under v1), or None and why not. Changes nothing."""
-    why = []
+    why: list[str] = []
     if configured:
-        base = Path(configured)
-        try:
-            enabled = set((base / "cgroup.subtree_control").read_text().split())
-        except OSError as e:
-            enabled = set()
-            why.append(f"{CGROUP_ENV}={configured}: not a cgroup v2 directory ({e})")
-        if "memory" in enabled:
-            return _CgroupLayout(2, base, base if "pids" in enabled else None), ""
-        if enabled:
-            why.append(f"{CGROUP_ENV}={configured}: memory is not enabled in its cgroup.subtree_control")
+        layout = _v2_layout(Path(configured), f"{CGROUP_ENV}={configured}", why)
+        if layout is not None:
+            return layout, ""
     mount = root if (root / "cgroup.controllers").is_file() else root / "unified"
     if "" in own and (mount / "cgroup.controllers").is_file():
-        base = mount / own[""].lstrip("/")
-        try:
-            enabled = set((base / "cgroup.subtree_control").read_text().split())
-        except OSError as e:
-            enabled = set()
-            why.append(f"v2: cannot read {base}/cgroup.subtree_control ({e})")
-        if "memory" in enabled:
-            return _CgroupLayout(2, base, base if "pids" in enabled else None), ""
-        why.append(f"v2: memory is not enabled for child cgroups of {base}")
+        layout = _v2_layout(mount / own[""].lstrip("/"), "v2", why)
+        if layout is not None:
+            return layout, ""
     if "memory" in own and (root / "memory" / "cgroup.procs").is_file():
         base = root / "memory" / own["memory"].lstrip("/")
         pids = root / "pids" / own.get("pids", "/").lstrip("/") if "pids" in own else None
