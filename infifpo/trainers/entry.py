@@ -9,22 +9,26 @@ trains on (prompt, chosen) rows with split == "sft", the preference methods on s
 exists); ``opd`` samples from the ``prompt`` column (a prompts stage output directory, or any rows with
 conversational prompts).
 Scale-out: ``--num_processes N`` and/or ``--accelerate_config FILE|NAME`` relaunch the same command under
-``accelerate launch`` (``trainers.launch``); inside a launched process they are ignored.
+``accelerate launch`` (``trainers.launch``); inside a launched process they are ignored. A rank of a multi-process run
+(WORLD_SIZE > 1) ends through ``exit_rank``, without the interpreter teardown that can deadlock in gloo.
 Every run writes ``output_dir/infifpo_train_log.json`` (CONTRACTS.md §1) from the main process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("sft", "dpo", "infifpo", "wrpo", "opd")
 RESOLVED_CONFIG = "infifpo_train_config.yaml"
 TRAIN_LOG = "infifpo_train_log.json"
+_KEPT: list[Any] = []  # what a rank must not free before it exits (the trainer, a failure): ``exit_rank``
 
 
 @dataclass
@@ -255,11 +260,58 @@ def train_and_save(trainer: Any, method: str, script: Any, train_args: Any, mode
 
 
 def close_process_group() -> None:
-    """Tear the process group down before the interpreter exits: a gloo group left to interpreter shutdown can abort
-    a rank ("terminate called without an active exception", SIGABRT) after all work is saved."""
+    """Tear the process group down once every rank has saved: a barrier (no rank leaves while another still writes),
+    then destroy. A gloo group left to interpreter shutdown can abort a rank ("terminate called without an active
+    exception", SIGABRT) after all work is saved. Only on success: a failed rank must not wait in a barrier for
+    ranks that are blocked in a collective; it leaves through ``exit_rank`` and torchrun stops the others."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank of a multi-process run now with ``code``, without the interpreter's teardown: run the atexit
+    callbacks (logging, trackers, temporary files), flush stdout / stderr, ``os._exit``.
+
+    Why: PyTorch's gloo ProcessGroup destructor joins its work thread while holding the GIL, and that thread needs
+    the GIL to free the tensors of the last collectives it still holds (the metrics allgather before the final
+    barrier). The destructor runs when the DDP model (whose Reducer owns the group) is freed, e.g. when the trainer
+    is dropped after ``run`` returns; on 2 CPU cores it deadlocked about 1 run in 10 (rank 1 had saved the model and
+    the log and sat in ``~ProcessGroupGloo`` -> ``std::thread::join``, its gloo thread in ``take_gil``, while
+    torchrun waited for it). ``run_rank`` keeps the trainer (or the failure, whose traceback holds it) in ``_KEPT``
+    and nothing is freed here, so nothing can deadlock."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def run_rank(method: str, script: Any, train_args: Any, model_args: Any, *, started: float) -> int:
+    """``run`` in a rank of a multi-process run; returns its exit code, printing a failure's traceback as the
+    interpreter would. SIGUSR1 prints every thread's stack (the launcher sends it to a rank that does not exit:
+    ``launch.run_launcher``)."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        _KEPT.append(run(method, script, train_args, model_args, started=started))
+    except SystemExit as e:
+        _KEPT.append(e)
+        return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt as e:  # infifpo.cli's Stopped (SIGTERM / SIGINT from torchrun or the launcher)
+        _KEPT.append(e)
+        print(f"infifpo train, rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
+    except BaseException as e:
+        _KEPT.append(e)
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def run(method: str, script: Any, train_args: Any, model_args: Any, *, started: float | None = None) -> Any:
@@ -286,5 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"infifpo train: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:  # a rank of several (torchrun sets WORLD_SIZE in each) leaves
+        exit_rank(run_rank(method, script, train_args, model_args, started=started))  # without the teardown
     run(method, script, train_args, model_args, started=started)
     return 0

@@ -3,15 +3,22 @@
 Owns: ``--num_processes N`` and ``--accelerate_config FILE|NAME`` (``configs/accelerate/{single,ddp,zero3,fsdp2}.yaml``)
 taken out of the command line, the ``accelerate launch`` command that reruns the same ``infifpo train`` on every rank
 (as TRL's CLI does) with the train config's precision as ``--mixed_precision``, and telling a launched rank from the
-launcher. Does not own: parsing the train config or training (``trainers.entry``).
+launcher, and waiting for the launch: a rank still running ``RANK_EXIT_TIMEOUT_S`` after another rank exited is hung,
+so its stacks are printed and it is killed, with an error naming it (``run_launcher``); an interrupted ``infifpo
+train`` takes the launcher and every rank down with it, and the launcher dies with ``infifpo train`` even when that
+is SIGKILLed (PR_SET_PDEATHSIG). Does not own: parsing the train config or training (``trainers.entry``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,14 @@ LAUNCHED_ENV = "INFIFPO_ACCELERATE_LAUNCHED"  # set in the child's env so a laun
 # Set by torchrun / accelerate / deepspeed / mpirun in every launched rank.
 RANK_ENV = ("LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+# After the first rank exits, the others have this long to exit too (they leave together after the final barrier, or
+# torchrun stops them when one fails); one still running is hung. INFIFPO_RANK_EXIT_TIMEOUT_S overrides it.
+RANK_EXIT_TIMEOUT_S = 300.0
+RANK_EXIT_TIMEOUT_ENV = "INFIFPO_RANK_EXIT_TIMEOUT_S"
+STOP_GRACE_S = 30.0  # SIGTERM -> SIGKILL for the launcher and its ranks (torchrun gives its workers 30 s too)
+STACKS_S = 3.0  # SIGUSR1 (a rank prints its stacks, ``entry.run_rank``) -> SIGKILL for a hung rank
+POLL_S = 1.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def split_launch_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -110,5 +125,144 @@ def relaunch(launch: dict[str, str], train_argv: list[str], train_args: Any) -> 
         # torchrun would pin every CPU rank to 1 thread; split the cores between the ranks instead.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _launch_plan(launch)[2]))
     logger.info("relaunching under accelerate: %s", " ".join(cmd))
-    rc = subprocess.run(cmd, env=env, check=False).returncode
-    return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's 128 + signal number
+    timeout = float(os.environ.get(RANK_EXIT_TIMEOUT_ENV) or RANK_EXIT_TIMEOUT_S)
+    return run_launcher(cmd, env, rank_exit_timeout_s=timeout)
+
+
+def _die_with_parent_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child PR_SET_PDEATHSIG, SIGTERM (kept across exec), or None off Linux. The libc
+    function is looked up here, in the parent, so the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _running(proc: Any) -> bool:
+    """Whether ``proc`` still runs (an exited process's zombie does not: a container's init may never reap it)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
+    """Wait up to ``timeout`` seconds for ``procs`` to stop running; returns those still running."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def launched_ranks(root: Any) -> dict[int, Any]:
+    """{RANK: psutil.Process} of the ranks under ``root`` (the launcher): descendants whose environment has RANK and
+    whose parent's has not (a rank's own children inherit it)."""
+    import psutil
+
+    with_rank: dict[int, tuple[int, Any]] = {}
+    with contextlib.suppress(psutil.Error):
+        for p in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error, ValueError):
+                rank = p.environ().get("RANK")
+                if rank is not None:
+                    with_rank[p.pid] = (int(rank), p)
+    return {rank: p for rank, p in with_rank.values() if p.ppid() not in with_rank}
+
+
+class RankWatch:
+    """Remembers every rank seen under the launcher; ``hung`` names the ranks still running ``timeout_s`` after the
+    first rank exited. A rank is known once seen by a poll (every ``POLL_S``); one that ends before (a rank that
+    fails at once) is torchrun's to handle: it stops the others when a rank fails."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.ranks: dict[int, Any] = {}
+        self.first_exit: float | None = None
+
+    def hung(self, root: Any) -> tuple[list[int], list[int]]:
+        """(hung ranks, exited ranks) now."""
+        for rank, p in launched_ranks(root).items():
+            self.ranks.setdefault(rank, p)
+        exited = sorted(r for r, p in self.ranks.items() if not _running(p))
+        if exited and self.first_exit is None:
+            self.first_exit = time.monotonic()
+        running = sorted(r for r in self.ranks if r not in exited)
+        late = self.first_exit is not None and time.monotonic() - self.first_exit >= self.timeout_s
+        return (running if late else []), exited
+
+
+def _stop_tree(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM ``proc`` and all its descendants (listed first: torchrun puts its ranks in sessions of their own),
+    SIGKILL whatever is alive ``grace_s`` later, and reap ``proc``."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    for p in _wait_gone(procs, grace_s):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+
+
+def _kill_hung(watch: RankWatch, hung: list[int], exited: list[int]) -> None:
+    import psutil
+
+    procs = [watch.ranks[r] for r in hung]
+    logger.error("rank(s) %s (pid %s) still running %.0f s after rank(s) %s exited: hung; printing their stacks "
+                 "(SIGUSR1) and killing them", hung, [p.pid for p in procs], watch.timeout_s, exited)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGUSR1)
+    for p in _wait_gone(procs, STACKS_S):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def run_launcher(cmd: list[str], env: dict[str, str], *, rank_exit_timeout_s: float = RANK_EXIT_TIMEOUT_S,
+                 poll_s: float = POLL_S) -> int:
+    """Run the launcher command ``cmd`` and wait for it; its exit code (128 + N when killed by signal N).
+
+    The launcher dies with this process (PR_SET_PDEATHSIG). A rank still running ``rank_exit_timeout_s`` after
+    another exited is hung: it is sent SIGUSR1 (its stacks go to stderr), then SIGKILL, and the run fails (exit
+    code 1 at least) with a message naming the rank. Interrupted (infifpo.cli turns SIGTERM / SIGINT into an
+    exception), the launcher and every rank get SIGTERM and, ``STOP_GRACE_S`` later, SIGKILL; then it re-raises."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent_preexec())
+    watch, hung, deadline = RankWatch(rank_exit_timeout_s), [], None
+    try:
+        root = psutil.Process(proc.pid)
+        while True:
+            try:
+                rc = proc.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if not hung:
+                hung, exited = watch.hung(root)
+                if hung:
+                    _kill_hung(watch, hung, exited)
+                    deadline = time.monotonic() + STOP_GRACE_S
+            elif deadline is not None and time.monotonic() > deadline:  # the launcher did not end with its ranks
+                _stop_tree(proc)
+    except BaseException:
+        _stop_tree(proc)
+        raise
+    rc = rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's 128 + signal number
+    if hung:
+        print(f"infifpo train: rank(s) {hung} did not exit within {rank_exit_timeout_s:.0f} s of rank(s) "
+              f"{sorted(set(watch.ranks) - set(hung))} and were killed (their stacks are above); the run failed. "
+              f"Set {RANK_EXIT_TIMEOUT_ENV} to wait longer.", file=sys.stderr)
+        return rc or 1
+    return rc

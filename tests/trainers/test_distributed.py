@@ -12,6 +12,10 @@ mean), and TRL's ``log`` averages the micro-steps: with equal micro-batches ever
 global batch, so a rank-0-only value (2 of the 4 pairs) would not match run (a).
 Everything runs in fp32 on CPU; the tiny Llama has no dropout. Tolerance: 1e-5 absolute on every logged number and
 every final weight (measured: ~1e-6 on losses/metrics, a few 1e-6 on weights after 3 AdamW steps).
+Every rank must exit: a rank that saved everything could deadlock in gloo's teardown at exit (about 1 run in 10 on 2
+cores) while torchrun waited for it; ranks now leave through ``entry.exit_rank``, the launcher kills and names a rank
+still running 60 s after another exited, and a run is bounded by ``TRAIN_TIMEOUT_S``. tests/conftest.py fails a test
+that leaves any process behind.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 NOT_COMPARED = {"epoch", "step", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
+TRAIN_TIMEOUT_S = 600  # one run takes ~20 s alone on 2 cores; a hang fails here with its output, not at pytest's 900 s
+RANK_EXIT_TIMEOUT_S = "60"  # a rank still running 60 s after the other exited is killed and named (trainers.launch)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +62,17 @@ def _config(tmp_path: Path, model: str, data: str) -> str:
 def _clean_env() -> dict[str, str]:
     """This process's env without any launcher variables (so the child decides for itself whether to launch)."""
     drop = {launcher.LAUNCHED_ENV, *launcher.RANK_ENV, "RANK", "MASTER_ADDR", "MASTER_PORT"}
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "HF_HUB_OFFLINE": "1"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "HF_HUB_OFFLINE": "1",
+            launcher.RANK_EXIT_TIMEOUT_ENV: RANK_EXIT_TIMEOUT_S}
 
 
 def _infifpo_train(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infifpo.cli", "train", *argv], cwd=REPO, env=_clean_env(),
-                          capture_output=True, text=True, check=False)
+    try:
+        return subprocess.run([sys.executable, "-m", "infifpo.cli", "train", *argv], cwd=REPO, env=_clean_env(),
+                              capture_output=True, text=True, check=False, timeout=TRAIN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:  # killed; its launcher and ranks die with it (PR_SET_PDEATHSIG)
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"`infifpo train {' '.join(argv)}` did not end within {TRAIN_TIMEOUT_S} s:\n{err[-5000:]}")
 
 
 def _run(tmp_path: Path, name: str, method: str, cfg: str, *extra: str) -> tuple[dict, dict]:
