@@ -5,8 +5,13 @@ gap), which samples may be chosen, why a prompt is dropped, the split, and the s
 (`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`). The CLI refuses judged outputs
 judged against other prompts than its ``--prompts`` (``provenance.InputMismatchError``): rows join by prompt id.
 
-Samples are ranked by correctness first (True > None > False), then reward (higher is better, None lowest), then
-a tie-break by a hash of (seed, sample id), so the result never depends on row order. A response with
+Samples are ranked by correctness first (True > None > False), then reward (higher is better, None lowest)
+(``rank_by="verifier_first"``, the default), or by the reward alone (``rank_by="reward"``, the paper's recipe, which
+needs a reward for every sample). Equal-ranked samples are ordered by ``tie_break``: ``"pivot_first"`` (default) makes
+the pivot's own sample the chosen among equally good ones and the rejected among equally bad ones, so a pair differs
+in quality rather than in which model wrote it (with a verifier most samples tie: every correct answer ranks the
+same); ``"hash"`` leaves it to the hash alone. Last comes a hash of (seed, sample id), so the result never depends on
+row order. A response with
 finish_reason "length" or "error" may be rejected but not chosen unless ``allow_truncated_chosen`` (users.md S3);
 empty or whitespace-only responses are excluded (D7). A prompt whose best and worst rank the same, or whose chosen
 and rejected texts are identical (D6), is dropped and counted with its reason.
@@ -40,8 +45,10 @@ from infifpo.store import StageOutput, read_output
 
 logger = logging.getLogger(__name__)
 
-PAIR_VERSION = 1  # bump when a recipe changes what it picks, so old outputs are not reused
+PAIR_VERSION = 2  # bump when a recipe changes what it picks, so old outputs are not reused (2: rank_by, tie_break)
 CORRECT_RANK = {True: 2, None: 1, False: 0}
+RANK_BY = ("verifier_first", "reward")
+TIE_BREAKS = ("pivot_first", "hash")
 # methods.md "Data recipes": InfiFPO half / half; WRPO one third SFT, two thirds PO; FuseChat-3.0 is plain DPO.
 DEFAULT_SFT_FRACTION = {"infifpo": 0.5, "wrpo": 1 / 3, "fusechat": 0.0}
 
@@ -59,26 +66,34 @@ class PairOptions:
     allow_truncated_chosen: bool = False
     min_gap: float = 0.01  # FuseChat reward-gap window, reward units
     max_gap: float = 0.1
+    rank_by: str = "verifier_first"  # RANK_BY
+    tie_break: str = "pivot_first"  # TIE_BREAKS
 
 
 # -- ranking ----------------------------------------------------------------------------------------------------
-def quality(s: Sample) -> tuple[int, float]:
-    """(correctness rank, reward): compared as a tuple, higher is better; a missing reward ranks lowest."""
-    return CORRECT_RANK[s["correct"]], -math.inf if s["reward"] is None else float(s["reward"])
+def quality(s: Sample, rank_by: str = "verifier_first") -> tuple[float, ...]:
+    """Compared as a tuple, higher is better: (correctness rank, reward), or (reward,) with ``rank_by="reward"``;
+    a missing reward ranks lowest."""
+    reward = -math.inf if s["reward"] is None else float(s["reward"])
+    return (reward,) if rank_by == "reward" else (CORRECT_RANK[s["correct"]], reward)
 
 
-def _order_key(s: Sample, seed: int) -> tuple[tuple[int, float], str]:
-    return quality(s), hashlib.sha256(f"{seed}|{s['id']}".encode()).hexdigest()
+def _order_key(s: Sample, opts: PairOptions, *, worst: bool = False) -> tuple[tuple[float, ...], int, str]:
+    """Sort key, higher = better: quality, then (``pivot_first``) the pivot's own sample first among the best and
+    last among the worst, then a seeded hash of the sample id."""
+    own = int(opts.tie_break == "pivot_first" and s["model"] == opts.pivot)
+    tie = hashlib.sha256(f"{opts.seed}|{s['id']}".encode()).hexdigest()
+    return quality(s, opts.rank_by), -own if worst else own, tie
 
 
-def best(samples: list[Sample], seed: int) -> Sample:
-    """The highest-ranked sample; ties broken by a seeded hash of the sample id (not by row order)."""
-    return max(samples, key=lambda s: _order_key(s, seed))
+def best(samples: list[Sample], opts: PairOptions) -> Sample:
+    """The highest-ranked sample; ties as ``opts.tie_break`` says, then by a seeded hash (never by row order)."""
+    return max(samples, key=lambda s: _order_key(s, opts))
 
 
-def worst(samples: list[Sample], seed: int) -> Sample:
-    """The lowest-ranked sample; ties broken by a seeded hash of the sample id (not by row order)."""
-    return min(samples, key=lambda s: _order_key(s, seed))
+def worst(samples: list[Sample], opts: PairOptions) -> Sample:
+    """The lowest-ranked sample; ties as ``opts.tie_break`` says, then by a seeded hash (never by row order)."""
+    return min(samples, key=lambda s: _order_key(s, opts, worst=True))
 
 
 def may_be_chosen(s: Sample, opts: PairOptions) -> bool:
@@ -93,11 +108,11 @@ def best_vs_worst(pool: list[Sample], opts: PairOptions) -> Picked | str:
     candidates = [s for s in pool if may_be_chosen(s, opts)]
     if not candidates:
         return "no_eligible_chosen"
-    chosen = best(candidates, opts.seed)
-    rejected = worst([s for s in pool if s is not chosen], opts.seed)
-    if quality(chosen) == quality(rejected):
+    chosen = best(candidates, opts)
+    rejected = worst([s for s in pool if s is not chosen], opts)
+    if quality(chosen, opts.rank_by) == quality(rejected, opts.rank_by):
         return "tie"
-    if quality(chosen) < quality(rejected):  # every better response was truncated or errored
+    if quality(chosen, opts.rank_by) < quality(rejected, opts.rank_by):  # every better one was truncated or errored
         return "best_ineligible"
     if chosen["text"].strip() == rejected["text"].strip():
         return "identical"
@@ -121,8 +136,8 @@ def pair_wrpo(samples: list[Sample], domain: str, opts: PairOptions) -> Picked |
     picked = best_vs_worst([s for s in samples if s["model"] == opts.pivot], opts)
     if isinstance(picked, str):
         return f"target_{picked}"
-    source_chosen = best(from_sources, opts.seed)
-    if quality(source_chosen) <= quality(picked["rejected"]):
+    source_chosen = best(from_sources, opts)
+    if quality(source_chosen, opts.rank_by) <= quality(picked["rejected"], opts.rank_by):
         return "source_not_better"
     return {**picked, "source_chosen": source_chosen}
 
@@ -138,7 +153,7 @@ def pair_fusechat(samples: list[Sample], domain: str, opts: PairOptions) -> Pick
             by_model[s["model"]].append(s)
     if not by_model:
         return "no_source_samples"
-    tops = {m: _order_key(best(ss, opts.seed), opts.seed) for m, ss in by_model.items()}
+    tops = {m: _order_key(best(ss, opts), opts) for m, ss in by_model.items()}
     reasons = []
     for model in sorted(by_model, key=tops.__getitem__, reverse=True):
         picked = _fusechat_model(by_model[model], opts)
@@ -214,6 +229,10 @@ def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[st
     missing = [m for m in sources if m not in models]
     if missing:
         raise ConfigError(f"source model(s) {missing} have no judged samples; models found: {sorted(models)}.")
+    if kw.get("rank_by", RANK_BY[0]) not in RANK_BY:
+        raise ConfigError(f"rank_by must be one of {RANK_BY}, got {kw['rank_by']!r}.")
+    if kw.get("tie_break", TIE_BREAKS[0]) not in TIE_BREAKS:
+        raise ConfigError(f"tie_break must be one of {TIE_BREAKS}, got {kw['tie_break']!r}.")
     if recipe == "wrpo" and pivot in sources:
         raise ConfigError(f"wrpo: the pivot {pivot!r} cannot also be a source.")
     if recipe != "infifpo" and not sources:
@@ -249,10 +268,12 @@ def build_pairs(
     judged_rows: list[dict[str, Any]], prompt_rows: list[dict[str, Any]], *, recipe: str, pivot: str,
     sources: list[str] | None = None, seed: int = 0, sft_fraction: float | None = None,
     allow_truncated_chosen: bool = False, min_gap: float = 0.01, max_gap: float = 0.1,
+    rank_by: str = "verifier_first", tie_break: str = "pivot_first",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """Preference rows (sorted by id) and a stats summary; judged rows join prompts by prompt_id, never by order.
 
-    ``sources`` defaults to every judged model except the pivot; ``sft_fraction`` to the recipe's paper value.
+    ``sources`` defaults to every judged model except the pivot; ``sft_fraction`` to the recipe's paper value;
+    ``rank_by`` and ``tie_break``: see the module docstring. ``rank_by="reward"`` refuses a sample without a reward.
     """
     prompts = index_prompts(prompt_rows)
     by_prompt: dict[str, list[Sample]] = defaultdict(list)
@@ -261,10 +282,15 @@ def build_pairs(
         check_judged(row, i, prompts)
         if row["id"] in seen:
             raise DataFormatError(f"{row_label(i, row)}: sample id appears twice (shards or seeds merged twice?).")
+        if rank_by == "reward" and row["reward"] is None:
+            raise DataFormatError(f"{row_label(i, row)}, field 'reward': null, but rank_by='reward' ranks by the "
+                                  "reward alone. Judge with a reward model (judge: reward_model) or use rank_by "
+                                  "'verifier_first'.")
         seen.add(row["id"])
         by_prompt[row["prompt_id"]].append(row)
     opts = _resolve_options({r["model"] for r in judged_rows}, recipe, pivot, sources, seed=seed, min_gap=min_gap,
-                            max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen)  # fmt: skip
+                            max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen, rank_by=rank_by,
+                            tie_break=tie_break)  # fmt: skip
     fraction = DEFAULT_SFT_FRACTION[recipe] if sft_fraction is None else sft_fraction
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"sft_fraction must be in [0, 1], got {fraction}.")
@@ -280,7 +306,8 @@ def build_pairs(
             continue
         rows.append(pair_row(prompts[pid], picked, split_of(pid, seed, fraction), recipe))
     stats = pair_stats(rows, dropped, excluded, prompts_in=len(prompts), samples_in=len(judged_rows))
-    stats.update(recipe=recipe, pivot=pivot, sources=list(opts.sources), seed=seed, sft_fraction=fraction)
+    stats.update(recipe=recipe, pivot=pivot, sources=list(opts.sources), seed=seed, sft_fraction=fraction,
+                 rank_by=rank_by, tie_break=tie_break)
     return rows, stats
 
 
@@ -319,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-truncated-chosen", action="store_true", help="let length-truncated responses be chosen")
     ap.add_argument("--min-gap", type=float, default=0.01, help="fusechat: smallest reward gap kept")
     ap.add_argument("--max-gap", type=float, default=0.1, help="fusechat: largest reward gap kept")
+    ap.add_argument("--rank-by", choices=RANK_BY, default="verifier_first",
+                    help="verifier verdict then reward (default), or the reward alone (the paper's recipe)")
+    ap.add_argument("--tie-break", choices=TIE_BREAKS, default="pivot_first",
+                    help="among equally ranked samples, the pivot's own first (default), or by hash only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs", help="root directory of stage outputs")
     args = ap.parse_args(argv)
@@ -330,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         require_built_from(d, "prompts", prompts_digest, what="prompts", given=f"--prompts {args.prompts}",
                            fix=f"Pass the prompts output {d} was judged against, or judge its samples again with "
                                f"`infifpo judge --prompts {args.prompts}`.")  # fmt: skip
-    options = {k: getattr(args, k) for k in ("recipe", "pivot", "sources", "seed", "sft_fraction",
-                                              "allow_truncated_chosen", "min_gap", "max_gap")}  # fmt: skip
+    options = {k: getattr(args, k) for k in ("recipe", "pivot", "sources", "seed", "sft_fraction", "rank_by",
+                                              "tie_break", "allow_truncated_chosen", "min_gap", "max_gap")}
     key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": prompts_digest,
            "judged": sorted(output_digest(d) for d in args.judged)}  # fmt: skip
     out = StageOutput(args.out, f"pairs-{args.recipe}", key).lock()

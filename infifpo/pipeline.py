@@ -63,6 +63,11 @@ def _flags(options: dict[str, Any]) -> list[str]:
     return out
 
 
+def _source_arg(spec: str | dict[str, Any]) -> str:
+    """A config's prompt source as one ``infifpo prompts --source`` value: strings as they are, mappings as JSON."""
+    return json.dumps(spec, sort_keys=True) if isinstance(spec, dict) else str(spec)
+
+
 def _train_flags(options: dict[str, Any]) -> list[str]:
     """TrlParser flags keep underscores: {"learning_rate": 1e-6} -> ["--learning_rate", "1e-06"]."""
     return [x for k, v in options.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
@@ -208,7 +213,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     pivot, sources = cfg["pivot"], list(cfg["sources"])
     methods = list(cfg.get("train", {}).get("methods", ["dpo", "infifpo"]))
     p = cfg["prompts"]
-    prompts = _one(run_stage("prompts", [*[x for s in p["sources"] for x in ("--source", s)],
+    prompts = _one(run_stage("prompts", [*[x for s in p["sources"] for x in ("--source", _source_arg(s))],
                                          "--seed", str(p.get("seed", 0)), "--out", str(data)], logs, timings),
                    "prompts")
     samples = sample_all(cfg, prompts, dirs, timings)

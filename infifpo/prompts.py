@@ -365,11 +365,25 @@ def prompts_key(specs: list[str | dict[str, Any]], seed: int) -> dict[str, Any]:
     return {"stage": "prompts", "version": PROMPTS_VERSION, "specs": norm, "seed": seed}
 
 
+def _spec_arg(text: str) -> str | dict[str, Any]:
+    """A ``--source`` value: a spec string, or a JSON object (a config's mapping source) decoded to a dict."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object ({e}): {text[:80]}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {text[:80]}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """`infifpo prompts --source gsm8k:train:64 [--source ...] [--seed 0] [--out ROOT]`."""
     ap = argparse.ArgumentParser(prog="infifpo prompts", description="Build a prompt dataset from named sources.")
-    ap.add_argument("--source", action="append", required=True,
-                    help="gsm8k:SPLIT:N | humaneval::N | arithmetic:SPLIT:N | hf:NAME[:CONFIG]:SPLIT[:N] | jsonl:PATH")
+    ap.add_argument("--source", action="append", required=True, type=_spec_arg,
+                    help="gsm8k:SPLIT:N | humaneval::N | arithmetic:SPLIT:N | hf:NAME[:CONFIG]:SPLIT[:N] | jsonl:PATH"
+                         ' | a JSON object with the keys of a config mapping, e.g. \'{"source": "hf", "name": ...}\'')
     ap.add_argument("--seed", type=int, default=0, help="seed of the subset choice")
     ap.add_argument("--out", default="runs", help="root directory of stage outputs")
     args = ap.parse_args(argv)
