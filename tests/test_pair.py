@@ -267,3 +267,46 @@ def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == out_dir
     assert pair.main(["--judged", *j_dirs, *argv[:-3], "4", "--out", str(root)]) == 0
     assert capsys.readouterr().out.splitlines()[0] != out_dir
+
+
+# -- ranking options --------------------------------------------------------------------------------------------
+def _tied_pool(pid: str) -> list[dict]:
+    """Verifier ties with no rewards: two correct and two incorrect answers, one of each from the pivot."""
+    return [J(pid, PIVOT, 0, correct=True), J(pid, PIVOT, 1, correct=False),
+            J(pid, A, 0, correct=True), J(pid, A, 1, correct=False)]  # fmt: skip
+
+
+def test_pivot_first_takes_the_pivots_own_sample_among_equally_ranked_ones():
+    # On every seed, the chosen is the pivot's correct answer and the rejected its incorrect one.
+    for seed in range(8):
+        row, stats = _one(_tied_pool("p"), [P("p")], recipe="infifpo", pivot=PIVOT, seed=seed)
+        assert (row["chosen_sample_id"], row["rejected_sample_id"]) == ("p|pivot|0", "p|pivot|1"), seed
+        assert stats["tie_break"] == "pivot_first"
+
+
+def test_hash_tie_break_picks_other_models_on_some_seeds_and_never_breaks_the_ranking():
+    picks = set()
+    for seed in range(16):
+        row, _ = _one(_tied_pool("p"), [P("p")], recipe="infifpo", pivot=PIVOT, seed=seed, tie_break="hash")
+        assert (row["chosen_correct"], row["rejected_correct"]) == (True, False)
+        picks.add((row["chosen_model"], row["rejected_model"]))
+    assert len(picks) > 1, picks  # with pivot_first it is always (pivot, pivot)
+
+
+def test_pivot_first_does_not_override_quality():
+    # The source's answer is better (correct, the pivot's are not): it is still the chosen one.
+    judged = [J("p", PIVOT, 0, correct=False), J("p", PIVOT, 1, correct=False), J("p", A, 0, correct=True)]
+    row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT)
+    assert (row["chosen_model"], row["rejected_model"]) == (A, PIVOT)
+
+
+def test_rank_by_reward_ignores_the_verifier_and_refuses_a_missing_reward():
+    judged = [J("p", PIVOT, 0, correct=True, reward=0.1), J("p", A, 0, correct=False, reward=0.9)]
+    row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT, rank_by="reward")
+    assert (row["chosen_model"], row["chosen_correct"]) == (A, False)  # verifier_first would choose the pivot's
+    row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT)
+    assert row["chosen_model"] == PIVOT
+    with pytest.raises(DataFormatError, match=r"field 'reward'.*rank_by"):
+        build_pairs([*judged, J("p", B, 0, correct=True)], [P("p")], recipe="infifpo", pivot=PIVOT, rank_by="reward")
+    with pytest.raises(ConfigError, match="tie_break"):
+        build_pairs(judged, [P("p")], recipe="infifpo", pivot=PIVOT, tie_break="random")
