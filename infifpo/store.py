@@ -58,6 +58,12 @@ class CorruptOutputError(StoreError, DataFormatError):
     """A stage output's shard file holds a line no writer of this store leaves (edited or damaged on disk)."""
 
 
+def cache_root() -> Path:
+    """infifpo's cache directory (materialised models, machine measurements): ``$INFIFPO_CACHE`` or
+    ``~/.cache/infifpo``."""
+    return Path(os.environ.get("INFIFPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "infifpo"))
+
+
 def fingerprint(key: Any, length: int = 12) -> str:
     """A short, stable hex digest of a JSON-serialisable key (dict order does not matter)."""
     blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from infifpo.backends import Generation, SamplingSpec
 from infifpo.logprobs import decoder_backbone, logit_softcap, masked_token_logprobs
+from infifpo.precision import DEFAULT_SHAPE, auto_cpu_dtype, model_dir_shape
 from infifpo.schema import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -55,17 +56,17 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 _READ_BYTES = 1 << 24  # streamed checkpoint reads: 16 MB at a time
 
 
-def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
-    """"bfloat16" or "float32": ``auto`` is bf16 where the device has native bf16 matmul (AMX/AVX512-BF16 CPUs,
-    Ampere+ GPUs), else fp32 (emulated bf16 on older CPUs is slower than fp32)."""
+def resolve_dtype(dtype: str = "auto", device: str = "cpu", shape: tuple[int, int, int] | None = None) -> str:
+    """"bfloat16" or "float32": ``auto`` is bf16 on a GPU that supports it, and on a CPU whichever of the two
+    multiplies matrices of ``shape`` (tokens, hidden, intermediate; ``infifpo.precision``) faster, measured once per
+    machine and cached."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use 'auto', 'bfloat16' or 'float32'")
         return "bfloat16" if DTYPES[dtype] is torch.bfloat16 else "float32"
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-        else "float32"
+    return auto_cpu_dtype(shape or DEFAULT_SHAPE)
 
 
 def cuda_token_budget(config: Any, free_bytes: int, elem_bytes: int = 2) -> int:
@@ -203,7 +204,7 @@ class HFEngine:
                  trust_remote_code: bool = False, threads: int | None = None, compile_head: bool = False,
                  compile: bool | None = None):
         self.model_dir = str(model_dir)
-        self.dtype = resolve_dtype(dtype, device)
+        self.dtype = resolve_dtype(dtype, device, model_dir_shape(self.model_dir))
         self.device = torch.device(device)
         self.token_budget = int(token_budget or DEFAULT_TOKEN_BUDGET)  # on CUDA: set from free memory after the load
         self.head_chunk = head_chunk

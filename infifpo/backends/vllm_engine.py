@@ -243,7 +243,8 @@ def _import_vllm() -> Any:
 class VLLMEngine:
     """A ``vllm.LLM`` behind the ``Engine`` interface (``infifpo.backends``); all inputs and outputs are token ids.
 
-    ``dtype``: "bfloat16" | "float32" | "auto" (the checkpoint's). ``max_model_len``: context in tokens (prompt +
+    ``dtype``: "bfloat16" | "float32" | "auto" (the checkpoint's); None means bf16 on a GPU and, on a CPU, the
+    faster of the two for this model's matrices (``infifpo.precision``, measured once per machine). ``max_model_len``: context in tokens (prompt +
     completion); None means 2048 or the model's own context if shorter. ``gpu_memory_utilization``: None means 0.9 on GPU and ``CPU_MEMORY_FRACTION`` of RAM on CPU (where
     the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB or 1 GiB). ``enforce_eager``: None means True on CPU (no graph
     capture there). ``in_process``: run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead
@@ -254,7 +255,7 @@ class VLLMEngine:
     ``vllm.LLM`` unchanged.
     """
 
-    def __init__(self, model_dir: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
+    def __init__(self, model_dir: str, *, dtype: str | None = None, max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
                  enforce_eager: bool | None = None, seed: int = 0, trust_remote_code: bool = False,
                  in_process: bool = False, **extra_engine_kwargs: Any):
@@ -264,6 +265,10 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        if dtype is None:
+            from infifpo.precision import auto_cpu_dtype, model_dir_shape
+
+            dtype = auto_cpu_dtype(model_dir_shape(self.model_dir)) if on_cpu else "bfloat16"
         if in_process:  # read when the first engine of a process starts; later engines in the process keep it
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs: dict[str, Any] = dict(

@@ -12,6 +12,10 @@ Scale-out: ``--num_processes N`` and/or ``--accelerate_config FILE|NAME`` relaun
 ``accelerate launch`` (``trainers.launch``); inside a launched process they are ignored. A rank of a multi-process run
 (WORLD_SIZE > 1) ends through ``exit_rank``, without the interpreter teardown that can deadlock in gloo.
 Every run writes ``output_dir/infifpo_train_log.json`` (CONTRACTS.md §1) from the main process.
+Resume: ``--resume_from_checkpoint PATH|true`` continues from a ``checkpoint-N`` directory (``true``: the latest
+complete one in ``output_dir``) with its weights, optimizer, schedule, RNG and data position (``resume_checkpoint``).
+Errors: a user mistake (unknown flag or key, bad value, missing file, no chat template) is a ConfigError /
+ChatTemplateError raised before any model loads; ``infifpo.cli`` prints it as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -33,7 +38,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
-from infifpo.schema import ConfigError
+from infifpo.schema import ChatTemplateError, ConfigError, InfiFPOError
 from infifpo.trainers.launch import in_launched_process, relaunch, split_launch_args
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,13 @@ METHODS = ("sft", "dpo", "infifpo", "wrpo", "opd")
 RESOLVED_CONFIG = "infifpo_train_config.yaml"
 TRAIN_LOG = "infifpo_train_log.json"
 _KEPT: list[Any] = []  # what a rank must not free before it exits (the trainer, a failure): ``exit_rank``
+DEBUG_ENV = "INFIFPO_DEBUG"  # = infifpo.cli.DEBUG_ENV: "1" prints a named error's traceback too
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# (logger, message start) of log records that say nothing actionable on every run; dropped by ``silence_noise``.
+# bitsandbytes' CPU backend tries to fetch a kernel from the hub at import (needs the `kernels` package + network);
+# without it, it falls back to its own CPU kernels, which is what runs here anyway.
+NOISE = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),)
 
 
 @dataclass
@@ -52,6 +64,15 @@ class TrainScriptArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split of a hub dataset to load."})
     pipeline_split: str | None = field(default=None, metadata={
         "help": "Rows kept by the pipeline's `split` column; default 'sft' for --method sft, else 'po'."})
+
+
+@dataclass
+class ChatTemplateArguments:
+    """The chat template of the trained model, for the methods whose TRL config has no such key (SFTConfig has)."""
+
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "A Jinja chat-template file (or a tokenizer directory whose template to use) for a model whose "
+                "tokenizer has none; same key as TRL's SFTConfig."})
 
 
 def _config_class(method: str) -> type:
@@ -77,8 +98,11 @@ def _config_class(method: str) -> type:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (oneDNN AVX512-BF16 / AMX); emulated bf16 is slower than fp32."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether bf16 autocast is the faster precision on this CPU (``infifpo.precision``: measured once per machine;
+    emulated bf16, and AVX512-BF16 without AMX, are slower than fp32)."""
+    from infifpo.precision import auto_cpu_dtype
+
+    return auto_cpu_dtype() == "bfloat16"
 
 
 def _split_method(argv: list[str]) -> tuple[str, list[str]]:
@@ -94,12 +118,32 @@ def _split_method(argv: list[str]) -> tuple[str, list[str]]:
     return method, argv[:i] + argv[i + 2:]
 
 
-def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
-    """Raise ConfigError with a did-you-mean for every YAML key that is not a field of the config dataclasses."""
+def _config_path(argv: list[str]) -> Path | None:
+    """The ``--config FILE`` of ``argv`` (None without one); a ConfigError when the value or the file is missing."""
     if "--config" not in argv:
+        return None
+    i = argv.index("--config")
+    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise ConfigError("--config needs a value: a train YAML file (see configs/train/).")
+    path = Path(os.path.expanduser(argv[i + 1]))
+    if not path.is_file():
+        raise ConfigError(f"--config {argv[i + 1]}: {'is a directory' if path.is_dir() else 'does not exist'}; "
+                          "give a train YAML file (see configs/train/).")
+    return path
+
+
+def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
+    """Raise ConfigError with a did-you-mean for every YAML key that is not a field of the config dataclasses (and
+    for a ``--config`` file that is missing or not a YAML mapping)."""
+    path = _config_path(argv)
+    if path is None:
         return
-    with open(argv[argv.index("--config") + 1]) as f:
-        config = yaml.safe_load(f) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of config keys, got {type(config).__name__}.")
     known = {fl.name for t in dataclass_types for fl in dataclasses.fields(t)} | {"env"}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -107,25 +151,113 @@ def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"unknown key(s) in {argv[argv.index('--config') + 1]}: {', '.join(hints)}. Keys must be "
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(hints)}. Keys must be "
                           f"fields of {', '.join(t.__name__ for t in dataclass_types)}.")
 
 
+def unknown_flags_error(parser: Any, remaining: list[str]) -> ConfigError:
+    """A ConfigError naming the command-line arguments no config dataclass takes, each with a did-you-mean."""
+    known = sorted(s for s in parser._option_string_actions if s.startswith("--"))
+    flags = [a.partition("=")[0] for a in remaining if a.startswith("-")]
+    if not flags:
+        return ConfigError(f"unexpected argument(s) {remaining}: every value follows its --flag (infifpo train "
+                           "--method M --config FILE [--key value ...]).")
+    hints = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag.replace("-", "_").lstrip("_"), [k[2:] for k in known], n=1)
+        hints.append(f"{flag}" + (f" (did you mean --{close[0]}?)" if close else ""))
+    return ConfigError(f"unknown flag(s) {', '.join(hints)}; `infifpo train --method M --help` lists them all.")
+
+
+def _raise_config_error(message: str) -> None:
+    """``ArgumentParser.error`` replacement: a bad value / missing value is one ConfigError line, not usage text."""
+    raise ConfigError(" ".join(message.split()))
+
+
+def check_dataset_name(name: str) -> None:
+    """ConfigError unless ``name`` is an existing path or looks like a hub dataset id (org/name)."""
+    path = Path(os.path.expanduser(name))
+    if path.exists() or (_HUB_ID.match(name) and not name.startswith((".", "~")) and path.suffix != ".jsonl"):
+        return
+    raise ConfigError(f"dataset_name {name!r} does not exist (as {str(path.absolute())!r}); give a scored-pairs "
+                      "(opd: prompts) stage output directory, a .jsonl file or a hub dataset id (org/name).")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The ``checkpoint-N`` directory of ``output_dir`` with the highest N that is complete (its trainer_state.json,
+    which the Trainer writes last, exists); None when there is none. Incomplete ones (killed mid-save) are logged."""
+    root = Path(output_dir)
+    found = sorted(((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                    if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True)
+    for _, path in found:
+        if (path / "trainer_state.json").is_file():
+            return path
+        logger.warning("%s is incomplete (no trainer_state.json: the run stopped while saving it); skipped", path)
+    return None
+
+
+def resume_checkpoint(value: Any, output_dir: str) -> str | None:
+    """The checkpoint directory ``--resume_from_checkpoint`` names: ``true`` (or ``latest``) is the latest complete
+    ``checkpoint-N`` in ``output_dir``; a path must be a Trainer checkpoint; None / false / empty: no resume.
+    Raises ConfigError naming what is missing."""
+    if value is None or value is False:
+        return None
+    text = str(value).strip()
+    if text.lower() in ("", "false", "no", "none"):
+        return None
+    if value is True or text.lower() in ("true", "yes", "latest"):
+        last = latest_checkpoint(output_dir)
+        if last is None:
+            raise ConfigError(f"--resume_from_checkpoint {text}: no complete checkpoint-N directory in output_dir "
+                              f"{output_dir!r} to resume from. Set save_strategy/save_steps so runs save "
+                              "checkpoints, pass a checkpoint path, or drop the flag to start from step 0.")
+        return str(last)
+    path = Path(os.path.expanduser(text))
+    if not path.is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {text!r} does not exist; pass a checkpoint-N directory "
+                          f"(or `true` for the latest one in output_dir {output_dir!r}).")
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume_from_checkpoint {text!r} is not a complete Trainer checkpoint (no "
+                          "trainer_state.json); pass a checkpoint-N directory or `true` for the latest one.")
+    return str(path)
+
+
 def parse(argv: list[str]) -> tuple[str, Any, Any, Any]:
-    """(method, script args, trainer config, ModelConfig) from argv; CPU precision defaults applied before YAML/CLI."""
+    """(method, script args, trainer config, ModelConfig) from argv; CPU precision defaults applied before YAML/CLI.
+
+    ``script`` also carries ``chat_template_path`` (from ``ChatTemplateArguments``, or the SFT config's own key);
+    ``train_args.resume_from_checkpoint`` comes back resolved to a checkpoint directory (or None)."""
     from trl import ModelConfig, TrlParser
 
     method, rest = _split_method(argv)
-    types = (TrainScriptArguments, _config_class(method), ModelConfig)
+    config_class = _config_class(method)
+    has_template_key = any(f.name == "chat_template_path" for f in dataclasses.fields(config_class))
+    types = (TrainScriptArguments, config_class, ModelConfig, *(() if has_template_key else (ChatTemplateArguments,)))
     check_yaml_keys(rest, types)
     parser = TrlParser(types)
+    parser.error = _raise_config_error  # argparse's usage-and-exit becomes one ConfigError line
     if not torch.cuda.is_available():  # defaults only: YAML and CLI values still win
         parser.set_defaults(use_cpu=True, bf16=cpu_supports_bf16())
-    script, train_args, model_args = parser.parse_args_and_config(rest)
+    try:
+        *parsed, _, unknown = parser.parse_args_and_config(rest, return_remaining_strings=True,
+                                                           separate_remaining_strings=True)
+    except ValueError as e:  # TRL's own checks of the YAML (`env` not a mapping, ...) and of config values
+        if isinstance(e, InfiFPOError):
+            raise
+        raise ConfigError(" ".join(str(e).split())) from None
+    if unknown:
+        raise unknown_flags_error(parser, unknown)
+    script, train_args, model_args = parsed[:3]
+    script.chat_template_path = (parsed[3] if len(parsed) > 3 else train_args).chat_template_path
     if script.dataset_name is None:
         raise ConfigError("no dataset: set `dataset_name` (a scored-pairs directory, a .jsonl file or a hub name).")
+    check_dataset_name(script.dataset_name)
     if model_args.model_name_or_path is None:
         raise ConfigError("no model: set `model_name_or_path` (a local directory, a packaged name or a hub id).")
+    if script.chat_template_path and not Path(os.path.expanduser(script.chat_template_path)).exists():
+        raise ConfigError(f"chat_template_path {script.chat_template_path!r} does not exist; give a Jinja file or a "
+                          "tokenizer directory.")
+    train_args.resume_from_checkpoint = resume_checkpoint(train_args.resume_from_checkpoint, train_args.output_dir)
     return method, script, train_args, model_args
 
 
@@ -177,23 +309,175 @@ def prepare_rows(method: str, dataset: Any) -> Any:
     return dataset
 
 
+def is_conversational(dataset: Any) -> bool:
+    """Whether the first row holds chat messages (lists of {role, content}) that need a chat template."""
+    if len(dataset) == 0:
+        return False
+    row = dataset[0]
+    return any(isinstance(row.get(c), list) for c in ("prompt", "chosen", "completion", "messages"))
+
+
+def apply_chat_template_path(tokenizer: Any, path: str | None, *, method: str) -> None:
+    """Give ``tokenizer`` the chat template of ``path`` (a Jinja file, or a tokenizer directory); for SFT, TRL's
+    SFTTrainer applies its own ``chat_template_path`` and nothing is done here."""
+    if not path or method == "sft":
+        return
+    src = Path(os.path.expanduser(path))
+    if src.is_file():
+        tokenizer.chat_template = src.read_text()
+        return
+    from transformers import AutoTokenizer
+
+    template = getattr(AutoTokenizer.from_pretrained(str(src)), "chat_template", None)
+    if not template:
+        raise ChatTemplateError(f"chat_template_path {path!r}: that tokenizer has no chat template either; give a "
+                                "Jinja file.")
+    tokenizer.chat_template = template
+
+
+def require_chat_template(tokenizer: Any, dataset: Any, *, model: str, script: Any) -> None:
+    """ChatTemplateError, before any model loads, when conversational rows meet a tokenizer without a template."""
+    if getattr(tokenizer, "chat_template", None) or script.chat_template_path or not is_conversational(dataset):
+        return
+    raise ChatTemplateError(
+        f"model {model!r} has no chat template, so its conversational rows cannot be rendered. Pass one: "
+        "--chat_template_path FILE.jinja (config key chat_template_path; a tokenizer directory works too), or save "
+        "it as chat_template.jinja in the model directory. Packaged base models ship one (infifpo/templates).")
+
+
+def warn_quantised_reference(model_args: Any, dataset: Any, method: str) -> None:
+    """One warning line when a 4/8-bit policy trains against reference log-probs scored at full precision."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit) or "ref_chosen_logps" not in dataset.column_names:
+        return
+    bits = 4 if model_args.load_in_4bit else 8
+    logger.warning(
+        "%s with load_in_%dbit: the %d-bit policy no longer matches the reference log-probs in the data (ref_*_logps, "
+        "scored at full precision by `infifpo score`), so rewards and margins are offset from step 0. To match, "
+        "score a dequantised copy of the %d-bit pivot (load it with this quantization, model.dequantize(), "
+        "save_pretrained) with `infifpo score --pivot COPY` and train from COPY; or train LoRA without "
+        "load_in_%dbit.", method, bits, bits, bits, bits)
+
+
+def base_model_of(ref: str, _depth: int = 0) -> str | None:
+    """The hub id model ``ref`` comes from, for a model card's ``base_model``: a packaged name's original model, a
+    hub id itself, and for a directory: the packaged model it materialises, the base of the model an `infifpo
+    train` output was trained from (its resolved config), or the ``base_model`` of its model card. None if unknown."""
+    from infifpo.models import MARKER
+    from infifpo.packaged import PACKAGED
+
+    if ref in PACKAGED:
+        return PACKAGED[ref].get("base_model")
+    path = Path(os.path.expanduser(str(ref)))
+    if path.is_dir():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            if (path / MARKER).is_file():
+                return PACKAGED[json.loads((path / MARKER).read_text())["name"]].get("base_model")
+            if (path / RESOLVED_CONFIG).is_file() and _depth < 8:
+                parent = yaml.safe_load((path / RESOLVED_CONFIG).read_text())["model_name_or_path"]
+                if parent and Path(os.path.expanduser(str(parent))).resolve() != path.resolve():
+                    return base_model_of(str(parent), _depth + 1)
+            if (path / "README.md").is_file():
+                head = (path / "README.md").read_text().split("---")
+                found = (yaml.safe_load(head[1]) or {}).get("base_model") if len(head) > 2 else None
+                return found[0] if isinstance(found, list) and found else found or None
+        return None
+    return ref if _HUB_ID.match(str(ref)) and not str(ref).startswith((".", "~")) else None
+
+
+def install_model_card(trainer: Any, *, method: str, model: str, data: str, pool: list[str]) -> None:
+    """Make the card TRL writes (``create_model_card``, at every checkpoint save and at the end of `infifpo train`)
+    name the real base model (``base_model_of``: TRL's own is None for a local directory) and end with what
+    infifpo trained: method, model, source pool and data."""
+    original = trainer.create_model_card
+    base = base_model_of(model)
+
+    def create_model_card(model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        if not trainer.is_world_process_zero():
+            return
+        config = trainer.model.config
+        saved = getattr(config, "_name_or_path", "")
+        config._name_or_path = base or ""  # TRL reads the base model from here, and drops a local directory
+        try:
+            original(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            config._name_or_path = saved
+        card = Path(trainer.args.output_dir) / "README.md"
+        if not card.is_file():
+            return
+        text = card.read_text()
+        if base is None:
+            text = text.replace("a fine-tuned version of [None](https://huggingface.co/None)",
+                                f"a fine-tuned version of the local model `{model}`")
+        lines = ["", "## infifpo", "", f"- method: `{method}` (`infifpo train --method {method}`)",
+                 f"- trained from: `{model}`" + (f" (base model [{base}](https://huggingface.co/{base}))" if base
+                                                   else ""),
+                 f"- data: `{data}`"]
+        if pool:
+            lines.append(f"- source models fused: {', '.join(f'`{m}`' for m in pool)}")
+        from infifpo.packaged import PACKAGED
+
+        packaged = [m for m in (model, *pool) if m in PACKAGED]
+        if packaged:
+            lines.append(f"- packaged models ({', '.join(packaged)}) are 4-bit GGUF quantisations dequantised to "
+                         "float32 (`infifpo models list`), not the original weights")
+        card.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+
+    trainer.create_model_card = create_model_card
+
+
+def source_pool(dataset: Any, train_args: Any) -> list[str]:
+    """The source models fused: the rows' ``source_models`` (scored pairs) or the OPD teachers, in first-seen order."""
+    names: list[str] = []
+    if "source_models" in dataset.column_names:
+        for row in dataset["source_models"]:
+            names += [m for m in row or () if m not in names]
+    for teacher in getattr(train_args, "teacher_models", None) or ():
+        if isinstance(teacher, str) and teacher not in names:
+            names.append(teacher)
+    return names
+
+
+def load_dataset_checked(script: Any, split: str) -> Any:
+    """``load_preference_dataset``, with a hub-loading failure of a name that is no local path as a ConfigError."""
+    from infifpo.trainers.data import load_preference_dataset
+
+    try:
+        return load_preference_dataset(script.dataset_name, split=split, hub_split=script.dataset_train_split)
+    except InfiFPOError:
+        raise
+    except Exception as e:
+        if Path(os.path.expanduser(script.dataset_name)).exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+        why = "HF_HUB_OFFLINE is set and it is not in the local datasets cache" if offline else (
+            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        raise ConfigError(f"dataset_name {script.dataset_name!r} is not a local path and could not be loaded as a hub "
+                          f"dataset ({why}); give a stage output directory or a .jsonl file.") from e
+
+
 def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) -> Any:
-    """The TRL (or infifpo) trainer for ``method``, with the model passed as a path so TRL applies quantization."""
+    """The TRL (or infifpo) trainer for ``method``, with the model passed as a path so TRL applies quantization.
+
+    Order: the data, then the tokenizer and its chat template, then the model: a user mistake in the first two is
+    reported before a model is resolved or loaded."""
     from transformers import AutoTokenizer
     from trl import get_peft_config
 
-    from infifpo.trainers.data import load_preference_dataset
-
-    path = resolve_model_path(model_args.model_name_or_path, revision=model_args.model_revision,
+    split = script.pipeline_split or ("sft" if method == "sft" else "po")
+    raw = load_dataset_checked(script, split)
+    dataset = prepare_rows(method, raw)
+    revision = None if model_args.model_revision in (None, "main") else model_args.model_revision
+    path = resolve_model_path(model_args.model_name_or_path, revision=revision,
                               trust_remote_code=train_args.trust_remote_code)
     train_args.model_init_kwargs = {
         "revision": model_args.model_revision, "dtype": model_args.dtype or "float32",
         "attn_implementation": model_args.attn_implementation, "trust_remote_code": train_args.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
                                               trust_remote_code=train_args.trust_remote_code)
-    split = script.pipeline_split or ("sft" if method == "sft" else "po")
-    dataset = prepare_rows(method, load_preference_dataset(script.dataset_name, split=split,
-                                                           hub_split=script.dataset_train_split))
+    apply_chat_template_path(tokenizer, script.chat_template_path, method=method)
+    require_chat_template(tokenizer, dataset, model=model_args.model_name_or_path, script=script)
+    warn_quantised_reference(model_args, dataset, method)
     kw = dict(args=train_args, train_dataset=dataset, processing_class=tokenizer,
               peft_config=get_peft_config(model_args), quantization_config=quantization_config(model_args))
     if method == "sft":
@@ -206,13 +490,16 @@ def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) ->
         from infifpo.trainers.opd import FusedDistillationTrainer as Trainer
     else:
         from infifpo.trainers.wrpo import WRPOTrainer as Trainer
-    return Trainer(path, **kw)
+    trainer = Trainer(path, **kw)
+    install_model_card(trainer, method=method, model=model_args.model_name_or_path, data=script.dataset_name,
+                       pool=source_pool(raw, train_args))
+    return trainer
 
 
 def save_resolved_config(method: str, script: Any, train_args: Any, model_args: Any) -> Path:
     """Write every resolved field (defaults < YAML < CLI) to ``output_dir/infifpo_train_config.yaml``."""
     resolved = {"method": method, **dataclasses.asdict(script), **train_args.to_dict(),
-                **dataclasses.asdict(model_args)}
+                **dataclasses.asdict(model_args), "chat_template_path": getattr(script, "chat_template_path", None)}
     out = Path(train_args.output_dir) / RESOLVED_CONFIG
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=True))
@@ -250,10 +537,14 @@ def train_and_save(trainer: Any, method: str, script: Any, train_args: Any, mode
     if trainer.is_world_process_zero():
         logger.info("resolved config written to %s", save_resolved_config(method, script, train_args, model_args))
     train_start = time.perf_counter()
-    trainer.train()
+    resume = train_args.resume_from_checkpoint  # a checkpoint directory, resolved by ``parse``, or None
+    if resume:
+        logger.info("resuming from %s (weights, optimizer, scheduler, RNG and data position)", resume)
+    trainer.train(resume_from_checkpoint=resume or None)
     train_runtime = time.perf_counter() - train_start
     trainer.save_model(train_args.output_dir)  # every rank: ZeRO-3 / FSDP gather the shards collectively
     if trainer.is_world_process_zero():
+        trainer.create_model_card(model_name=Path(train_args.output_dir).name)
         path = write_train_log(trainer, method, setup_s=train_start - started, train_runtime_s=train_runtime)
         logger.info("train log written to %s", path)
     close_process_group()
@@ -322,11 +613,39 @@ def run(method: str, script: Any, train_args: Any, model_args: Any, *, started: 
     return trainer
 
 
+class _DropRecords(logging.Filter):
+    """Drops log records whose message (format string) starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def silence_noise() -> None:
+    """Filter the ``NOISE`` records (those messages only, on those loggers); idempotent. Call before TRL imports."""
+    for name, start in NOISE:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and start in f.starts for f in log.filters):
+            log.addFilter(_DropRecords((start,)))
+
+
+def report_error(error: InfiFPOError) -> int:
+    """Print a named error as one stderr line (its traceback first when ``INFIFPO_DEBUG=1``); exit code 2."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"infifpo train: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `infifpo train`; returns a process exit code."""
+    """Entry point of `infifpo train`; returns a process exit code (2: a named error, printed as one line)."""
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    silence_noise()
     try:
         launch, argv = split_launch_args(list(sys.argv[1:] if argv is None else argv))
         if launch and in_launched_process():
@@ -335,10 +654,12 @@ def main(argv: list[str] | None = None) -> int:
         method, script, train_args, model_args = parse(argv)
         if launch:
             return relaunch(launch, argv, train_args)
-    except ConfigError as e:
-        print(f"infifpo train: {e}", file=sys.stderr)
-        return 2
+    except InfiFPOError as e:
+        return report_error(e)
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:  # a rank of several (torchrun sets WORLD_SIZE in each) leaves
         exit_rank(run_rank(method, script, train_args, model_args, started=started))  # without the teardown
-    run(method, script, train_args, model_args, started=started)
+    try:
+        run(method, script, train_args, model_args, started=started)
+    except InfiFPOError as e:
+        return report_error(e)
     return 0
