@@ -46,7 +46,16 @@ from infifpo.store import StageOutput, in_shard, parse_shard, read_jsonl, read_o
 logger = logging.getLogger(__name__)
 
 SAMPLE_VERSION = 1  # bump when this stage changes what it writes, so old outputs are not reused
-DEFAULT_BATCH_PROMPTS = 16
+# Sequences (prompts x n) per engine call. A decode step's cost on CPU is mostly per step, not per sequence, so
+# sequences in flight are throughput: 16 prompts per call (64 sequences at n = 4, 16 for a greedy eval) ran the 135M
+# pivot at ~30 tokens/s on the loaded 2-core machine. A bigger call loses more on a kill (the batch in flight).
+BATCH_SEQUENCES = 256
+DEFAULT_BATCH_PROMPTS: int | None = None  # None: BATCH_SEQUENCES // n prompts per call
+
+
+def batch_size(batch_prompts: int | None, n: int) -> int:
+    """Prompts per engine call: ``batch_prompts`` when given, else ``BATCH_SEQUENCES // n`` (at least 1)."""
+    return int(batch_prompts) if batch_prompts else max(1, BATCH_SEQUENCES // max(1, n))
 
 
 @dataclass
@@ -159,11 +168,12 @@ def _sample_batch(engine: Engine, tokenizer: Any, rows: list[dict], model: str, 
 def sample_prompts(prompt_rows: Sequence[dict], *, model: str, spec: SamplingSpec, backend: str = "vllm",
                    out_root: str | Path = "runs", shard: tuple[int, int] = (0, 1), name: str | None = None,
                    engine: Engine | None = None, engine_kwargs: dict[str, Any] | None = None,
-                   batch_prompts: int = DEFAULT_BATCH_PROMPTS) -> Path:
+                   batch_prompts: int | None = DEFAULT_BATCH_PROMPTS) -> Path:
     """Sample ``spec.n`` completions of every prompt in shard ``shard`` = (I, N) with one model; return the output dir.
 
     ``model`` is a reference for ``infifpo.models.resolve_model``; ``name`` (default: ``model``) is what the
-    ``model`` column holds. Rows are written and flushed after every ``batch_prompts`` prompts; re-running skips
+    ``model`` column holds. Rows are written and flushed after every ``batch_prompts`` prompts (default
+    ``batch_size``: ``BATCH_SEQUENCES`` sequences per engine call); re-running skips
     sample ids already on disk, so a killed run loses at most the batch in flight. The output is finalized when
     every prompt of every shard is present. ``engine`` (tests, benchmarks) reuses an already built engine.
     """
@@ -189,9 +199,10 @@ def sample_prompts(prompt_rows: Sequence[dict], *, model: str, spec: SamplingSpe
 
 def _run_shard(todo: list[dict], done: set[str], output: StageOutput, model_dir: str, name: str, spec: SamplingSpec,
                backend: str, shard: tuple[int, int], engine: Engine | None, engine_kwargs: dict[str, Any] | None,
-               batch_prompts: int) -> None:
+               batch_prompts: int | None) -> None:
     from transformers import AutoTokenizer
 
+    batch_prompts = batch_size(batch_prompts, spec.n)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(f"model {name!r} ({model_dir}): its tokenizer has no chat_template, so prompts cannot "
@@ -221,7 +232,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _sample_one_model(prompts: str, spec: ModelSpec, backend: str, out_root: str, shard: tuple[int, int],
-                      batch_prompts: int = DEFAULT_BATCH_PROMPTS) -> str:
+                      batch_prompts: int | None = DEFAULT_BATCH_PROMPTS) -> str:
     rows = read_prompts(prompts)
     return str(sample_prompts(rows, model=spec.ref or spec.name, name=spec.name, spec=spec.sampling(),
                               backend=backend, out_root=out_root, shard=shard, engine_kwargs=spec.engine_kwargs,
@@ -239,7 +250,7 @@ def _child(conn: Any, *args: Any) -> None:
 
 
 def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",
-        shard: tuple[int, int] = (0, 1), batch_prompts: int = DEFAULT_BATCH_PROMPTS) -> dict[str, Path]:
+        shard: tuple[int, int] = (0, 1), batch_prompts: int | None = DEFAULT_BATCH_PROMPTS) -> dict[str, Path]:
     """Sample every model of the pool, one after another, each in a fresh (spawned) process so its memory is
     returned before the next loads (S1). Returns {model name: output directory}."""
     ctx = multiprocessing.get_context("spawn")
@@ -296,7 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="vLLM context length (prompt + completion tokens)")
     p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per engine (14-24B models need 2-4)")
     p.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
-                   help="prompts per engine call; rows are written (and a kill loses at most) one batch at a time")
+                   help=f"prompts per engine call (default {BATCH_SEQUENCES} // n); rows are written (and a kill loses "
+                        "at most) one batch at a time")
     p.add_argument("--shard", help="I/N: sample only the prompts of shard I (0-based) of N")
     p.add_argument("--out", default=None, help="output root directory (default: runs)")
     shards.add_arguments(p)
