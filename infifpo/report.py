@@ -3,9 +3,52 @@
 Reads ``<run_dir>/pipeline_outputs.json`` and the files it points to (CONTRACTS §1-4: train logs, score_stats.json,
 eval scores.json and per-item rows, sample rows); writes ``report.md``, ``report.json`` and ``plots/*.png`` in the
 run directory. Owns: the table layout (InfiFPO paper Table 2: rows pivot, sources, SFT, SFT-DPO, SFT-WRPO, InfiFPO;
-columns benchmarks, Avg, size, compute hours), the InfiFPO-vs-baselines comparison (paired bootstrap over items),
-and the fusion-overhead ratio. Does not own: computing any score (`eval`) or timing (`pipeline`), or plotting
-(`plots`). A missing input renders as "—" with a note naming the stage to re-run; a corrupt one is a named error.
+columns benchmarks, Avg, Math avg, Code avg, seeds, size, compute hours), the ablation table of InfiFPO's arms, the
+stated comparisons with their paired intervals, the power statement, the survey metrics, the fusion diagnostics of
+every InfiFPO run, and the fusion-overhead ratio. Does not own: computing any score (`eval`) or timing (`pipeline`),
+the statistics (`eval.stats`), or plotting (`plots`). A missing input renders as "—" with a note naming the stage to
+re-run; a corrupt one is a named error.
+
+Runs, seeds and arms. ``checkpoints`` and ``evals`` map run labels to paths: "pivot", "source:<model>", "sft",
+"sft_wrpo" (WRPO's own SFT, optional), "dpo", "wrpo", "infifpo", "<method>@seed<k>" for a later training seed, and
+"infifpo[<arm>]" / "infifpo[<arm>]@seed<k>" for the ablation arms; the optional ``runs`` maps each label to
+{"method", "seed", "arm", "overrides"}. A row of a table is a label without its "@seed<k>" (its *group*): one row per
+method, over all its seeds. An output without ``runs`` or "@seed" labels is one seed per row.
+
+Definitions (percent and percentage points throughout):
+
+- Accuracy of a row on a benchmark: the mean over the row's evaluated seeds of each seed's accuracy. Its interval is
+  the eval's Wilson 95 % interval for one seed (or for several seeds that agree on every item), and otherwise the
+  percentile interval of a bootstrap over items and seeds (``eval.stats.seed_item_bootstrap``: each replicate
+  resamples the items, and the seeds, with replacement). Avg / Math avg / Code avg carry the same bootstrap's
+  interval over all their benchmarks (items resampled within each; the interval of the one benchmark when there is
+  one). Avg = mean over all benchmarks; Math avg / Code avg = mean over the benchmarks whose domain is
+  "math" / "code" (the paper's Math and Code averages). A benchmark's domain comes from its scores.json entry or
+  per-item rows ("domain") when the eval records it, else from the prompt loader that builds it (``infifpo.prompts``:
+  the run's eval spec, or the benchmark's own name), else, for lm-eval tasks, from ``LM_EVAL_DOMAINS``; an unknown
+  domain is left out of Math/Code avg with a note.
+- Comparisons (A - B, points): paired by item id; the interval is the percentile interval of the same bootstrap over
+  items and seeds of the difference (A's and B's seeds resampled independently, the items once for both), on one
+  benchmark or averaged over benchmarks (items resampled within each). The report states InfiFPO vs SFT-DPO and vs
+  SFT-WRPO, each preference method vs the SFT it starts from, SFT vs the pivot, and each ablation arm vs the default
+  InfiFPO; it claims an ordering only where the 95 % interval of the difference excludes zero and otherwise says
+  "not distinguishable". Without per-item rows (lm-eval tasks) a one-seed comparison falls back to Wilson interval
+  overlap, and anything else gets no interval and no ordering.
+- Power: the smallest difference a comparison can resolve is reported as the *half-width of its paired 95 %
+  interval* ((hi - lo) / 2, points), per benchmark and per average, for every stated comparison; a difference
+  smaller than about that is "not distinguishable" at this number of items and seeds. Beside it, per benchmark, the
+  *floor* at n items (``eval.stats.min_detectable_difference``): the smallest difference any one-seed paired
+  comparison can resolve, reached when every discordant item favours one model (40 points at n = 10, 20 at n = 20,
+  4 at n = 100); it does not depend on the results.
+- Survey metrics of a row (``eval.stats.survey_metrics``; pivot p, best source b(t) = the source row with the highest
+  accuracy on benchmark t): retention(t) = 100 x acc(t) / acc_b(t)(t), averaged over the benchmarks where the best
+  source is above 0 ("normalised performance"); worst drop = min_t (acc(t) - acc_p(t)) in points; share degraded
+  (raw) = fraction of benchmarks with acc(t) < acc_p(t); share degraded (beyond the interval) = fraction whose 95 %
+  interval of acc - acc_p lies entirely below zero.
+- Fusion diagnostics of each InfiFPO run (every seed and arm), from its train log: for every candidate model, the
+  share of pairs whose fused reference came from it (``fusion/chosen_share/<model>``, ``fusion/rejected_share/
+  <model>``) and the clip rate (``fusion/clip_rate``: the fraction of source values the clipping changed), each as
+  the final logged value and the mean over the logged entries (each entry already a mean over its logging window).
 """
 
 from __future__ import annotations
@@ -13,24 +56,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from infifpo import plots
-from infifpo.eval.stats import mean_of_groups_bootstrap_ci, paired_bootstrap
+from infifpo.eval.stats import min_detectable_difference, seed_item_bootstrap, survey_metrics
+from infifpo.prompts import build_prompts, parse_spec
 from infifpo.report_markdown import DASH, render_markdown
 from infifpo.schema import DataFormatError, InfiFPOError
 from infifpo.store import SUCCESS, StoreError, read_output
 
 logger = logging.getLogger("infifpo.report")
 TRAIN_LOG = "infifpo_train_log.json"
-METHODS = {"sft": "SFT", "dpo": "SFT-DPO", "wrpo": "SFT-WRPO", "infifpo": "InfiFPO"}
+METHODS = {"sft": "SFT", "sft_wrpo": "SFT (WRPO data)", "dpo": "SFT-DPO", "wrpo": "SFT-WRPO", "infifpo": "InfiFPO"}
 # Training-side wall time a trained row paid (timings labels); InfiFPO also pays scoring every response once.
-COMPUTE_LABELS = {"sft": ["train/sft"], "dpo": ["train/sft", "train/dpo"], "wrpo": ["train/sft", "train/wrpo"],
-                  "infifpo": ["train/sft", "score", "train/infifpo"]}
+COMPUTE_LABELS = {"sft": ["train/sft"], "sft_wrpo": ["train/sft_wrpo"], "dpo": ["train/sft", "train/dpo"],
+                  "wrpo": ["train/sft", "train/wrpo"], "infifpo": ["train/sft", "score", "train/infifpo"]}
+WRPO_DATA_LABELS = ("sample/sft_wrpo", "judge/sft_wrpo")  # WRPO's second sampling pass, from its own SFT
 OVERHEAD_TARGET = 1.5  # issue 7: InfiFPO's whole cost at most 1.5x SFT-DPO's training with a live reference
 PRECISION = {"bfloat16": "bf16", "bf16": "bf16", "float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16"}
+# "<method>[<arm>]@seed<k>": the group (row) is the label without "@seed<k>"
+LABEL = re.compile(r"^(?P<group>(?P<method>[^\[\]@]+)(?:\[(?P<arm>[^\[\]]+)\])?)(?:@seed(?P<seed>\d+))?$")
+# Domains of lm-eval tasks (no eval output records one): the paper's Math (GSM8K, MATH, TheoremQA) and Code (MBPP,
+# HumanEval) benchmarks under lm-eval's task names; a task matches its name or "<name>_<subtask>"; others are general.
+LM_EVAL_DOMAINS = {"gsm8k": "math", "minerva_math": "math", "hendrycks_math": "math", "theoremqa": "math",
+                   "mbpp": "code", "humaneval": "code"}
+AVERAGES = {"avg": None, "math_avg": "math", "code_avg": "code"}  # report key -> domain averaged (None: all)
+AVERAGE_NAMES = {"avg": "Avg", "math_avg": "Math avg", "code_avg": "Code avg"}
+RESAMPLES = 10_000  # bootstrap replicates of every interval the report computes (seed 0: reproducible)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -60,9 +115,13 @@ class Run:
             if not isinstance(self.out.get(key), kind):
                 raise DataFormatError(f"{self.file}: key {key!r} missing or not a {kind.__name__}. Re-run the "
                                       "pipeline (`infifpo pipeline --config FILE`) to rewrite it.")
-        for key in ("checkpoints", "evals", "timings", "samples"):
+        for key in ("checkpoints", "evals", "timings", "samples", "runs"):
             if not isinstance(self.out.setdefault(key, {}), dict):
                 raise DataFormatError(f"{self.file}: key {key!r} must be an object. Re-run the pipeline.")
+        self.runs: dict[str, Any] = self.out["runs"]
+        if any(not isinstance(v, dict) for v in self.runs.values()):
+            raise DataFormatError(f"{self.file}: every 'runs' entry must be an object {{method, seed, arm, "
+                                  "overrides}}. Re-run the pipeline.")
         bad = [k for k, v in self.out["timings"].items() if not isinstance((v or {}).get("seconds"), int | float)]
         if bad:
             raise DataFormatError(f"{self.file}: timings {bad[:3]} lack numeric 'seconds'. Re-run the pipeline.")
@@ -90,105 +149,431 @@ def format_params(n: int | None) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-# -- results table --------------------------------------------------------------------------------------------------
+def label_info(label: str, runs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run label names: {label, group (its row: the label without "@seed<k>"), base (the method part of the
+    label, arm removed), method, arm, seed, overrides}; ``runs[label]`` (pipeline_outputs' ``runs``) overrides
+    method, seed, arm and overrides when present. Without it the first seed's ``seed`` is None."""
+    m = LABEL.match(label)
+    info = {"label": label, "group": m["group"] if m else label, "base": m["method"] if m else label,
+            "method": m["method"] if m else label, "arm": m["arm"] if m else None,
+            "seed": int(m["seed"]) if m and m["seed"] else None, "overrides": None}
+    entry = (runs or {}).get(label)
+    if isinstance(entry, dict):
+        info.update({k: entry[k] for k in ("method", "seed", "arm", "overrides") if k in entry})
+    return info
+
+
+class Evals:
+    """Each run label's scores.json and per-item verdicts, read once (notes on missing ones go to ``run.notes``)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._scores: dict[str, dict[str, Any] | None] = {}
+        self._items: dict[str, dict[str, dict[str, bool]] | None] = {}
+        self.item_domains: dict[str, set[str]] = {}
+
+    def scores(self, label: str) -> dict[str, Any] | None:
+        """scores.json of ``label``'s eval; None (and a note) when the eval is missing."""
+        if label not in self._scores:
+            self._scores[label] = self._load(label)
+        return self._scores[label]
+
+    def _load(self, key: str) -> dict[str, Any] | None:
+        run = self.run
+        stage = f"`infifpo eval` (pipeline stage eval/{key})"
+        d = run.out["evals"].get(key)
+        scores = read_json(run.path(d) / "scores.json", stage) if d else None
+        if scores is None:
+            run.notes.append(f"no eval for row {key!r}" + (f" ({d}/scores.json missing)" if d else "")
+                             + f": re-run {stage}.")
+            return None
+        bench = scores.get("benchmarks")
+        if not isinstance(bench, dict) or any(not isinstance(b, dict) or "accuracy" not in b
+                                              or len(b.get("ci95") or ()) != 2 for b in bench.values()):
+            raise DataFormatError(f"{run.path(d) / 'scores.json'}: 'benchmarks' must map each benchmark to an object "
+                                  f"with 'accuracy' and 'ci95' (CONTRACTS §3). Re-run {stage}.")
+        return scores
+
+    def items(self, label: str) -> dict[str, dict[str, bool]] | None:
+        """benchmark -> {item id: correct} from ``label``'s per-item eval rows; None when they are not there."""
+        if label not in self._items:
+            d = self.run.out["evals"].get(label)
+            out: dict[str, dict[str, bool]] | None = None
+            if d and (self.run.path(d) / SUCCESS).exists():
+                out = {}
+                for r in _read_rows(self.run.path(d), f"eval/{label}"):
+                    out.setdefault(r["benchmark"], {})[r["id"]] = bool(r["correct"])
+                    if r.get("domain"):
+                        self.item_domains.setdefault(r["benchmark"], set()).add(str(r["domain"]))
+            self._items[label] = out
+        return self._items[label]
+
+
+# -- rows -----------------------------------------------------------------------------------------------------------
+def _group_name(group: str, info: dict[str, Any]) -> tuple[str, str]:
+    """(display name, kind) of a row."""
+    if info["arm"] is not None and info["base"] == "infifpo":
+        return f"InfiFPO [{info['arm']}]", "arm"
+    return METHODS.get(group, group), "trained"
+
+
+def _seed_rank(label: str) -> tuple[int, int]:
+    """Sort key of a label among its row's seeds: the unsuffixed first seed, then "@seed<k>" by k."""
+    m = LABEL.match(label)
+    return (1, int(m["seed"])) if m and m["seed"] else (0, 0)
+
+
 def _row_specs(run: Run) -> list[dict[str, Any]]:
-    pivot, ckpts = run.out["pivot"], run.out["checkpoints"]
+    """Every row (pivot, sources, trained methods in paper order, other trained groups, ablation arms) with its run
+    labels in seed order (the unsuffixed first seed, then "@seed<k>" by k)."""
+    pivot, sources, ckpts = run.out["pivot"], run.out["sources"], run.out["checkpoints"]
+    fixed = ["pivot", *(f"source:{m}" for m in sources)]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for label in dict.fromkeys([*fixed, *ckpts, *run.out["evals"]]):
+        info = label_info(label, run.runs)
+        groups.setdefault(info["group"], []).append(info)
+    for infos in groups.values():
+        infos.sort(key=lambda i: _seed_rank(i["label"]))
     rows = [{"key": "pivot", "name": f"{short_name(pivot)} (pivot)", "kind": "pivot", "model": pivot}]
     rows += [{"key": f"source:{m}", "name": f"{short_name(m)} (source)", "kind": "source", "model": m}
-             for m in run.out["sources"]]
-    return rows + [{"key": k, "name": name, "kind": "trained", "model": ckpts[k]} for k, name in METHODS.items()
-                   if k in ckpts]
-
-
-def _load_scores(run: Run, key: str) -> dict[str, Any] | None:
-    stage = f"`infifpo eval` (pipeline stage eval/{key})"
-    d = run.out["evals"].get(key)
-    scores = read_json(run.path(d) / "scores.json", stage) if d else None
-    if scores is None:
-        run.notes.append(f"no eval for row {key!r}" + (f" ({d}/scores.json missing)" if d else "") + f": re-run {stage}.")
-        return None
-    bench = scores.get("benchmarks")
-    if not isinstance(bench, dict) or any(not isinstance(b, dict) or "accuracy" not in b or len(b.get("ci95") or ()) != 2
-                                          for b in bench.values()):
-        raise DataFormatError(f"{run.path(d) / 'scores.json'}: 'benchmarks' must map each benchmark to an object with "
-                              f"'accuracy' and 'ci95' (CONTRACTS §3). Re-run {stage}.")
-    return scores
-
-
-def build_table(run: Run) -> dict[str, Any]:
-    """Rows in paper order with per-benchmark accuracy (%) and Wilson CI, Avg, parameter count and compute hours."""
-    rows = _row_specs(run)
-    benchmarks: list[str] = []
+             for m in sources]
+    trained = [g for g in METHODS if g in groups] + [g for g in groups if g not in METHODS and g not in fixed]
+    for g in trained:
+        name, kind = _group_name(g, groups[g][0])
+        rows.append({"key": g, "name": name, "kind": kind, "model": ckpts.get(groups[g][0]["label"])})
+    rows.sort(key=lambda r: r["kind"] == "arm")  # stable: arms after every main row
     for row in rows:
-        scores = _load_scores(run, row["key"]) or {}
-        row["eval_dir"] = run.out["evals"].get(row["key"]) if scores else None
-        row["params"] = scores.get("params")
-        row["size"] = format_params(row["params"])
-        row["_bench"] = scores.get("benchmarks", {})
-        benchmarks += [b for b in row["_bench"] if b not in benchmarks]
-    timings = run.out["timings"]
-    for row in rows:
-        bench = row.pop("_bench")
-        row["benchmarks"] = {b: ({k: bench[b].get(k) for k in ("accuracy", "ci95", "n", "correct")} if b in bench
-                                 else None) for b in benchmarks}
-        accs = [v["accuracy"] for v in row["benchmarks"].values() if v]
-        row["avg"] = sum(accs) / len(accs) if accs and len(accs) == len(benchmarks) else None
-        labels = COMPUTE_LABELS.get(row["key"]) if row["kind"] == "trained" else None
-        have = labels is not None and all(label in timings for label in labels)
-        row["compute_seconds"] = sum(float(timings[label]["seconds"]) for label in labels) if have else None
-        row["compute_hours"] = row["compute_seconds"] / 3600 if have else None
-        if labels and not have:
-            run.notes.append(f"compute hours of {row['name']}: timings lack {[x for x in labels if x not in timings]}.")
-    return {"benchmarks": benchmarks, "columns": [*benchmarks, "Avg", "Size", "Compute hours"], "rows": rows}
+        infos = groups.get(row["key"], [])
+        row["labels"] = [i["label"] for i in infos]
+        row["seeds"] = [i["seed"] for i in infos]
+        row["arm"] = infos[0]["arm"] if infos else None
+        row["overrides"] = infos[0]["overrides"] if infos else None
+        row["_infos"] = infos
+    return rows
 
 
-# -- comparisons ----------------------------------------------------------------------------------------------------
-def _items(run: Run, row: dict[str, Any]) -> dict[str, dict[str, bool]] | None:
-    """benchmark -> {item id: correct} from the eval's per-item rows; None when the rows are not there."""
-    d = row["eval_dir"]
-    if not d or not (run.path(d) / SUCCESS).exists():
-        return None
-    out: dict[str, dict[str, bool]] = {}
-    for r in _read_rows(run.path(d), f"eval/{row['key']}"):
-        out.setdefault(r["benchmark"], {})[r["id"]] = bool(r["correct"])
+def benchmark_domains(run: Run, data: Evals, benchmarks: list[str], labels: list[str]) -> dict[str, dict[str, Any]]:
+    """{benchmark: {"domain": math | code | general | None, "from": where it was found}} (see the module docstring:
+    scores.json entry, per-item rows, the run's eval spec or the benchmark's name through the prompt loader, the
+    lm-eval task table); None with a note when none applies."""
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for label in labels:
+        data.items(label)  # collects the rows' domains, if recorded
+        for b, e in ((data.scores(label) or {}).get("benchmarks") or {}).items():
+            entries.setdefault(b, []).append(e)
+    specs = ((run.out.get("config") or {}).get("eval") or {}).get("benchmarks") or []
+    out = {}
+    for b in benchmarks:
+        found = {str(e["domain"]) for e in entries.get(b, []) if e.get("domain")}
+        if len(found) == 1:
+            out[b] = {"domain": found.pop(), "from": "scores.json"}
+        elif len(data.item_domains.get(b, ())) == 1:
+            out[b] = {"domain": next(iter(data.item_domains[b])), "from": "eval rows"}
+        elif any(e.get("ci_method") == "normal" for e in entries.get(b, [])) or b.startswith("lm-eval:"):
+            task = b.removeprefix("lm-eval:")
+            out[b] = {"domain": next((d for t, d in LM_EVAL_DOMAINS.items() if task == t or task.startswith(t + "_")),
+                                     "general"), "from": "lm-eval task table"}
+        else:
+            spec = next((s for s in specs if _key_of(s) == b), b)
+            out[b] = {"domain": _loader_domain(spec), "from": "prompt loader"}
+        if out[b]["domain"] is None:
+            out[b]["from"] = None
+            run.notes.append(f"domain of benchmark {b!r} unknown (not recorded by its eval, no loader gives one): "
+                             "left out of Math avg and Code avg.")
     return out
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any], ia: dict | None, ib: dict | None, bench: str) -> dict[str, Any]:
-    common = sorted(set(ia.get(bench, {})) & set(ib.get(bench, {}))) if ia and ib else []
-    if common:
-        diff, lo, hi = paired_bootstrap([ia[bench][i] for i in common], [ib[bench][i] for i in common])
-        return {"diff": diff, "ci95": [lo, hi], "n": len(common), "method": "paired bootstrap",
-                "distinguishable": lo > 0 or hi < 0, "_d": [float(ia[bench][i]) - float(ib[bench][i]) for i in common]}
-    ca, cb = a["benchmarks"][bench]["ci95"], b["benchmarks"][bench]["ci95"]
-    return {"diff": a["benchmarks"][bench]["accuracy"] - b["benchmarks"][bench]["accuracy"], "ci95": None,
-            "method": "Wilson interval overlap", "distinguishable": ca[0] > cb[1] or cb[0] > ca[1]}
+def _key_of(spec: Any) -> str | None:
+    """The benchmark key the eval stage gives ``spec`` (None when it is not a valid spec)."""
+    from infifpo.eval.stage import benchmark_key  # here: the eval stage imports torch, the report needs it only now
+
+    try:
+        return benchmark_key(spec)
+    except (InfiFPOError, ValueError, TypeError, KeyError):
+        return None
 
 
-def compare(run: Run, table: dict[str, Any]) -> list[dict[str, Any]]:
-    """InfiFPO minus SFT-DPO and minus SFT-WRPO, in accuracy points, on Avg and on each benchmark present in both."""
-    rows = {r["key"]: r for r in table["rows"]}
+def _loader_domain(spec: Any) -> str | None:
+    """The one domain of the rows ``infifpo.prompts`` builds from ``spec`` (whole split; hub sources are not loaded,
+    a hub spec's explicit ``domain`` is used); None when it mixes domains or cannot be built here."""
+    try:
+        s = parse_spec(spec)
+    except (InfiFPOError, ValueError, TypeError):
+        return None
+    if s.get("domain"):
+        return str(s["domain"])
+    if s["source"] == "hf" and not Path(str(s["name"])).expanduser().exists():
+        return None  # a hub id: not fetched for a domain; local hf data loads offline
+    try:
+        domains = {r["domain"] for r in build_prompts([{**s, "n": None}])}
+    except (InfiFPOError, ImportError, OSError, ValueError):
+        return None
+    return domains.pop() if len(domains) == 1 else None
+
+
+def _evaluated(data: Evals, row: dict[str, Any]) -> list[str]:
+    """The row's labels whose eval exists."""
+    return [label for label in row["labels"] if data.scores(label) is not None]
+
+
+def _verdicts(data: Evals, rows: list[dict[str, Any]], benches: list[str]
+              ) -> tuple[list[list[list[list[bool]]]], list[int]] | None:
+    """Per row, per benchmark, the [seeds, items] verdict matrix over the item ids that every seed of every row has
+    (sorted), and the item count per benchmark; None when a seed lacks per-item rows or the rows share no item."""
+    maps = [[data.items(label) for label in r["_evaluated"]] for r in rows]
+    if any(not ms or any(m is None for m in ms) for ms in maps):
+        return None
+    out: list[list[list[list[bool]]]] = [[] for _ in rows]
+    ns = []
+    for bench in benches:
+        ids = sorted(set.intersection(*(set(m.get(bench, {})) for ms in maps for m in ms)))
+        if not ids:
+            return None
+        ns.append(len(ids))
+        for k, ms in enumerate(maps):
+            out[k].append([[m[bench][i] for i in ids] for m in ms])
+    return out, ns
+
+
+def _cell(data: Evals, row: dict[str, Any], bench: str) -> dict[str, Any] | None:
+    """A row's entry for one benchmark: accuracy (mean over seeds), ci95, n, correct, ci_method, seed_accuracies."""
+    entries = [data.scores(label)["benchmarks"].get(bench) for label in row["_evaluated"]]
+    if not entries or any(e is None for e in entries):
+        if entries and any(e is not None for e in entries):
+            data.run.notes.append(f"{row['name']}: {bench} missing from some seeds' evals; not averaged.")
+        return None
+    accs = [float(e["accuracy"]) for e in entries]
+    if len(entries) == 1:
+        e = entries[0]
+        return {"accuracy": e["accuracy"], "ci95": e["ci95"], "n": e.get("n"), "correct": e.get("correct"),
+                "ci_method": e.get("ci_method", "wilson"), "seeds": 1, "seed_accuracies": accs}
+    cell = {"accuracy": sum(accs) / len(accs), "ci95": None, "n": entries[0].get("n"), "correct": None,
+            "ci_method": None, "seeds": len(accs), "seed_accuracies": accs}
+    v = _verdicts(data, [row], [bench])
+    matrix = v[0][0][0] if v else None  # [seeds][items] of this row on this benchmark
+    if matrix and all(seed == matrix[0] for seed in matrix) and entries[0].get("ci95"):
+        # every seed gives the same verdict on every item: one model's verdicts, so the eval's (Wilson) interval,
+        # not the bootstrap's, which is a point at 0 % and 100 %
+        cell.update(ci95=entries[0]["ci95"], n=v[1][0], ci_method="wilson (every seed agrees on every item)")
+    elif matrix:
+        _, lo, hi = seed_item_bootstrap([matrix], resamples=RESAMPLES)
+        cell.update(ci95=[lo, hi], n=v[1][0], ci_method="bootstrap over items and seeds")
+    return cell
+
+
+def _subset(table: dict[str, Any], avg: str) -> list[str]:
+    d = AVERAGES[avg]
+    return [b for b in table["benchmarks"] if d is None or table["domains"][b]["domain"] == d]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+def _compute(run: Run, row: dict[str, Any], groups: set[str]) -> float | None:
+    """Training-side wall seconds of the row: mean over its seeds of COMPUTE_LABELS with the seed's own
+    "train/<label>" (a dependency is taken with the seed's "@seed<k>" suffix when timings have one; WRPO with its own
+    SFT pays "train/sft_wrpo" and its second sampling pass, WRPO_DATA_LABELS, instead of "train/sft"); None (and a
+    note) when some are missing."""
+    base = row["_infos"][0]["base"] if row["_infos"] else row["key"]
+    if row["kind"] not in ("trained", "arm") or base not in COMPUTE_LABELS:
+        return None
+    timings, per_seed = run.out["timings"], []
+    for info in row["_infos"]:
+        suffix = info["label"][len(info["group"]):]
+        deps = COMPUTE_LABELS[base][:-1]
+        if base == "wrpo" and "sft_wrpo" in groups:
+            deps = ["train/sft_wrpo", *(t for t in WRPO_DATA_LABELS if t in timings)]
+        labels = [t + suffix if t + suffix in timings else t for t in deps] + [f"train/{info['label']}"]
+        missing = [t for t in labels if t not in timings]
+        if missing:
+            run.notes.append(f"compute hours of {row['name']}: timings lack {missing}.")
+            return None
+        per_seed.append(sum(float(timings[t]["seconds"]) for t in labels))
+    return sum(per_seed) / len(per_seed) if per_seed else None
+
+
+def build_table(run: Run, data: Evals | None = None) -> dict[str, Any]:
+    """Rows in paper order with per-benchmark accuracy (%) and interval, Avg / Math avg / Code avg (with a bootstrap
+    interval when per-item rows exist), the per-seed values, parameter count and compute hours; ablation arms are
+    rows of kind "arm" (after the main rows)."""
+    data = data or Evals(run)
+    rows = _row_specs(run)
+    benchmarks: list[str] = []
+    for row in rows:
+        row["_evaluated"] = _evaluated(data, row)
+        first = data.scores(row["_evaluated"][0]) if row["_evaluated"] else {}
+        row["eval_dir"] = run.out["evals"].get(row["_evaluated"][0]) if row["_evaluated"] else None
+        row["params"] = first.get("params")
+        row["size"] = format_params(row["params"])
+        for label in row["_evaluated"]:
+            benchmarks += [b for b in data.scores(label)["benchmarks"] if b not in benchmarks]
+    all_labels = [label for r in rows for label in r["_evaluated"]]
+    table = {"benchmarks": benchmarks, "domains": benchmark_domains(run, data, benchmarks, all_labels),
+             "columns": [*benchmarks, *AVERAGE_NAMES.values(), "Seeds", "Size", "Compute hours"], "rows": rows}
+    groups = {r["key"] for r in rows}
+    for row in rows:
+        row["benchmarks"] = {b: _cell(data, row, b) for b in benchmarks}
+        for avg in AVERAGES:
+            subset = _subset(table, avg)
+            row[avg] = _mean([row["benchmarks"][b] and row["benchmarks"][b]["accuracy"] for b in subset])
+            if row[avg] is not None and len(subset) == 1:  # an average of one benchmark: that benchmark's interval
+                row[f"{avg}_ci95"] = row["benchmarks"][subset[0]]["ci95"]
+                continue
+            v = _verdicts(data, [row], subset) if row[avg] is not None else None
+            row[f"{avg}_ci95"] = list(seed_item_bootstrap(v[0][0], resamples=RESAMPLES)[1:]) if v else None
+        row["per_seed"] = []
+        for label in row["_evaluated"]:
+            bench = data.scores(label)["benchmarks"]
+            accs = {b: (bench[b]["accuracy"] if b in bench else None) for b in benchmarks}
+            row["per_seed"].append({"label": label, "seed": label_info(label, run.runs)["seed"],
+                                    "eval_dir": run.out["evals"].get(label), "benchmarks": accs,
+                                    **{avg: _mean([accs[b] for b in _subset(table, avg)]) for avg in AVERAGES}})
+        row["compute_seconds"] = _compute(run, row, groups)
+        row["compute_hours"] = row["compute_seconds"] / 3600 if row["compute_seconds"] is not None else None
+    return table
+
+
+# -- comparisons ----------------------------------------------------------------------------------------------------
+def _diff(data: Evals, a: dict[str, Any], b: dict[str, Any], benches: list[str]) -> dict[str, Any]:
+    """A - B in points on one benchmark or averaged over ``benches``, with the paired interval (module docstring)."""
+    diff = sum(a["benchmarks"][k]["accuracy"] - b["benchmarks"][k]["accuracy"] for k in benches) / len(benches)
+    seeds = [len(a["_evaluated"]), len(b["_evaluated"])]
+    v = _verdicts(data, [a, b], benches)
+    if v:
+        (ma, mb), ns = v
+        _, lo, hi = seed_item_bootstrap(ma, mb, resamples=RESAMPLES)
+        method = "paired bootstrap over items" + (" and seeds" if max(seeds) > 1 else "")
+        if len(benches) > 1:
+            method += ", stratified by benchmark"
+        return {"diff": diff, "ci95": [lo, hi], "half_width": (hi - lo) / 2, "n": sum(ns), "seeds": seeds,
+                "method": method, "distinguishable": lo > 0 or hi < 0}
+    ca, cb = a["benchmarks"][benches[0]], b["benchmarks"][benches[0]]
+    if len(benches) == 1 and seeds == [1, 1] and ca["ci95"] and cb["ci95"]:
+        return {"diff": diff, "ci95": None, "half_width": None, "n": ca.get("n"), "seeds": seeds,
+                "method": "Wilson interval overlap",
+                "distinguishable": ca["ci95"][0] > cb["ci95"][1] or cb["ci95"][0] > ca["ci95"][1]}
+    return {"diff": diff, "ci95": None, "half_width": None, "n": None, "seeds": seeds,
+            "method": "difference of means" if len(benches) > 1 else "difference of seed means",
+            "distinguishable": None}
+
+
+def compare_rows(data: Evals, table: dict[str, Any], a: dict[str, Any], b: dict[str, Any], kind: str, *,
+                 averages: bool = True) -> dict[str, Any]:
+    """A minus B in accuracy points on each benchmark both have, and on Avg, Math avg and Code avg where both have
+    every benchmark averaged (None otherwise)."""
+    shared = [k for k in table["benchmarks"] if a["benchmarks"][k] and b["benchmarks"][k]]
+    cmp: dict[str, Any] = {"a": a["key"], "b": b["key"], "name": f"{a['name']} vs {b['name']}", "kind": kind,
+                           "method": a["name"], "baseline": b["name"],
+                           "benchmarks": {k: _diff(data, a, b, [k]) for k in shared}}
+    for avg in AVERAGES:
+        subset = _subset(table, avg)
+        cmp[avg] = (_diff(data, a, b, subset) if averages and a[avg] is not None and b[avg] is not None and subset
+                    else None)
+    return cmp
+
+
+def stated_pairs(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(A, B, kind) of every comparison the report states, for the rows present: InfiFPO vs SFT-DPO and SFT-WRPO,
+    each preference method vs the SFT it starts from (WRPO: its own SFT when the run has one), SFT vs the pivot."""
+    wrpo_sft = "sft_wrpo" if "sft_wrpo" in rows else "sft"
+    pairs = [("infifpo", "dpo", "main"), ("infifpo", "wrpo", "main"), ("dpo", "sft", "vs_sft"),
+             ("wrpo", wrpo_sft, "vs_sft"), ("infifpo", "sft", "vs_sft"), ("sft", "pivot", "vs_pivot"),
+             ("sft_wrpo", "pivot", "vs_pivot")]
+    return [p for p in pairs if p[0] in rows and p[1] in rows]
+
+
+def compare(data: Evals, table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stated comparisons (``stated_pairs``), InfiFPO vs the baselines first."""
+    rows = {r["key"]: r for r in table["rows"] if r["kind"] != "arm"}
+    return [compare_rows(data, table, rows[a], rows[b], kind) for a, b, kind in stated_pairs(rows)]
+
+
+def _override_diff(default: Any, arm: Any) -> dict[str, list[Any]] | None:
+    """{option: [default value, arm value]} for every option the arm's overrides set differently; None when unknown."""
+    if not isinstance(default, dict) or not isinstance(arm, dict):
+        return None
+    return {k: [default.get(k), arm.get(k)] for k in sorted({*default, *arm}) if default.get(k) != arm.get(k)}
+
+
+def ablation(data: Evals, table: dict[str, Any]) -> dict[str, Any] | None:
+    """InfiFPO's arms against the default InfiFPO run: the arm rows, what each changes, and arm - default."""
+    arms = [r for r in table["rows"] if r["kind"] == "arm"]
+    default = next((r for r in table["rows"] if r["key"] == "infifpo"), None)
+    if not arms:
+        return None
+    for arm in arms:
+        arm["changes"] = _override_diff(default and default["overrides"], arm["overrides"])
+    return {"default": "infifpo" if default else None, "arms": [a["key"] for a in arms],
+            "comparisons": [compare_rows(data, table, a, default, "ablation") for a in arms] if default else []}
+
+
+# -- survey metrics, power, fusion diagnostics ----------------------------------------------------------------------
+def add_survey(data: Evals, table: dict[str, Any]) -> None:
+    """``row["survey"]`` of every row (``eval.stats.survey_metrics``) against the pivot and the best source."""
+    rows = table["rows"]
+    pivot = next(r for r in rows if r["kind"] == "pivot")
+    acc = {r["key"]: {b: c and c["accuracy"] for b, c in r["benchmarks"].items()} for r in rows}
+    best = {b: max((acc[r["key"]][b] for r in rows if r["kind"] == "source" and acc[r["key"]][b] is not None),
+                   default=None) for b in table["benchmarks"]}
+    table["best_source"] = {b: (None if best[b] is None else next(
+        r["key"] for r in rows if r["kind"] == "source" and acc[r["key"]][b] == best[b])) for b in best}
+    for row in rows:
+        if row is pivot:
+            below = {b: False for b in table["benchmarks"]}
+        else:
+            vs = compare_rows(data, table, row, pivot, "vs_pivot", averages=False)["benchmarks"]
+            below = {b: None if c["distinguishable"] is None else bool(c["distinguishable"] and c["diff"] < 0)
+                     for b, c in vs.items()}
+        row["survey"] = survey_metrics(acc[row["key"]], acc["pivot"], best, below)
+
+
+def power(table: dict[str, Any], comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per benchmark and per average: the items compared, the half-width (points) of every stated comparison's paired
+    95 % interval (the resolution of that comparison, module docstring) with the min and max over the non-degenerate
+    ones (a zero width means the two rows agree on every item and seed: the interval is a point and says nothing about
+    resolution; those comparisons are listed under "degenerate"), and, per benchmark, the floor: the smallest
+    difference any one-seed paired comparison can resolve at that many items (``min_detectable_difference``)."""
+    out = {}
+    for key in [*table["benchmarks"], *AVERAGES]:
+        entries = {c["name"]: (c["benchmarks"].get(key) if key in table["benchmarks"] else c[key])
+                   for c in comparisons}
+        hw = {name: e["half_width"] for name, e in entries.items() if e and e["half_width"] is not None}
+        ns = [e["n"] for e in entries.values() if e and e["n"] is not None]
+        wide = [v for v in hw.values() if v > 0]
+        n = max(ns) if ns else None
+        out[key] = {"n_items": n, "floor": min_detectable_difference(n) if n and key in table["benchmarks"] else None,
+                    "half_width": hw, "min": min(wide, default=None), "max": max(wide, default=None),
+                    "degenerate": [name for name, v in hw.items() if v == 0]}
+    return {"definition": "half-width (hi - lo) / 2 of the paired 95 % bootstrap interval of each stated comparison, "
+                          "in points: differences smaller than about this are not distinguishable; floor = the "
+                          "smallest difference a one-seed paired comparison can resolve at that many items (every "
+                          "discordant item in one direction)", "rows": out}
+
+
+def _final_mean(log_history: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    steps, values = plots.series(log_history, key)
+    return {"final": values[-1], "mean": sum(values) / len(values), "logged": len(values), "last_step": steps[-1]} \
+        if values else None
+
+
+def fusion_diagnostics(run: Run, table: dict[str, Any], logs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per InfiFPO run (every seed of InfiFPO and of each arm) with a train log: final and mean share of each
+    candidate in the fused reference of y_w and y_l, and the clip rate (module docstring); a note when not logged."""
     out = []
-    for base in ("dpo", "wrpo"):
-        if "infifpo" not in rows or base not in rows:
-            continue
-        a, b = rows["infifpo"], rows[base]
-        cmp: dict[str, Any] = {"method": "InfiFPO", "baseline": b["name"], "benchmarks": {}, "avg": None}
-        shared = [k for k in table["benchmarks"] if a["benchmarks"][k] and b["benchmarks"][k]]
-        if shared:
-            ia, ib = _items(run, a), _items(run, b)
-            cmp["benchmarks"] = {k: _diff(a, b, ia, ib, k) for k in shared}
-        if a["avg"] is not None and b["avg"] is not None:
-            diffs = [c.pop("_d", None) for c in cmp["benchmarks"].values()]
-            avg = {"diff": a["avg"] - b["avg"], "ci95": None, "method": "difference of means", "distinguishable": None}
-            if all(diffs):
-                lo, hi = mean_of_groups_bootstrap_ci(diffs)
-                avg.update(ci95=[100 * lo, 100 * hi], method="paired bootstrap (items resampled per benchmark)",
-                           distinguishable=lo > 0 or hi < 0)
-            cmp["avg"] = avg
-        for c in cmp["benchmarks"].values():
-            c.pop("_d", None)
-        out.append(cmp)
+    for row in table["rows"]:
+        for info in row["_infos"]:
+            if info["base"] != "infifpo" or info["label"] not in logs:
+                continue
+            hist = logs[info["label"]]["log_history"]
+            names = plots.share_names(hist)
+            shares = {side: {n: _final_mean(hist, prefix + n) for n in names} for side, prefix in
+                      plots.SHARE_PREFIX.items()}
+            clip = _final_mean(hist, "fusion/clip_rate")
+            if not names and clip is None:
+                run.notes.append(f"{info['label']}: no fusion/* share or clip-rate entries in its train log.")
+            out.append({"label": info["label"], "row": row["key"], "name": row["name"], "arm": info["arm"],
+                        "seed": info["seed"], "shares": shares, "clip_rate": clip})
     return out
 
 
@@ -234,17 +619,22 @@ def scoring_costs(run: Run) -> list[dict[str, Any]] | None:
 
 
 def train_logs(run: Run) -> dict[str, dict[str, Any]]:
-    """method -> its infifpo_train_log.json (CONTRACTS §1), for each configured method whose log exists."""
+    """run label -> its infifpo_train_log.json (CONTRACTS §1), for each trained label (every seed and arm) whose log
+    exists."""
     logs = {}
-    for method, ckpt in ((m, run.out["checkpoints"][m]) for m in METHODS if m in run.out["checkpoints"]):
-        file, stage = run.path(ckpt) / TRAIN_LOG, f"pipeline stage train/{method}"
+    fixed = {"pivot", *(f"source:{m}" for m in run.out["sources"])}
+    for label, ckpt in run.out["checkpoints"].items():
+        if label in fixed:
+            continue
+        file, stage = run.path(ckpt) / TRAIN_LOG, f"pipeline stage train/{label}"
         log = read_json(file, stage)
         if log is None:
             run.notes.append(f"no {TRAIN_LOG} in {ckpt}: re-run {stage} for its costs and curves.")
         elif not isinstance(log.get("log_history"), list) or not isinstance(log.get("train_runtime_s"), int | float):
-            raise DataFormatError(f"{file}: needs 'log_history' (list) and 'train_runtime_s' (seconds). Re-run {stage}.")
+            raise DataFormatError(f"{file}: needs 'log_history' (list) and 'train_runtime_s' (seconds). "
+                                  f"Re-run {stage}.")
         else:
-            logs[method] = log
+            logs[label] = log
     return logs
 
 
@@ -274,14 +664,19 @@ def fusion_overhead(scoring: list[dict[str, Any]] | None, logs: dict[str, dict[s
             "target": OVERHEAD_TARGET, "precision": precision, "equal_precision": equal, "where": where}
 
 
+
+
 def make_plots(run: Run, logs: dict[str, dict[str, Any]]) -> dict[str, str | None]:
-    """loss.png, reward_margin.png, fusion_shares.png under <run_dir>/plots; None (and a note) for a missing one."""
+    """loss.png, reward_margin.png, fusion_shares.png under <run_dir>/plots (the first seed of each main method);
+    None (and a note) for a missing one."""
     out_dir = run.run_dir / "plots"
-    hist = {METHODS[m]: log["log_history"] for m, log in logs.items()}
+    hist = {name: logs[m]["log_history"] for m, name in METHODS.items() if m in logs}
+    sft_names = {METHODS["sft"], METHODS["sft_wrpo"]}
     made = {
         "loss": plots.plot_metric(hist, "loss", out_dir / "loss.png", title="Training loss", ylabel="loss"),
-        "reward_margin": plots.plot_metric({k: v for k, v in hist.items() if k != "SFT"}, "rewards/margins",
-                                           out_dir / "reward_margin.png", title="Reward margin (rewards/margins)",
+        "reward_margin": plots.plot_metric({k: v for k, v in hist.items() if k not in sft_names},
+                                           "rewards/margins", out_dir / "reward_margin.png",
+                                           title="Reward margin (rewards/margins)",
                                            ylabel="β·(margin of log-ratios), nats"),
         "fusion_shares": plots.plot_fusion_shares(logs["infifpo"]["log_history"], out_dir / "fusion_shares.png")
         if "infifpo" in logs else None,
@@ -294,10 +689,19 @@ def make_plots(run: Run, logs: dict[str, dict[str, Any]]) -> dict[str, str | Non
 
 
 # -- output ---------------------------------------------------------------------------------------------------------
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
 def build_report(run_dir: str | Path) -> dict[str, Any]:
-    """Everything report.json holds: the table, the comparisons, the costs, the plot paths and the notes."""
+    """Everything report.json holds: the table, the ablation, the comparisons, the power, the fusion diagnostics, the
+    costs, the plot paths and the notes."""
     run = Run(run_dir)
-    table = build_table(run)
+    data = Evals(run)
+    table = build_table(run, data)
+    add_survey(data, table)
+    comparisons = compare(data, table)
+    abl = ablation(data, table)
     logs = train_logs(run)
     scoring = scoring_costs(run)
     timings = [{"label": k, "stage": v.get("stage"), "model": v.get("model"), "seconds": float(v["seconds"])}
@@ -307,8 +711,14 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
             "training": {m: {k: log.get(k) for k in ("train_runtime_s", "setup_s", "precision", "world_size",
                                                     "num_train_rows", "max_steps")} for m, log in logs.items()},
             "fusion_overhead": fusion_overhead(scoring, logs)}
-    return {"name": run.out.get("name"), "run_dir": str(run.run_dir), "table": table,
-            "comparisons": compare(run, table), "cost": cost, "plots": make_plots(run, logs), "notes": run.notes}
+    fusion = fusion_diagnostics(run, table, logs)
+    arms = [_public(r) for r in table["rows"] if r["kind"] == "arm"]
+    table = {**table, "rows": [_public(r) for r in table["rows"] if r["kind"] != "arm"]}
+    if abl is not None:
+        abl["rows"] = arms
+    return {"name": run.out.get("name"), "run_dir": str(run.run_dir), "table": table, "ablation": abl,
+            "comparisons": comparisons, "power": power(table, comparisons + (abl["comparisons"] if abl else [])),
+            "fusion": fusion, "cost": cost, "plots": make_plots(run, logs), "notes": run.notes}
 
 
 def write_report(run_dir: str | Path) -> Path:

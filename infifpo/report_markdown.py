@@ -1,6 +1,7 @@
-"""report.md of `infifpo report`: the results table, the InfiFPO-vs-baselines paragraph, cost accounting, plots and
-notes, rendered from the report dict that ``infifpo.report.build_report`` returns (report.json). Owns the wording and
-Markdown layout only; every number comes from the report dict.
+"""report.md of `infifpo report`: the results table, the survey metrics, the ablation table, the comparison paragraph
+with its power statement, the fusion diagnostics, cost accounting, plots and notes, rendered from the report dict that
+``infifpo.report.build_report`` returns (report.json). Owns the wording and Markdown layout only; every number comes
+from the report dict. An ordering is claimed only where the comparison's 95 % interval excludes zero.
 """
 
 from __future__ import annotations
@@ -8,30 +9,49 @@ from __future__ import annotations
 from typing import Any
 
 DASH = "—"
+AVERAGE_NAMES = {"avg": "Avg", "math_avg": "Math avg", "code_avg": "Code avg"}
+
+
+def _ci(c: dict[str, Any]) -> str:
+    return f" (95 % CI [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}], {c['method']})" if c["ci95"] else \
+        f" ({c['method']})"
 
 
 def _verdict(c: dict[str, Any]) -> str:
-    ci = f" (95 % CI [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}], {c['method']})" if c["ci95"] else f" ({c['method']})"
+    """One difference (A - B, points) with its interval and what it allows to say."""
     if c["distinguishable"] is None:
-        tail = "no per-item rows to put a CI on it"
+        tail = "no per-item rows to put a CI on it, so no ordering is claimed"
     elif c["distinguishable"]:
-        tail = "larger than the confidence interval"
+        tail = "the interval excludes zero"
     else:
         tail = "not distinguishable at this sample size"
-    return f"{c['diff']:+.1f} points{ci}: {tail}"
+    return f"{c['diff']:+.1f} points{_ci(c)}: {tail}"
+
+
+def _headline(c: dict[str, Any], avg: str) -> str:
+    a, b, d = c["method"], c["baseline"], c[avg]
+    where = AVERAGE_NAMES[avg]
+    if d["distinguishable"]:
+        order = "ahead of" if d["diff"] > 0 else "behind"
+        return f"{a} is {order} {b} on {where}: {_verdict(d)} ({a} − {b})."
+    if d["distinguishable"] is None:
+        return f"{a} vs {b} on {where}: {_verdict(d)} ({a} − {b})."
+    return f"{a} and {b} are not distinguishable on {where}: {d['diff']:+.1f} points{_ci(d)} ({a} − {b})."
 
 
 def comparison_text(comparisons: list[dict[str, Any]]) -> str:
-    """The paragraph under the table: is InfiFPO ahead of each baseline on Avg, and beyond the CIs per benchmark."""
+    """The paragraph under the table: each stated comparison on Avg (then Math / Code avg and each benchmark), with an
+    ordering only where the 95 % interval of the difference excludes zero."""
     if not comparisons:
-        return "InfiFPO could not be compared with SFT-DPO / SFT-WRPO: a method or its eval is missing."
+        return "No comparison could be made: a method or its eval is missing."
     lines = []
     for c in comparisons:
         if c["avg"] is None:
-            lines.append(f"- InfiFPO vs {c['baseline']}: Avg not comparable (an eval or a benchmark is missing).")
+            lines.append(f"- {c['method']} vs {c['baseline']}: Avg not comparable (an eval or a benchmark is "
+                         "missing).")
         else:
-            ahead = "ahead of" if c["avg"]["diff"] > 0 else "behind" if c["avg"]["diff"] < 0 else "level with"
-            lines.append(f"- InfiFPO is {ahead} {c['baseline']} on Avg: {_verdict(c['avg'])} (InfiFPO − baseline).")
+            lines.append(f"- {_headline(c, 'avg')}")
+        lines += [f"  - {AVERAGE_NAMES[k]}: {_verdict(c[k])}." for k in ("math_avg", "code_avg") if c.get(k)]
         lines += [f"  - {k}: {_verdict(v)}." for k, v in c["benchmarks"].items()]
     return "\n".join(lines)
 
@@ -45,15 +65,120 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
             *("| " + " | ".join(DASH if c is None else str(c) for c in r) + " |" for r in rows)]
 
 
-def _table_md(table: dict[str, Any]) -> list[str]:
-    cell = "{0[accuracy]:.1f} [{0[ci95][0]:.1f}, {0[ci95][1]:.1f}]".format
+def _cell(v: dict[str, Any] | None) -> str | None:
+    if not v:
+        return None
+    return f"{v['accuracy']:.1f} [{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]" if v.get("ci95") else f"{v['accuracy']:.1f}"
+
+
+def _avg_cell(r: dict[str, Any], avg: str) -> str:
+    ci = r.get(f"{avg}_ci95")
+    return DASH if r[avg] is None else f"{r[avg]:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{r[avg]:.1f}"
+
+
+def _seeds(r: dict[str, Any]) -> int | None:
+    return len(r.get("per_seed") or []) or None
+
+
+def _table_md(table: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> list[str]:
     return _md_table(["Model", *table["columns"]], [
-        [r["name"], *(v and cell(v) for v in r["benchmarks"].values()), _num(r["avg"]), r["size"],
-         _num(r["compute_hours"], ".3g")] for r in table["rows"]])
+        [r["name"], *(_cell(v) for v in r["benchmarks"].values()), *(_avg_cell(r, a) for a in AVERAGE_NAMES),
+         _seeds(r), r["size"], _num(r["compute_hours"], ".3g")] for r in (rows or table["rows"])])
+
+
+def _domains_text(table: dict[str, Any]) -> str:
+    by = {d: [b for b, v in table["domains"].items() if v["domain"] == d] for d in ("math", "code", "general")}
+    unknown = [b for b, v in table["domains"].items() if v["domain"] is None]
+    math, code, general = (", ".join(by[d]) or DASH for d in ("math", "code", "general"))
+    text = f"Math avg = mean over {math}; Code avg = mean over {code}; general: {general}"
+    return text + (f"; domain unknown: {', '.join(unknown)}." if unknown else ".")
+
+
+def _survey_md(table: dict[str, Any], arms: list[dict[str, Any]]) -> list[str]:
+    def frac(s: dict[str, Any], key: str) -> str:
+        extra = f" (+{s['degraded_undetermined']} without interval)" if key == "ci" and s["degraded_undetermined"] \
+            else ""
+        return f"{s[f'degraded_{key}']}/{s['compared']}{extra}" if s["compared"] else DASH
+
+    rows = []
+    for r in [*table["rows"], *arms]:
+        s = r["survey"]
+        worst = f"{s['worst_drop']:+.1f} ({s['worst_drop_benchmark']})" if s["worst_drop"] is not None else None
+        rows.append([r["name"], _num(s["retention_avg"]), worst, frac(s, "ci"), frac(s, "raw")])
+    best = ", ".join(f"{b}: {k.removeprefix('source:') if k else DASH}" for b, k in table["best_source"].items())
+    return ["### Fusion survey metrics", "", *_md_table(
+        ["Model", "Retention, % of best source (avg)", "Worst drop vs pivot, points (benchmark)",
+         "Degraded vs pivot beyond the 95 % CI", "Degraded vs pivot (raw)"], rows), "",
+            "Retention = 100 × accuracy / best source's accuracy per benchmark, averaged over benchmarks (best "
+            f"source: {best or DASH}); worst drop = min over benchmarks of (row − pivot); degraded = benchmarks where "
+            "the row is below the pivot, beyond the paired 95 % interval / raw, out of the benchmarks compared."]
+
+
+def _changes(r: dict[str, Any]) -> str:
+    ch = r.get("changes")
+    if ch is None:
+        return DASH if not r.get("overrides") else ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+    return ", ".join(f"{k}={v[1]}" for k, v in ch.items()) or "(no option differs)"
+
+
+def _ablation_md(report: dict[str, Any]) -> list[str]:
+    abl = report.get("ablation")
+    if not abl:
+        return []
+    table = report["table"]
+    default = next((r for r in table["rows"] if r["key"] == abl["default"]), None)
+    cmp = {c["a"]: c for c in abl["comparisons"]}
+    rows = []
+    for r in [*([default] if default else []), *abl["rows"]]:
+        c = cmp.get(r["key"])
+        d = c and c["avg"]
+        delta = (f"{d['diff']:+.1f}" + (f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else "")) \
+            if d else None
+        verdict = None if not d else "excludes 0" if d["distinguishable"] else \
+            "not distinguishable" if d["distinguishable"] is False else "no interval"
+        rows.append([r["name"], "default" if r is default else _changes(r),
+                     *(_cell(v) for v in r["benchmarks"].values()), *(_avg_cell(r, a) for a in AVERAGE_NAMES),
+                     _seeds(r), delta, verdict])
+    return ["## Ablation: InfiFPO arms vs the default InfiFPO", "", *_md_table(
+        ["Arm", "Changes", *table["benchmarks"], *AVERAGE_NAMES.values(), "Seeds", "Δ Avg vs default [95 % CI]",
+         "Verdict"], rows), "", comparison_text(abl["comparisons"]) if abl["comparisons"] else
+        "No default InfiFPO run to compare the arms with.", ""]
+
+
+def _power_md(power: dict[str, Any]) -> list[str]:
+    rows = [[AVERAGE_NAMES.get(k, k), v["n_items"], _num(v["floor"]), len(v["half_width"]) or None,
+             None if v["min"] is None else f"{v['min']:.1f}–{v['max']:.1f}",
+             len(v["degenerate"]) or None] for k, v in power["rows"].items()]
+    return ["### Power", "", *_md_table(["Benchmark", "Items", "Floor, points (one seed)",
+                                         "Comparisons with an interval", "Half-width, points (min–max)",
+                                         "Degenerate (rows agree on every item)"], rows), "",
+            "Resolvable difference = " + power["definition"] + "."]
+
+
+def _share(v: dict[str, Any] | None) -> str:
+    return DASH if v is None else f"{v['final']:.2f} / {v['mean']:.2f}"
+
+
+def _fusion_md(fusion: list[dict[str, Any]]) -> list[str]:
+    if not fusion:
+        return []
+    rows = []
+    for f in fusion:
+        names = list(dict.fromkeys([*f["shares"]["chosen"], *f["shares"]["rejected"]]))
+        chosen, rejected = f["shares"]["chosen"], f["shares"]["rejected"]
+        shares = "; ".join(f"{n}: y_w {_share(chosen.get(n))}, y_l {_share(rejected.get(n))}" for n in names)
+        rows.append([f["label"], f["seed"], shares or None, _share(f["clip_rate"])])
+    return ["## Fusion diagnostics (every InfiFPO run)", "", *_md_table(
+        ["Run", "Seed", "Share of the fused reference per model (final / mean)", "Clip rate (final / mean)"], rows),
+            "",
+            "Share = fraction of pairs whose fused reference of y_w (chosen) or y_l (rejected) came from that model; "
+            "clip rate = fraction of source values the clipping changed; final = last logged value, mean = mean over "
+            "the logged entries.", ""]
 
 
 def _cost_md(cost: dict[str, Any]) -> list[str]:
-    lines = ["## Cost accounting", "", "### Fusion overhead: InfiFPO's whole cost vs SFT-DPO with a live reference", ""]
+    lines = ["## Cost accounting", "", "### Fusion overhead: InfiFPO's whole cost vs SFT-DPO with a live reference",
+             ""]
     fo = cost["fusion_overhead"]
     if fo is None:
         lines.append(f"{DASH} (needs score_stats.json and the InfiFPO and DPO train logs; see Notes)")
@@ -70,7 +195,8 @@ def _cost_md(cost: dict[str, Any]) -> list[str]:
                   f"Including model loading and trainer setup: {fo['infifpo_total_with_setup_s']:.1f} s vs "
                   f"{fo['dpo_total_with_setup_s']:.1f} s = {_num(fo['ratio_with_setup'], '.2f')}x.",
                   f"Precision as logged: InfiFPO training {p['infifpo_training']}, DPO training {p['dpo_training']}, "
-                  f"scoring {', '.join(p['scoring'])}" + ("" if fo["equal_precision"] else " (NOT equal precision)") + "."]
+                  f"scoring {', '.join(p['scoring'])}"
+                  + ("" if fo["equal_precision"] else " (NOT equal precision)") + "."]
     lines += ["", "### Wall time per stage", "", *_md_table(["stage", "model", "seconds"], [
         *([t["label"], t["model"] or "", f"{t['seconds']:.1f}"] for t in cost["timings"]),
         ["**total**", "", f"{cost['total_s']:.1f}"]])]
@@ -88,13 +214,21 @@ def _cost_md(cost: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """report.md: the results table, the comparison paragraph, cost accounting, linked plots and notes."""
+    """report.md: the results table, survey metrics, ablation, comparisons with power, fusion diagnostics, cost
+    accounting, linked plots and notes."""
+    table = report["table"]
     lines = [f"# InfiFPO run report: {report['name']}", "", "## Results (InfiFPO paper Table 2 layout)", "",
-             *_table_md(report["table"]), "",
-             "Accuracy in % with the Wilson 95 % interval; Avg = mean over benchmarks; Size = parameters; compute "
-             "hours = training-side wall hours (SFT = train/sft; SFT-DPO = + train/dpo; SFT-WRPO = + train/wrpo; "
-             "InfiFPO = + score + train/infifpo). " + DASH + " = not available.", "",
-             comparison_text(report["comparisons"]), "", *_cost_md(report["cost"]), "", "## Training curves", ""]
+             *_table_md(table), "",
+             "Accuracy in %: one seed with the Wilson 95 % interval; several seeds as the mean over seeds with the "
+             "95 % interval of a bootstrap over items and seeds (per-seed values in report.json, rows[].per_seed). "
+             "Avg = mean over benchmarks; " + _domains_text(table) + " Averages carry the bootstrap interval over "
+             "items (and seeds) when per-item rows exist. Size = parameters; compute hours = training-side wall hours "
+             "(SFT = train/sft; SFT-DPO = + train/dpo; SFT-WRPO = + train/wrpo, from WRPO's own SFT and second "
+             "sampling pass when the run has them; InfiFPO = + score + train/infifpo), mean over seeds. " + DASH +
+             " = not available.", "", *_survey_md(table, (report.get("ablation") or {}).get("rows") or []), "",
+             "## Comparisons", "", comparison_text(report["comparisons"]), "", *_power_md(report["power"]), "",
+             *_ablation_md(report), *_fusion_md(report.get("fusion") or []), *_cost_md(report["cost"]), "",
+             "## Training curves", ""]
     titles = {"loss": "Training loss per method", "reward_margin": "Reward margin per method",
               "fusion_shares": "Share of each model in the fused reference (InfiFPO)"}
     for key, path in report["plots"].items():

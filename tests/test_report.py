@@ -32,22 +32,34 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
     return [100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n)]
 
 
-def write_eval(data: Path, label: str, correct: tuple[int, int]) -> str:
+def write_eval_rows(data: Path, label: str, verdicts: dict[str, list[bool]], params: int | None = None,
+                    extra: dict[str, dict] | None = None, domains: dict[str, str] | None = None) -> str:
+    """An eval output of ``label``: per-item rows ("<bench>/<i:03d>") with these verdicts and a scores.json whose
+    entries (accuracy, Wilson ci95) are computed by hand from them, with a "domain" where ``domains`` gives one;
+    ``extra``: further scores.json entries without rows (as lm-eval's)."""
     rows, bench = [], {}
-    for name, k, n in (("gsm8k", correct[0], 10), ("arithmetic", correct[1], 20)):
+    for name, correct in verdicts.items():
         rows += [{"id": f"{name}/{i:03d}", "benchmark": name, "prompt_id": f"{i:03d}", "completion": "x",
-                  "finish_reason": "stop", "correct": i < k, "reason": ""} for i in range(n)]
-        bench[name] = {"n": n, "correct": k, "accuracy": 100 * k / n, "ci95": wilson(k, n), "ci_method": "wilson"}
+                  "finish_reason": "stop", "correct": bool(c), "reason": ""} for i, c in enumerate(correct)]
+        k, n = sum(map(bool, correct)), len(correct)
+        bench[name] = {"n": n, "correct": k, "accuracy": 100 * k / n, "ci95": wilson(k, n), "ci_method": "wilson",
+                       **({"domain": domains[name]} if name in (domains or {}) else {})}
     out = StageOutput(data, f"eval-{label.replace(':', '-')}", {"label": label})
     out.write_all(rows)
-    scores = {"model": label, "label": label, "params": PARAMS.get(label, 134_515_008), "benchmarks": bench,
+    scores = {"model": label, "label": label, "params": params or PARAMS.get(label, 134_515_008),
+              "benchmarks": {**bench, **(extra or {})},
               "generation": {"backend": "transformers", "temperature": 0.0, "max_tokens": 64},
               "tokens_generated": 123, "seconds": 12.0}
     (out.path / "scores.json").write_text(json.dumps(scores))
     return str(out.path)
 
 
-def train_log(method: str, runtime: float, setup: float, shares: bool = True) -> dict:
+def first_k(k: int, n: int) -> list[bool]:
+    """Items 0..k-1 correct of n."""
+    return [i < k for i in range(n)]
+
+
+def train_log(method: str, runtime: float, setup: float, shares: bool = True, clip: bool = False) -> dict:
     hist = []
     for step in (1, 2, 3, 4):
         e = {"loss": 0.7 - 0.05 * step * (1 + list(report.METHODS).index(method)), "step": step, "epoch": step / 4}
@@ -56,15 +68,23 @@ def train_log(method: str, runtime: float, setup: float, shares: bool = True) ->
         if method == "infifpo" and shares:
             e |= {"fusion/chosen_share/SrcA-500M": 0.25 * (step % 3), "fusion/chosen_share/pivot": 0.5,
                   "fusion/rejected_share/SrcA-500M": 0.5, "fusion/rejected_share/SrcB-270M": 0.1 * step}
+        if method == "infifpo" and clip:
+            e["fusion/clip_rate"] = 0.1 * step
         hist.append(e)
     hist.append({"train_runtime": runtime, "train_loss": 0.6, "step": 4})
     return {"method": method, "log_history": hist, "train_runtime_s": runtime, "setup_s": setup, "world_size": 1,
             "num_train_rows": 16, "global_batch_size": 4, "max_steps": 4, "precision": "fp32"}
 
 
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    """runs/t under tmp_path, with paths recorded relative to tmp_path (as the pipeline writes them)."""
+def build_run(tmp_path: Path, monkeypatch, *, verdicts: dict[str, dict[str, list[bool]]],
+              trained: dict[str, tuple[str, float, float]], timings: dict[str, float], runs: dict | None = None,
+              extra: dict[str, dict[str, dict]] | None = None, config: dict | None = None,
+              domains: dict[str, str] | None = None) -> Path:
+    """runs/t under tmp_path, with paths recorded relative to tmp_path (as the pipeline writes them), then the cwd
+    moved elsewhere. ``verdicts``: eval label -> benchmark -> per-item verdicts (``write_eval_rows``; ``extra``: label
+    -> scores.json entries without rows); ``trained``: checkpoint label -> (method, train_runtime_s, setup_s), each
+    with a train log (InfiFPO logs with shares and clip rates); ``runs``: pipeline_outputs' ``runs`` (omitted when
+    None, as in old outputs)."""
     monkeypatch.chdir(tmp_path)
     rd, data = Path("runs/t"), Path("runs/t/data")
     samples = {}
@@ -81,22 +101,36 @@ def run_dir(tmp_path, monkeypatch):
          "load_seconds": load, "backend": "transformers", "dtype": "float32", "output": str(data / m)}
         for m, role, s, load in SCORE_MODELS]}))
     checkpoints = {}
-    for method, runtime, setup in (("sft", 300.0, 10.0), ("dpo", 600.0, 30.0), ("wrpo", 800.0, 30.0),
-                                   ("infifpo", 540.0, 20.0)):
-        ckpt = rd / "checkpoints" / f"{method}-abc"
+    for label, (method, runtime, setup) in trained.items():
+        ckpt = rd / "checkpoints" / f"{label}-abc"
         ckpt.mkdir(parents=True)
-        (ckpt / report.TRAIN_LOG).write_text(json.dumps(train_log(method, runtime, setup)))
-        checkpoints[method] = str(ckpt)
-    evals = {label: write_eval(data, label, c) for label, c in CORRECT.items()}
-    outputs = {"name": "t", "run_dir": str(rd), "config": {"name": "t"}, "pivot": PIVOT, "sources": SOURCES,
-               "prompts": str(data / "prompts-x"), "samples": samples, "judged": [], "pairs": {},
-               "scored": str(scored), "checkpoints": checkpoints, "evals": evals,
-               "timings": {k: {"stage": k.split("/")[0], "model": None, "seconds": v} for k, v in TIMINGS.items()}}
+        log = train_log(method, runtime, setup, clip=True)
+        (ckpt / report.TRAIN_LOG).write_text(json.dumps(log))
+        checkpoints[label] = str(ckpt)
+    evals = {label: write_eval_rows(data, label, v, extra=(extra or {}).get(label), domains=domains)
+             for label, v in verdicts.items()}
+    outputs = {"name": "t", "run_dir": str(rd), "config": config or {"name": "t"}, "pivot": PIVOT,
+               "sources": SOURCES, "prompts": str(data / "prompts-x"), "samples": samples, "judged": [],
+               "pairs": {}, "scored": str(scored), "checkpoints": checkpoints, "evals": evals,
+               "timings": {k: {"stage": k.split("/")[0], "model": None, "seconds": v} for k, v in timings.items()}}
+    if runs is not None:
+        outputs["runs"] = runs
     (rd / "pipeline_outputs.json").write_text(json.dumps(outputs))
     elsewhere = tmp_path / "elsewhere"  # the report must find cwd-relative paths from another directory
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     return tmp_path / rd
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """An old (single-seed, no ``runs``) output: CORRECT's counts on gsm8k and arithmetic."""
+    return build_run(tmp_path, monkeypatch,
+                     verdicts={label: {"gsm8k": first_k(c[0], 10), "arithmetic": first_k(c[1], 20)}
+                               for label, c in CORRECT.items()},
+                     trained={m: (m, rt, setup) for m, rt, setup in (("sft", 300.0, 10.0), ("dpo", 600.0, 30.0),
+                                                                     ("wrpo", 800.0, 30.0), ("infifpo", 540.0, 20.0))},
+                     timings=TIMINGS)
 
 
 def _outputs(run_dir: Path) -> dict:
@@ -108,8 +142,18 @@ def test_report_numbers_match_hand_computation(run_dir, capsys):
     assert capsys.readouterr().out.strip().endswith(str(run_dir / "report.md"))
     rep = json.loads((run_dir / "report.json").read_text())
     rows = {r["key"]: r for r in rep["table"]["rows"]}
-    assert rep["table"]["columns"] == ["gsm8k", "arithmetic", "Avg", "Size", "Compute hours"]
-    assert rows["infifpo"]["avg"] == pytest.approx((50.0 + 90.0) / 2)
+    assert rep["table"]["columns"] == ["gsm8k", "arithmetic", "Avg", "Math avg", "Code avg", "Seeds", "Size",
+                                       "Compute hours"]
+    # both benchmarks are math by their prompt loaders (no domain recorded in the eval output)
+    assert rep["table"]["domains"] == {b: {"domain": "math", "from": "prompt loader"} for b in ("gsm8k", "arithmetic")}
+    assert rows["infifpo"]["avg"] == pytest.approx((50.0 + 90.0) / 2) == rows["infifpo"]["math_avg"]
+    assert rows["infifpo"]["code_avg"] is None and rows["infifpo"]["code_avg_ci95"] is None
+    # an old output (no runs, no @seed labels): one seed per row, its value as the row's
+    assert rows["dpo"]["labels"] == ["dpo"] and rows["dpo"]["seeds"] == [None]
+    assert rows["dpo"]["per_seed"] == [{"label": "dpo", "seed": None, "eval_dir": _outputs(run_dir)["evals"]["dpo"],
+                                        "benchmarks": {"gsm8k": 40.0, "arithmetic": 30.0}, "avg": 35.0,
+                                        "math_avg": 35.0, "code_avg": None}]
+    assert rows["dpo"]["benchmarks"]["arithmetic"]["ci_method"] == "wilson" and rep["ablation"] is None
     assert rows["dpo"]["avg"] == pytest.approx((40.0 + 30.0) / 2)
     assert rows["pivot"]["benchmarks"]["gsm8k"]["ci95"] == pytest.approx(wilson(3, 10))
     assert rows["sft"]["compute_hours"] == pytest.approx(360 / 3600)
@@ -119,7 +163,8 @@ def test_report_numbers_match_hand_computation(run_dir, capsys):
     assert rows["pivot"]["compute_hours"] is None and rows["pivot"]["size"] == "135M"
     assert rows["source:org/SrcA-500M"]["size"] == "494M"
     cost = rep["cost"]
-    assert cost["tokens_sampled"] == {PIVOT: {"samples": 3, "tokens": 35}, "org/SrcA-500M": {"samples": 2, "tokens": 7},
+    assert cost["tokens_sampled"] == {PIVOT: {"samples": 3, "tokens": 35},
+                                      "org/SrcA-500M": {"samples": 2, "tokens": 7},
                                       "org/SrcB-270M": {"samples": 1, "tokens": 40}}
     assert cost["total_s"] == pytest.approx(sum(TIMINGS.values()))
     fo = cost["fusion_overhead"]
@@ -131,7 +176,7 @@ def test_report_numbers_match_hand_computation(run_dir, capsys):
     assert cost["scoring"][1]["s_per_1k_tokens"] == pytest.approx(1000 * 100.0 / 1500)
     md = (run_dir / "report.md").read_text()
     assert "**Ratio 1.20x** (target <= 1.5x: met)" in md
-    assert "50.0 [" in md and "| 70.0 |" in md  # InfiFPO gsm8k cell and Avg
+    assert "| InfiFPO | 50.0 [23.7, 76.3] | 90.0 [69.9, 97.2] | 70.0 [" in md  # gsm8k, arithmetic (Wilson), Avg
 
 
 def test_markdown_rows_in_paper_order_and_plots_linked_valid_pngs(run_dir):
@@ -152,7 +197,7 @@ def test_comparison_uses_paired_bootstrap_and_says_when_not_distinguishable(run_
     vs_dpo = next(c for c in rep["comparisons"] if c["baseline"] == "SFT-DPO")
     # arithmetic: InfiFPO 18/20 vs DPO 6/20 on the same items: +60 points, every resample positive
     arith = vs_dpo["benchmarks"]["arithmetic"]
-    assert arith["diff"] == pytest.approx(60.0) and arith["method"] == "paired bootstrap"
+    assert arith["diff"] == pytest.approx(60.0) and arith["method"] == "paired bootstrap over items"
     assert arith["distinguishable"] is True and arith["ci95"][0] > 0
     gsm = vs_dpo["benchmarks"]["gsm8k"]  # 5/10 vs 4/10: one discordant item
     assert gsm["diff"] == pytest.approx(10.0) and gsm["distinguishable"] is False
@@ -162,15 +207,6 @@ def test_comparison_uses_paired_bootstrap_and_says_when_not_distinguishable(run_
     assert "gsm8k: +10.0 points" in text and "not distinguishable at this sample size" in text
 
 
-def test_mean_of_groups_bootstrap_ci_bounds():
-    ci = report.mean_of_groups_bootstrap_ci
-    assert ci([[0.0] * 30]) == (0.0, 0.0)
-    assert ci([[1.0] * 5, [0.0] * 5]) == (0.5, 0.5)  # Avg weighs each benchmark equally
-    assert ci([[1.0] * 2, [0.0] * 8]) == (0.5, 0.5)  # ... whatever its size (item-weighted would be 0.2)
-    lo, hi = ci([[1.0, -1.0, 0.0, 0.0] * 10])
-    assert lo < 0 < hi and ci([[1.0, -1.0, 0.0, 0.0] * 10]) == (lo, hi)  # seeded
-
-
 def test_without_item_rows_the_comparison_falls_back_to_wilson_overlap(run_dir):
     for key in ("infifpo", "dpo"):
         (run_dir.parents[1] / _outputs(run_dir)["evals"][key] / "_SUCCESS").unlink()
@@ -178,8 +214,8 @@ def test_without_item_rows_the_comparison_falls_back_to_wilson_overlap(run_dir):
     assert vs_dpo["benchmarks"]["arithmetic"]["method"] == "Wilson interval overlap"
     assert vs_dpo["benchmarks"]["arithmetic"]["distinguishable"] is True  # [69.9, 97.2] vs [14.5, 51.9]
     assert vs_dpo["benchmarks"]["gsm8k"]["distinguishable"] is False  # [23.7, 76.3] vs [16.8, 68.7]
-    assert vs_dpo["avg"] == {"diff": pytest.approx(35.0), "ci95": None, "method": "difference of means",
-                             "distinguishable": None}
+    assert vs_dpo["avg"] == {"diff": pytest.approx(35.0), "ci95": None, "half_width": None, "n": None,
+                             "seeds": [1, 1], "method": "difference of means", "distinguishable": None}
     assert "no per-item rows to put a CI on it" in report_markdown.comparison_text([vs_dpo])
 
 
@@ -192,7 +228,7 @@ def test_missing_eval_renders_dash_and_note(run_dir):
     assert wrpo["avg"] is None and wrpo["benchmarks"] == {"gsm8k": None, "arithmetic": None}
     assert next(c for c in rep["comparisons"] if c["baseline"] == "SFT-WRPO")["avg"] is None
     md = report_markdown.render_markdown(rep)
-    assert "| SFT-WRPO | — | — | — | — | 0.35 |" in md
+    assert "| SFT-WRPO | — | — | — | — | — | — | — | 0.35 |" in md
     assert any("eval/wrpo" in n for n in rep["notes"])
 
 
