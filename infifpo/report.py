@@ -57,6 +57,7 @@ import argparse
 import json
 import logging
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -689,6 +690,39 @@ def make_plots(run: Run, logs: dict[str, dict[str, Any]]) -> dict[str, str | Non
 
 
 # -- output ---------------------------------------------------------------------------------------------------------
+# The instructed answer line of math prompts (prompts.MATH_INSTRUCTION): 'The answer is N.'
+ANSWER_LINE = re.compile(r"the answer is\s*[^\n]*", re.IGNORECASE)
+WORKING_CHARS = 20  # a math completion "shows working" when this many characters remain without its answer line
+
+
+def output_profile(run: Run, table: dict[str, Any]) -> list[dict[str, Any]]:
+    """How each main row answers, per benchmark, from its first seed's greedy completions: items, median and mean
+    completion tokens, % cut at the token cap (finish_reason "length"), % with the instructed answer line ("The
+    answer is N.") and, for math, % that show working (at least ``WORKING_CHARS`` characters besides the answer
+    line). Shows what training did to the answer's form: a model taught to answer without working, or to ramble to
+    the cap, shows it here before it shows in accuracy."""
+    out = []
+    for row in table["rows"]:
+        label = next((lb for lb in row.get("labels", [row["key"]]) if run.out["evals"].get(lb)), None)
+        d = run.out["evals"].get(label) if label else None
+        if not d or not (run.path(d) / SUCCESS).exists():
+            continue
+        by_bench: dict[str, list[dict[str, Any]]] = {}
+        for r in _read_rows(run.path(d), f"eval/{label}"):
+            by_bench.setdefault(r["benchmark"], []).append(r)
+        for bench, items in by_bench.items():
+            tokens = sorted(int(r.get("num_tokens") or 0) for r in items)
+            texts = [str(r.get("completion") or "") for r in items]
+            math = (table.get("domains", {}).get(bench) or {}).get("domain") == "math"
+            working = [len(ANSWER_LINE.sub("", t).strip()) >= WORKING_CHARS for t in texts]
+            out.append({"row": row["name"], "key": row["key"], "benchmark": bench, "n": len(items),
+                        "median_tokens": statistics.median(tokens), "mean_tokens": sum(tokens) / len(tokens),
+                        "truncated_pct": 100 * sum(r.get("finish_reason") == "length" for r in items) / len(items),
+                        "answer_line_pct": 100 * sum(bool(ANSWER_LINE.search(t)) for t in texts) / len(texts),
+                        "working_pct": 100 * sum(working) / len(working) if math else None})
+    return out
+
+
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
@@ -712,13 +746,15 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
                                                     "num_train_rows", "max_steps")} for m, log in logs.items()},
             "fusion_overhead": fusion_overhead(scoring, logs)}
     fusion = fusion_diagnostics(run, table, logs)
+    profile = output_profile(run, table)
     arms = [_public(r) for r in table["rows"] if r["kind"] == "arm"]
     table = {**table, "rows": [_public(r) for r in table["rows"] if r["kind"] != "arm"]}
     if abl is not None:
         abl["rows"] = arms
     return {"name": run.out.get("name"), "run_dir": str(run.run_dir), "table": table, "ablation": abl,
             "comparisons": comparisons, "power": power(table, comparisons + (abl["comparisons"] if abl else [])),
-            "fusion": fusion, "cost": cost, "plots": make_plots(run, logs), "notes": run.notes}
+            "fusion": fusion, "output_profile": profile, "cost": cost, "plots": make_plots(run, logs),
+            "notes": run.notes}
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -213,6 +213,18 @@ def _cost_md(cost: dict[str, Any]) -> list[str]:
          for m in cost["scoring"]])
 
 
+def _profile_md(profile: list[dict[str, Any]]) -> list[str]:
+    """The output profile (report.output_profile): how each row's greedy answers look, per benchmark."""
+    if not profile:
+        return []
+    rows = [[p["row"], p["benchmark"], p["n"], _num(p["median_tokens"], ".0f"), _num(p["mean_tokens"], ".0f"),
+             _num(p["truncated_pct"]), _num(p["answer_line_pct"]), _num(p["working_pct"])] for p in profile]
+    return ["## How each model answers", "",
+            *_md_table(["Model", "Benchmark", "Items", "Median tokens", "Mean tokens", "% cut at the cap",
+                        "% with 'The answer is'", "% showing working (math)"], rows), "",
+            "Greedy completions of the first seed. Working = at least 20 characters besides the answer line.", ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the results table, survey metrics, ablation, comparisons with power, fusion diagnostics, cost
     accounting, linked plots and notes."""
@@ -227,7 +239,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "sampling pass when the run has them; InfiFPO = + score + train/infifpo), mean over seeds. " + DASH +
              " = not available.", "", *_survey_md(table, (report.get("ablation") or {}).get("rows") or []), "",
              "## Comparisons", "", comparison_text(report["comparisons"]), "", *_power_md(report["power"]), "",
-             *_ablation_md(report), *_fusion_md(report.get("fusion") or []), *_cost_md(report["cost"]), "",
+             *_ablation_md(report), *_fusion_md(report.get("fusion") or []),
+             *_profile_md(report.get("output_profile") or []), *_cost_md(report["cost"]), "",
              "## Training curves", ""]
     titles = {"loss": "Training loss per method", "reward_margin": "Reward margin per method",
               "fusion_shares": "Share of each model in the fused reference (InfiFPO)"}

@@ -295,3 +295,33 @@ def test_reward_margin_plot_gets_every_preference_method(seeds_run, monkeypatch)
     report.build_report(seeds_run)
     assert calls == {"loss": ["SFT", "SFT-DPO", "SFT-WRPO", "InfiFPO"],
                      "rewards/margins": ["SFT-DPO", "SFT-WRPO", "InfiFPO"]}
+
+
+def test_output_profile_counts_length_truncation_answer_line_and_working(tmp_path, monkeypatch):
+    """Hand-made completions: the pivot shows its working, the SFT row answers bare, one cut at the token cap."""
+    rows = {"pivot": [("3 + 4 = 7 apples in all. The answer is 7.", "stop", 20),
+                      ("Tom has 3, gets 4 more so 3 + 4 is 7, hmm and then", "length", 40)],
+            "sft": [("The answer is 7.", "stop", 6), ("The answer is 9.", "stop", 8)]}
+    for key in rows:
+        (tmp_path / key).mkdir()
+        (tmp_path / key / report.SUCCESS).write_text("")
+
+    class FakeRun:
+        out = {"evals": {k: str(tmp_path / k) for k in rows}}
+
+        @staticmethod
+        def path(p):
+            return report.Path(p)
+
+    monkeypatch.setattr(report, "_read_rows", lambda path, stage: [
+        {"benchmark": "arithmetic", "completion": t, "finish_reason": f, "num_tokens": n}
+        for t, f, n in rows[report.Path(path).name]])
+    table = {"rows": [{"key": k, "name": k, "labels": [k]} for k in rows],
+             "domains": {"arithmetic": {"domain": "math"}}}
+    prof = {p["key"]: p for p in report.output_profile(FakeRun(), table)}
+    assert prof["pivot"]["median_tokens"] == 30 and prof["pivot"]["truncated_pct"] == 50
+    assert prof["pivot"]["answer_line_pct"] == 50 and prof["pivot"]["working_pct"] == 100
+    assert prof["sft"]["median_tokens"] == 7 and prof["sft"]["truncated_pct"] == 0
+    assert prof["sft"]["answer_line_pct"] == 100 and prof["sft"]["working_pct"] == 0
+    md = report_markdown._profile_md(list(prof.values()))
+    assert "How each model answers" in md[0] and any("| sft | arithmetic | 2 | 7 |" in line for line in md)
