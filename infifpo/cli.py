@@ -13,6 +13,11 @@ and the parent stage forwards it too) counts as the same stop; a later one kills
 started by an infifpo stage (``STAGE_PID_ENV`` names its parent) or by its accelerate launch also dies with its
 parent (PR_SET_PDEATHSIG), so even a SIGKILLed stage leaves no worker behind. On any exit, descendants still alive are
 stopped the same way (helpers that end with this process, ``HELPER_MARKERS``, are left alone).
+
+Errors: a named infifpo error (``InfiFPOError`` and its subclasses: a user mistake, a bad input, a missing model) and
+a missing input file end the stage with ONE line on stderr, ``infifpo <stage>: <ErrorName>: <message>``, and exit
+code 2. ``infifpo --debug <stage> ...`` (or ``INFIFPO_DEBUG=1``, which the stage's own child processes inherit)
+prints the traceback first.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
+
+from infifpo.schema import InfiFPOError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,14 @@ LAUNCHED_ENV = "INFIFPO_ACCELERATE_LAUNCHED"  # trainers.launch sets it for the 
 # Helpers that end when this process does (their pipe from it closes), matched on the command line: the stdlib's
 # multiprocessing resource tracker and forkserver, and the judge's pool of math-verify workers (judge/math.py).
 HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "-m infifpo.judge.math")
+DEBUG_ENV = "INFIFPO_DEBUG"  # "1": a named error's traceback is printed too (``--debug`` sets it)
+USER_ERROR_EXIT = 2  # a named error or a missing input: the command line or its inputs need fixing
+# Raised by the OS for a path the user gave that is not there (or not what the stage expects).
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class InputPathError(InfiFPOError, FileNotFoundError):
+    """An input path does not exist (or is a file where a directory is expected, or the reverse)."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -157,9 +173,34 @@ def stop_on_signals(signums: tuple[int, ...] = STOP_SIGNALS, *, spare: frozenset
 
 
 def _usage() -> str:
-    lines = ["usage: infifpo <command> [args]", "", "commands:"]
+    lines = ["usage: infifpo [--debug] <command> [args]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", f"--debug (or {DEBUG_ENV}=1): print the traceback of an error, not only its one-line message"]
     return "\n".join(lines)
+
+
+def debug_enabled() -> bool:
+    """Whether ``--debug`` / ``INFIFPO_DEBUG`` asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_line(name: str, error: BaseException) -> str:
+    """``infifpo <name>: <ErrorName>: <message>`` on one line (the message's whitespace and newlines collapsed). A
+    missing path becomes an ``InputPathError`` naming it."""
+    if isinstance(error, PATH_ERRORS) and not isinstance(error, InfiFPOError):
+        what = {FileNotFoundError: "does not exist", NotADirectoryError: "is not a directory",
+                IsADirectoryError: "is a directory, not a file"}[type(error)]
+        path = error.filename if error.filename is not None else str(error)
+        error = InputPathError(f"{path} {what} (a relative path is read from {os.getcwd()}); check the path.")
+    return f"infifpo {name}: {type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def report_error(name: str, error: BaseException) -> int:
+    """Print ``error`` as one line on stderr (after its traceback with ``--debug``); returns the exit code, 2."""
+    if debug_enabled():
+        traceback.print_exception(error)
+    print(error_line(name, error), file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 def run_stage(name: str, rest: list[str]) -> int:
@@ -177,6 +218,8 @@ def run_stage(name: str, rest: list[str]) -> int:
             try:
                 module = importlib.import_module(COMMANDS[name][0])
                 return int(module.main(rest) or 0)
+            except (InfiFPOError, *PATH_ERRORS) as e:
+                return report_error(name, e)
             except Stopped as e:
                 print(f"infifpo {name}: {e} after {time.monotonic() - started:.0f} s. Finished work is kept and "
                       "unfinished outputs have no _SUCCESS: run the same command again to resume.", file=sys.stderr)
@@ -193,6 +236,9 @@ def run_stage(name: str, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    while argv and argv[0] == "--debug":  # global flag, before the command; the stage's children inherit it
+        os.environ[DEBUG_ENV] = "1"
+        argv.pop(0)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

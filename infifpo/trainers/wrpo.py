@@ -81,6 +81,19 @@ class WRPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "wrpo"]
     _name = "WRPO"
+    _paper = {  # the model card's "introduced in" and citation (TRL's create_model_card)
+        "title": "Weighted-Reward Preference Optimization for Implicit Model Fusion",
+        "id": "2412.03187",
+        "citation": "@inproceedings{yang2025wrpo,\n"
+                    "    title     = {{Weighted-Reward Preference Optimization for Implicit Model Fusion}},\n"
+                    "    author    = {Ziyi Yang and Fanqi Wan and Longguang Zhong and Tianyuan Shi and "
+                    "Xiaojun Quan},\n"
+                    "    year      = 2025,\n"
+                    "    booktitle = {The Thirteenth International Conference on Learning Representations, "
+                    "ICLR 2025},\n"
+                    "    url       = {https://arxiv.org/abs/2412.03187},\n"
+                    "}",
+    }
 
     def __init__(self, model: Any, ref_model: Any = None, args: WRPOConfig | None = None,
                  data_collator: Any = None, train_dataset: Dataset | None = None, **kwargs: Any):
