@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from infifpo.sample import BATCH_SEQUENCES
 from infifpo.store import SUCCESS, read_output
 from tests.conftest import live_descendants
 
@@ -123,7 +124,9 @@ def test_sigterm_stops_eval_with_its_vllm_engine_core_and_worker_then_rerun_comp
     runs in vLLM's own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1), so the tree is stage -> per-model process ->
     engine core -> worker."""
     pytest.importorskip("vllm")
-    argv = ["eval", "--model", tiny_llama, "--label", "tiny", "--benchmarks", "arithmetic:test:64", "--backend",
+    # More items than one engine call takes (sample.BATCH_SEQUENCES), so rows are on disk while more are generated.
+    items = 2 * BATCH_SEQUENCES + 64
+    argv = ["eval", "--model", tiny_llama, "--label", "tiny", "--benchmarks", f"arithmetic:test:{items}", "--backend",
             "vllm", "--max-tokens", "256", "--dtype", "float32", "--max-model-len", "512", "--out", str(tmp_path)]
     log = tmp_path / "first.log"
     proc = _start(argv, log, _env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))
@@ -132,7 +135,7 @@ def test_sigterm_stops_eval_with_its_vllm_engine_core_and_worker_then_rerun_comp
     assert any("EngineCore" in cmd for cmd in tree.values()), tree  # vLLM's own processes are part of the stop
     _stop(proc, signal.SIGTERM, log)
     written = _rows_on_disk(tmp_path, "samples-eval-*")
-    assert 0 < written < 64, "the stop must come mid-run for this test to mean anything"
+    assert 0 < written < items, "the stop must come mid-run for this test to mean anything"
     # Only the prompts the eval wrote for its sampler are finished; the samples and the eval itself are not.
     assert {p.parent.name.split("-")[0] for p in tmp_path.glob(f"*/{SUCCESS}")} <= {"prompts"}
 
@@ -141,11 +144,11 @@ def test_sigterm_stops_eval_with_its_vllm_engine_core_and_worker_then_rerun_comp
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     (prompts_dir,) = tmp_path.glob("prompts-*")
     prompt_ids = {r["id"] for r in read_output(prompts_dir)}
-    assert len(prompt_ids) == 64
+    assert len(prompt_ids) == items
     _assert_complete_once(tmp_path, "samples-eval-*", prompt_ids, 1)
     (eval_dir,) = tmp_path.glob("eval-tiny-*")
     scores = json.loads((eval_dir / "scores.json").read_text())
-    assert scores["benchmarks"]["arithmetic"]["n"] == 64 and scores["resumed"] is True
+    assert scores["benchmarks"]["arithmetic"]["n"] == items and scores["resumed"] is True
 
 
 @pytest.mark.vllm
