@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install fpo test test-fast bench lint models clean sysdeps
+.PHONY: install fpo reproduce test test-fast bench lint models clean sysdeps
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ models: install
 	$(VENV)/bin/infifpo models fetch --all
 
 fpo: install
+	$(VENV)/bin/infifpo pipeline --config $(CONFIG)
+
+# The paper's Table 2 and ablations at small scale: 3 seeds, InfiFPO ablation arms, faithful WRPO (`make reproduce
+# CONFIG=...` overrides the config).
+reproduce: CONFIG = configs/reproduce.yaml
+reproduce: install
 	$(VENV)/bin/infifpo pipeline --config $(CONFIG)
 
 test: install

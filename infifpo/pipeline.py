@@ -1,14 +1,24 @@
-"""`infifpo pipeline --config FILE` (what `make fpo` runs): every stage in order, each as its own `infifpo <stage>`
-process, so vLLM engines and training never share memory or an import graph.
+"""`infifpo pipeline --config FILE` (what `make fpo` and `make reproduce` run): every stage in order, each as its own
+`infifpo <stage>` process, so vLLM engines and training never share memory or an import graph.
 
-Order: prompts → sample (pivot, then each source) → judge → pair (the InfiFPO recipe; the WRPO recipe too when
-``wrpo`` is a method) → SFT on the SFT split → score (the SFT checkpoint as the frozen pivot, each source with its
-own tokenizer/template, PO rows only) → preference training of each configured method from the SFT checkpoint →
-eval of every report row (pivot, sources, SFT, each method) → report. Stages are content-addressed and resumable
-(``infifpo.store``), so a re-run skips finished work; a training run is skipped when its output directory holds the
-completion marker written here. Wall time per stage is kept in ``<run_dir>/timings.json``.
-Owns: the ordering and the hand-off of output paths (``<run_dir>/pipeline_outputs.json``). Does not own: any
-stage's logic.
+Order: prompts → sample (pivot, then each source) → judge → pair (the InfiFPO recipe) → SFT on the SFT split →
+[with ``wrpo``: the faithful WRPO recipe, ``wrpo_pairs``] → score (the SFT checkpoint as the frozen pivot, each
+source with its own tokenizer/template, PO rows only) → preference training of each configured method (and each
+InfiFPO ablation arm) once per seed → eval of every report row (pivot, sources, every checkpoint) → report.
+Stages are content-addressed and resumable (``infifpo.store``), so a re-run skips finished work; a training run is
+skipped when its output directory holds the completion marker written here, and resumed from its latest complete
+``checkpoint-*`` (``--resume_from_checkpoint``) when it has one but no marker. Wall time per stage is kept in
+``<run_dir>/timings.json``.
+
+Runs (``train.seeds``, default [0]; ``train.ablations``, {arm: InfiFPO overrides}): SFT (and WRPO's own SFT) once,
+with the first seed; each method and arm once per seed (TRL ``seed`` and ``data_seed``), each arm on the same scored
+pairs as InfiFPO (``sources: [...]`` in an arm is the trainer's ``fusion_sources``). Labels in
+``pipeline_outputs.json`` (``checkpoints`` and ``evals``: {label: path}; ``runs``: {label: {"method", "seed", "arm",
+"overrides"}} for every trained label): "sft", "sft_wrpo", "dpo" / "wrpo" / "infifpo" for the first seed,
+"<method>@seed<k>" for seed k after it, "infifpo[<arm>]" and "infifpo[<arm>]@seed<k>"; timings "train/<label>",
+"eval/<label>".
+Owns: the ordering, the runs and their labels, and the hand-off of output paths (``<run_dir>/pipeline_outputs.json``).
+Does not own: any stage's logic.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,13 +36,17 @@ from typing import Any
 
 import yaml
 
+from infifpo.provenance import output_digest
 from infifpo.schema import ConfigError
-from infifpo.store import SUCCESS, fingerprint
+from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
 
 logger = logging.getLogger("infifpo.pipeline")
 TRAIN_DONE = "infifpo_train_done.json"
 TOP_KEYS = {"name", "run_dir", "pivot", "sources", "backend", "prompts", "sample", "judge", "pair", "score", "train",
             "eval", "report"}
+SEED_KEYS = ("seed", "data_seed")  # TRL training arguments set per run from train.seeds
+ARM_ALIASES = {"sources": "fusion_sources"}  # an ablation arm's pipeline name -> the InfiFPOConfig field
+ARM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -48,7 +63,78 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{path}: missing required key {key!r}")
     cfg.setdefault("name", Path(path).stem)
     cfg.setdefault("run_dir", f"runs/{cfg['name']}")
+    planned_runs(cfg)  # train.seeds / train.ablations errors before any stage runs
     return cfg
+
+
+def methods_of(cfg: dict[str, Any]) -> list[str]:
+    """``train.methods`` (default dpo, infifpo): the preference methods, trained from the SFT checkpoint."""
+    methods = list((cfg.get("train") or {}).get("methods", ["dpo", "infifpo"]))
+    if len(set(methods)) != len(methods) or "sft" in methods:
+        raise ConfigError(f"train.methods {methods}: list each preference method once (SFT always runs).")
+    return methods
+
+
+def seeds_of(cfg: dict[str, Any]) -> list[int]:
+    """``train.seeds`` (default [0]): training seeds; the first is SFT's and keeps the unsuffixed labels."""
+    seeds = (cfg.get("train") or {}).get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)):
+        raise ConfigError(f"train.seeds must be a non-empty list of distinct integers, got {seeds!r}.")
+    return seeds
+
+
+def arms_of(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``train.ablations`` as {arm: overrides of the infifpo train config}, ``sources`` renamed ``fusion_sources``."""
+    arms = (cfg.get("train") or {}).get("ablations") or {}
+    if not isinstance(arms, dict):
+        raise ConfigError(f"train.ablations must map arm names to InfiFPO overrides, got {arms!r}.")
+    if arms and "infifpo" not in methods_of(cfg):
+        raise ConfigError("train.ablations are InfiFPO arms: add infifpo to train.methods.")
+    out = {}
+    for name, overrides in arms.items():
+        if not (isinstance(name, str) and ARM_NAME.fullmatch(name) and isinstance(overrides, dict) and overrides):
+            raise ConfigError(f"train.ablations.{name}: expected a name of letters, digits, '_', '.', '-' mapping to "
+                              f"a non-empty mapping of InfiFPO options, got {overrides!r}.")
+        arm = {ARM_ALIASES.get(k, k): v for k, v in overrides.items()}
+        if set(arm) & {*SEED_KEYS, "config"}:
+            raise ConfigError(f"train.ablations.{name}: {sorted(set(arm) & {*SEED_KEYS, 'config'})} cannot differ "
+                              "per arm (seeds come from train.seeds; an arm overrides the infifpo config).")
+        chosen = arm.get("fusion_sources")
+        if chosen is not None and (not isinstance(chosen, list) or not chosen
+                                   or any(x not in cfg["sources"] for x in chosen)):
+            raise ConfigError(f"train.ablations.{name}.sources: {chosen!r} must be a non-empty list of the config's "
+                              f"sources {cfg['sources']}.")
+        out[name] = arm
+    return out
+
+
+def run_label(method: str, seed: int, first_seed: int, arm: str | None = None) -> str:
+    """A run's label: "infifpo", "infifpo[mean]", and "dpo@seed1", "infifpo[mean]@seed1" for a later seed."""
+    return method + (f"[{arm}]" if arm else "") + ("" if seed == first_seed else f"@seed{seed}")
+
+
+def planned_runs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every training run of ``cfg`` by label, in training order: {"method", "seed", "arm", "overrides"} (the arm's
+    InfiFPO overrides; {} for other runs). "sft" (and, with wrpo, WRPO's own SFT "sft_wrpo") once with the first
+    seed; every method, then every arm, once per seed. ConfigError for a bad ``train.seeds`` / ``train.ablations`` or
+    a seed key set elsewhere in ``train``."""
+    tcfg = cfg.get("train") or {}
+    methods, seeds, arms = methods_of(cfg), seeds_of(cfg), arms_of(cfg)
+    for scope in ("common", "sft", *methods):
+        if set(tcfg.get(scope) or {}) & set(SEED_KEYS):
+            raise ConfigError(f"train.{scope}: {sorted(set(tcfg[scope]) & set(SEED_KEYS))} are set per run from "
+                              "train.seeds (default [0]); list the seeds there instead.")
+    first = seeds[0]
+    runs = {name: {"method": "sft", "seed": first, "arm": None, "overrides": {}}
+            for name in ["sft", *(["sft_wrpo"] if "wrpo" in methods else [])]}
+    for seed in seeds:
+        for method in methods:
+            runs[run_label(method, seed, first)] = {"method": method, "seed": seed, "arm": None, "overrides": {}}
+        for arm, overrides in arms.items():
+            runs[run_label("infifpo", seed, first, arm)] = {"method": "infifpo", "seed": seed, "arm": arm,
+                                                             "overrides": overrides}
+    return runs
 
 
 def _flags(options: dict[str, Any]) -> list[str]:
@@ -69,8 +155,11 @@ def _source_arg(spec: str | dict[str, Any]) -> str:
 
 
 def _train_flags(options: dict[str, Any]) -> list[str]:
-    """TrlParser flags keep underscores: {"learning_rate": 1e-6} -> ["--learning_rate", "1e-06"]."""
-    return [x for k, v in options.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+    """TrlParser flags keep underscores: {"learning_rate": 1e-6} -> ["--learning_rate", "1e-06"]; a list gives one
+    value per item: {"fusion_sources": ["a", "b"]} -> ["--fusion_sources", "a", "b"]."""
+    return [x for k, v in options.items()
+            for x in (f"--{k}", *(str(i).lower() if isinstance(i, bool) else str(i)
+                                  for i in (v if isinstance(v, list) else [v])))]
 
 
 class Timings:
@@ -144,34 +233,86 @@ def _one(paths: list[Path], stage: str) -> Path:
     return paths[0]
 
 
-def train(method: str, cfg: dict[str, Any], model: str, dataset: Path, log_dir: Path, timings: Timings) -> Path:
-    """Train one method unless an identical run already finished; returns its output directory."""
+def train(label: str, run: dict[str, Any], cfg: dict[str, Any], model: str, dataset: Path, log_dir: Path,
+          timings: Timings) -> Path:
+    """Train run ``label`` (``planned_runs``) unless an identical run already finished; returns its output directory.
+
+    Options: ``train.common`` < ``train.<method>`` < the run's overrides, then ``seed`` and ``data_seed``. A run
+    killed after saving a checkpoint resumes from its latest complete one."""
     tcfg = cfg.get("train", {})
-    overrides = {**tcfg.get("common", {}), **tcfg.get(method, {})}
+    method = run["method"]
+    overrides = {**tcfg.get("common", {}), **tcfg.get(method, {}), **run["overrides"],
+                 **dict.fromkeys(SEED_KEYS, run["seed"])}
     config_file = overrides.pop("config", f"configs/train/{method}.yaml")
     key = {"method": method, "model": model, "dataset": str(dataset), "config": Path(config_file).read_text(),
            "overrides": overrides}
-    out = Path(cfg["run_dir"]) / "checkpoints" / f"{method}-{fingerprint(key)}"
+    out = Path(cfg["run_dir"]) / "checkpoints" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}-{fingerprint(key)}"
     if (out / TRAIN_DONE).exists():
-        logger.info("train %s: already done in %s", method, out)
+        logger.info("train %s: already done in %s", label, out)
         return out
     args = ["--method", method, "--config", config_file, "--model_name_or_path", model,
             "--dataset_name", str(dataset), "--output_dir", str(out), *_train_flags(overrides)]
+    if any(out.glob("checkpoint-*")):  # killed after saving a checkpoint: resume from the latest complete one
+        from infifpo.trainers.entry import latest_checkpoint  # imports torch: only when there is one
+
+        resume = latest_checkpoint(out)
+        if resume is not None:
+            logger.info("train %s: resuming from %s", label, resume)
+            args += ["--resume_from_checkpoint", str(resume)]
     start = time.time()
-    run_stage("train", args, log_dir, label=f"train/{method}")
-    timings.record(f"train/{method}", "train", model, time.time() - start, [out])
+    run_stage("train", args, log_dir, label=f"train/{label}")
+    timings.record(f"train/{label}", "train", model, time.time() - start, [out])
     (out / TRAIN_DONE).write_text(json.dumps(key, indent=1))
     return out
 
 
 def pair(cfg: dict[str, Any], recipe: str, judged: list[Path], prompts: Path, dirs: tuple[Path, Path],
-         timings: Timings) -> Path:
-    """The pairs of one recipe (same judged samples, split and seed for every recipe)."""
+         timings: Timings, *, pivot: str | None = None, label: str | None = None) -> Path:
+    """The pairs of one recipe (same judged samples, split seed and options for every recipe), with ``pivot``
+    (default the config's) as the target model. WRPO splits by ``pair.wrpo_sft_fraction`` (default: the recipe's
+    one third), and names its sources, so that other judged models (the original pivot's samples in the second
+    pass) are left out."""
     data, logs = dirs
-    opts = {**cfg.get("pair", {}), "recipe": recipe}
-    args = ["--judged", *map(str, judged), "--prompts", str(prompts), "--pivot", cfg["pivot"], "--out", str(data),
-            *_flags(opts)]
-    return _one(run_stage("pair", args, logs, timings, f"pair/{recipe}"), "pair")
+    opts = dict(cfg.get("pair", {}))
+    wrpo_fraction = opts.pop("wrpo_sft_fraction", None)
+    opts["recipe"] = recipe
+    if recipe == "wrpo":
+        opts.update(sft_fraction=wrpo_fraction, sources=opts.get("sources") or list(cfg["sources"]))
+    args = ["--judged", *map(str, judged), "--prompts", str(prompts), "--pivot", pivot or cfg["pivot"],
+            "--out", str(data), *_flags(opts)]
+    return _one(run_stage("pair", args, logs, timings, label or f"pair/{recipe}"), "pair")
+
+
+def wrpo_sft_rows(first_pass: Path, data: Path) -> Path:
+    """WRPO's SFT rows: the SFT split of the first-pass quadruples with chosen = y_ws (the best source response)
+    and its provenance columns, as a content-addressed output ``sft-wrpo-*`` (the SFT trainer reads ``chosen``)."""
+    out = StageOutput(data, "sft-wrpo", {"stage": "sft_wrpo_rows", "version": 1, "pairs": output_digest(first_pass)})
+    if not out.is_complete():
+        rows = [{**{k: v for k, v in r.items() if not k.startswith(("chosen", "rejected", "source_chosen"))},
+                 **{k.removeprefix("source_"): v for k, v in r.items() if k.startswith("source_chosen")}}
+                for r in read_output(first_pass) if r["split"] == "sft"]
+        out.write_all(rows)
+    return out.path
+
+
+def wrpo_pairs(cfg: dict[str, Any], prompts: Path, judged: list[Path], dirs: tuple[Path, Path], timings: Timings,
+               run: dict[str, Any]) -> tuple[dict[str, Path], Path, Path]:
+    """The faithful WRPO recipe (methods.md "Data recipes"): first-pass quadruples split one third SFT / two thirds
+    PO, y_ws = best source sample; WRPO's own SFT ("sft_wrpo") from the pivot on the SFT third with chosen = y_ws;
+    a second sampling pass from that checkpoint (the pivot's sampling options and n), judged like the rest; then the
+    quadruples WRPO trains on, y_wt / y_l = best / worst of the checkpoint's samples (its path is their model name
+    and the pair stage's pivot). The checkpoint samples every prompt, not only the PO two thirds: judge and pair
+    join samples to one prompts output, which the sources' samples already fix; the SFT third's rows are unused.
+    Returns ({"wrpo_first_pass", "sft_wrpo", "wrpo"}: data directories, the sft_wrpo checkpoint, its samples)."""
+    data, logs = dirs
+    first = pair(cfg, "wrpo", judged, prompts, dirs, timings, label="pair/wrpo_first_pass")
+    sft_rows = wrpo_sft_rows(first, data)
+    checkpoint = train("sft_wrpo", run, cfg, cfg["pivot"], sft_rows, logs, timings)
+    samples = sample_model(cfg, str(checkpoint), prompts, dirs, timings, pivot=True, label="sample/sft_wrpo")
+    judged_own = _one(run_stage("judge", ["--samples", str(samples), "--prompts", str(prompts), "--out", str(data),
+                                          *_flags(cfg.get("judge", {}))], logs, timings, "judge/sft_wrpo"), "judge")
+    final = pair(cfg, "wrpo", [*judged, judged_own], prompts, dirs, timings, pivot=str(checkpoint))
+    return {"wrpo_first_pass": first, "sft_wrpo": sft_rows, "wrpo": final}, checkpoint, samples
 
 
 def evaluate(cfg: dict[str, Any], rows: dict[str, str], dirs: tuple[Path, Path], timings: Timings) -> dict[str, Path]:
@@ -184,25 +325,28 @@ def evaluate(cfg: dict[str, Any], rows: dict[str, str], dirs: tuple[Path, Path],
     ecfg.setdefault("backend", cfg.get("backend", "transformers"))
     out = {}
     for label, model in rows.items():
-        args = ["--model", model, "--label", label.replace(":", "-"), "--benchmarks", *benchmarks,
+        args = ["--model", model, "--label", label.replace(":", "-"), "--benchmarks", *map(_source_arg, benchmarks),
                 "--out", str(data), *_flags(ecfg)]
         out[label] = _one(run_stage("eval", args, logs, timings, f"eval/{label}", model), "eval")
     return out
 
 
-def sample_all(cfg: dict[str, Any], prompts: Path, dirs: tuple[Path, Path], timings: Timings) -> dict[str, Path]:
-    """One `infifpo sample` process per model of the pool (pivot first), each with its own n."""
+def sample_model(cfg: dict[str, Any], model: str, prompts: Path, dirs: tuple[Path, Path], timings: Timings, *,
+                 pivot: bool, label: str | None = None) -> Path:
+    """One `infifpo sample` process: ``sample`` options under ``sample.pivot`` or ``sample.sources``."""
     data, logs = dirs
     s = cfg.get("sample", {})
     common = {k: v for k, v in s.items() if k not in ("pivot", "sources")}
-    samples = {}
-    for model in [cfg["pivot"], *cfg["sources"]]:
-        is_pivot = model == cfg["pivot"]
-        opts = {**common, **s.get("pivot" if is_pivot else "sources", {}), "pivot": is_pivot}
-        args = ["--prompts", str(prompts), "--model", model, "--backend", cfg.get("backend", "transformers"),
-                "--out", str(data), *_flags(opts)]
-        samples[model] = _one(run_stage("sample", args, logs, timings, f"sample/{model}", model), "sample")
-    return samples
+    opts = {**common, **s.get("pivot" if pivot else "sources", {}), "pivot": pivot}
+    args = ["--prompts", str(prompts), "--model", model, "--backend", cfg.get("backend", "transformers"),
+            "--out", str(data), *_flags(opts)]
+    return _one(run_stage("sample", args, logs, timings, label or f"sample/{model}", model), "sample")
+
+
+def sample_all(cfg: dict[str, Any], prompts: Path, dirs: tuple[Path, Path], timings: Timings) -> dict[str, Path]:
+    """One `infifpo sample` process per model of the pool (pivot first), each with its own n."""
+    return {m: sample_model(cfg, m, prompts, dirs, timings, pivot=m == cfg["pivot"])
+            for m in [cfg["pivot"], *cfg["sources"]]}
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -211,7 +355,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     dirs = data, logs = run_dir / "data", run_dir / "logs"
     timings = Timings(run_dir / "timings.json")
     pivot, sources = cfg["pivot"], list(cfg["sources"])
-    methods = list(cfg.get("train", {}).get("methods", ["dpo", "infifpo"]))
+    runs = planned_runs(cfg)
     p = cfg["prompts"]
     prompts = _one(run_stage("prompts", [*[x for s in p["sources"] for x in ("--source", _source_arg(s))],
                                          "--seed", str(p.get("seed", 0)), "--out", str(data)], logs, timings),
@@ -219,21 +363,26 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     samples = sample_all(cfg, prompts, dirs, timings)
     judged = run_stage("judge", ["--samples", *map(str, samples.values()), "--prompts", str(prompts),
                                  "--out", str(data), *_flags(cfg.get("judge", {}))], logs, timings)
-    pairs = {recipe: pair(cfg, recipe, judged, prompts, dirs, timings)
-             for recipe in ["infifpo", *(["wrpo"] if "wrpo" in methods else [])]}
-    checkpoints = {"sft": train("sft", cfg, pivot, pairs["infifpo"], logs, timings)}
+    pairs = {"infifpo": pair(cfg, "infifpo", judged, prompts, dirs, timings)}
+    checkpoints = {"sft": train("sft", runs["sft"], cfg, pivot, pairs["infifpo"], logs, timings)}
+    if "sft_wrpo" in runs:
+        wrpo_data, checkpoint, own_samples = wrpo_pairs(cfg, prompts, judged, dirs, timings, runs["sft_wrpo"])
+        pairs.update(wrpo_data)
+        checkpoints["sft_wrpo"], samples[str(checkpoint)] = checkpoint, own_samples
     score_opts = {"backend": cfg.get("backend", "transformers"), **cfg.get("score", {})}
     scored = _one(run_stage("score", ["--pairs", str(pairs["infifpo"]), "--pivot", str(checkpoints["sft"]),
                                       "--sources", *sources, "--out", str(data), *_flags(score_opts)], logs, timings),
                   "score")
-    for method in methods:  # WRPO trains on its own quadruples with a live frozen reference (the official setting)
-        dataset = pairs["wrpo"] if method == "wrpo" else scored
-        checkpoints[method] = train(method, cfg, str(checkpoints["sft"]), dataset, logs, timings)
+    for label, spec in runs.items():  # WRPO: its own quadruples and SFT, a live frozen reference (official setting)
+        if label not in checkpoints:
+            wrpo = spec["method"] == "wrpo"
+            checkpoints[label] = train(label, spec, cfg, str(checkpoints["sft_wrpo" if wrpo else "sft"]),
+                                       pairs["wrpo"] if wrpo else scored, logs, timings)
     rows = {"pivot": pivot, **{f"source:{m}": m for m in sources}, **{k: str(v) for k, v in checkpoints.items()}}
     evals = evaluate(cfg, rows, dirs, timings)
     result = {"name": cfg["name"], "run_dir": str(run_dir), "config": cfg, "pivot": pivot, "sources": sources,
               "prompts": prompts, "samples": samples, "judged": judged, "pairs": pairs, "scored": scored,
-              "checkpoints": checkpoints, "evals": evals, "timings": timings.summary()}
+              "checkpoints": checkpoints, "evals": evals, "runs": runs, "timings": timings.summary()}
     (run_dir / "pipeline_outputs.json").write_text(json.dumps(result, indent=1, default=str))
     if cfg.get("report", True):
         run_stage("report", ["--run-dir", str(run_dir)], logs)

@@ -52,6 +52,8 @@ KNOWN_SIZES: dict[str, dict[str, float]] = {
                                           vocab=152064),
     "skywork/skywork-reward-llama-3.1-8b-v0.2": dict(params=7.50e9, layers=32, hidden=4096, kv_heads=8,
                                                      head_dim=128, vocab=128256),
+    "skywork/skywork-reward-gemma-2-27b-v0.2": dict(params=27.23e9, layers=46, hidden=4608, kv_heads=16,
+                                                    head_dim=128, vocab=256000),
 }  # fmt: skip
 # Full test-split sizes for eval benchmarks given without a count.
 BENCHMARK_SIZES = {("gsm8k", "test"): 1319, ("humaneval", "test"): 164}
@@ -171,7 +173,7 @@ def _train_options(cfg: dict[str, Any], method: str, config_dir: Path) -> dict[s
 
 
 def num_prompts(cfg: dict[str, Any]) -> tuple[int, float]:
-    """(Sum of the prompt sources' sizes, the fraction of them in the general domain, which the reward model judges:
+    """(Sum of the prompt sources' sizes, the fraction of them in the general domain, which has no verifier:
     hub and JSONL sources unless their ``domain`` says otherwise). A source without a size is a ConfigError."""
     from infifpo.prompts import parse_spec
 
@@ -227,7 +229,8 @@ def estimate(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, *, 
              general_fraction: float = 1.0) -> list[dict[str, Any]]:
     """One row per stage and model (stage, model, params, tokens, flops, device_hours, wall_hours, mem_gb, fits,
     parallel, note). ``sizes`` maps every model ref of ``cfg`` (pivot, sources, judge.reward_model) to its size;
-    ``general_fraction`` of the samples are judged by the reward model (math and code by verifiers)."""
+    ``general_fraction``: the share of general-domain samples (reported in the judge row's note; the reward model
+    scores every sample, math and code ones too)."""
     from infifpo.pair import DEFAULT_SFT_FRACTION
 
     s = cfg.get("sample") or {}
@@ -240,11 +243,10 @@ def estimate(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, *, 
         rows.append(_inference_row("sample", sizes[m], hw, prefill=prompts * p, decode=prompts * n * a,
                                    seq_len=p + a, concurrent=concurrent, note=f"n={n}"))  # fmt: skip
     reward_model = (cfg.get("judge") or {}).get("reward_model")
-    if reward_model:
-        judged = responses_sampled * general_fraction
-        rows.append(_inference_row("judge", sizes[reward_model], hw, prefill=judged * (p + a), decode=0,
+    if reward_model:  # `infifpo judge` scores every sample of every domain with it (verifiers add verdicts)
+        rows.append(_inference_row("judge", sizes[reward_model], hw, prefill=responses_sampled * (p + a), decode=0,
                                    seq_len=p + a, concurrent=concurrent,
-                                   note=f"reward model on the {general_fraction:.0%} general-domain samples"))
+                                   note=f"reward model on every sample ({general_fraction:.0%} general-domain)"))
     pair = cfg.get("pair") or {}
     fraction = float(pair.get("sft_fraction", DEFAULT_SFT_FRACTION[pair.get("recipe", "infifpo")]))
     sft_rows, po_rows = prompts * fraction, prompts * (1 - fraction)

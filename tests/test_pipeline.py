@@ -1,6 +1,7 @@
 """`infifpo pipeline` end to end on tiny offline models: every stage runs as its own `infifpo <stage>` process, the
-hand-offs line up (pairs → SFT → scored pairs with the SFT checkpoint as the frozen pivot → DPO / WRPO / InfiFPO →
-eval of every report row → report), a second run skips every finished stage, and a run killed during sampling,
+hand-offs line up (pairs → SFT → scored pairs with the SFT checkpoint as the frozen pivot → DPO / InfiFPO → eval of
+every report row → report; WRPO, with its own SFT and sampling pass, seeds and ablation arms:
+tests/test_pipeline_reproduce.py), a second run skips every finished stage, and a run killed during sampling,
 scoring and training resumes to the same report without duplicated rows.
 
 Random tiny models write gibberish, so the math verifier marks every sample wrong; a tiny random reward model
@@ -40,7 +41,7 @@ def run_config(tmp_path_factory, tiny_llama, tiny_qwen, tiny_llama_b):
         "judge": {"reward_model": rm},
         "pair": {"recipe": "infifpo", "sft_fraction": 0.5, "seed": 0, "allow_truncated_chosen": True},
         "score": {"dtype": "float32", "write_every": 4},
-        "train": {"methods": ["dpo", "wrpo", "infifpo"],
+        "train": {"methods": ["dpo", "infifpo"],
                   "common": {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1,
                              "save_strategy": "no", "bf16": False, "report_to": "none"},
                   "infifpo": {"length_normalize": False, "beta": 0.1}},
@@ -58,23 +59,22 @@ def test_pipeline_runs_every_stage_and_resumes(run_config):
     scored = read_output(first["scored"])
     assert pairs and {r["split"] for r in pairs} <= {"sft", "po"}
     assert [r["id"] for r in scored] == [r["id"] for r in pairs if r["split"] == "po"]  # only PO rows are scored
-    assert {r["split"] for r in read_output(first["pairs"]["wrpo"])} <= {"sft", "po"}
     # The scored pivot is the SFT checkpoint the preference methods start from; every source scored every response.
     assert all(r["pivot_model"] == str(first["checkpoints"]["sft"]) for r in scored)
     assert all(len(r["fuse_chosen_logps"]) == 2 and r["ref_chosen_logps"] < 0 for r in scored)
-    for method in ("sft", "dpo", "wrpo", "infifpo"):
+    for method in ("sft", "dpo", "infifpo"):
         assert (first["checkpoints"][method] / "model.safetensors").exists(), method
         log = json.loads((first["checkpoints"][method] / "infifpo_train_log.json").read_text())
         assert any("loss" in entry for entry in log["log_history"]), method
     # Every report row was evaluated on every benchmark item, and the report renders them in the paper's order.
-    assert set(first["evals"]) == {"pivot", *(f"source:{m}" for m in cfg["sources"]), "sft", "dpo", "wrpo", "infifpo"}
+    assert set(first["evals"]) == {"pivot", *(f"source:{m}" for m in cfg["sources"]), "sft", "dpo", "infifpo"}
     for label, out in first["evals"].items():
         items = read_output(out)
         assert sorted(r["benchmark"] for r in items) == ["arithmetic"] * 6 + ["humaneval"] * 2, label
     report = json.loads((run_config.parent / "run" / "report.json").read_text())
     assert (run_config.parent / "run" / "report.md").exists() and report
     assert set(json.loads((run_config.parent / "run" / "timings.json").read_text())) >= {
-        "prompts", "judge", "pair/infifpo", "pair/wrpo", "score", "train/sft", "train/infifpo", "eval/infifpo"}
+        "prompts", "judge", "pair/infifpo", "score", "train/sft", "train/infifpo", "eval/infifpo"}
     stages_logged = (cfg_path := (run_config.parent / "run" / "logs")).iterdir()
     assert {p.name for p in stages_logged} >= {"prompts.log", "sample.log", "judge.log", "pair.log", "score.log",
                                                "train.log"}
@@ -148,7 +148,7 @@ def test_pipeline_killed_during_sampling_scoring_and_training_resumes(run_config
         assert len(ids) == len(set(ids)) and ids, d
     final = {r["id"]: r for d in outputs["samples"].values() for r in read_output(d)}
     assert before and all(json.loads(line) == final[i] for i, line in before.items())
-    for method in ("sft", "dpo", "wrpo", "infifpo"):
+    for method in ("sft", "dpo", "infifpo"):
         assert (Path(outputs["checkpoints"][method]) / pipeline.TRAIN_DONE).exists()
     # Running it again changes nothing: the same report.
     first_report = _report_without_times(run_dir)

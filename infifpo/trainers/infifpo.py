@@ -61,6 +61,10 @@ class InfiFPOConfig(DPOConfig):
         "help": "Clamp f(y) into [v_r - ref_offset, v_r + ref_offset] (official run script; off by default)."})
     fuse: bool = field(default=True, metadata={
         "help": "Official run-script flag: False trains plain DPO against the frozen pivot from the dataset."})
+    fusion_sources: list[str] | None = field(default=None, metadata={
+        "help": "Fuse only these sources, named as in the rows' source_models (`infifpo score --sources`), in this "
+                "order; the others' columns are dropped before validation. Default: every scored source. For "
+                "source-subset ablations on the same scored pairs."})
     # Parameters that control the InfiFPO-WRPO variant (loss_type=wrpo; rows also need source_chosen scores)
     alpha_max: float = field(default=0.1, metadata={"help": "loss_type=wrpo: final WRPO α (methods.md §WRPO)."})
     is_dynamic: bool = field(default=True, metadata={"help": "loss_type=wrpo: α rises 0 -> alpha_max; False: constant."})
@@ -105,6 +109,28 @@ class InfiFPOConfig(DPOConfig):
         refuse_ignored_dpo_options(self, "InfiFPOTrainer")
 
 
+def select_sources(dataset: Dataset, names: list[str], responses: tuple[str, ...]) -> Dataset:
+    """``dataset`` with only the sources ``names`` (in that order) in its ``fuse_*`` columns and ``source_models``.
+
+    Each row's values are picked by its own ``source_models``; a name a row does not list is a ConfigError."""
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"fusion_sources={names}: give one or more distinct source names.")
+    if "source_models" not in dataset.column_names:
+        raise ConfigError("fusion_sources needs the rows' source_models column (written by `infifpo score`).")
+    cols = [c for r in responses for c in fuse_columns(r) if c in dataset.column_names]
+
+    def pick(row: dict[str, Any]) -> dict[str, Any]:
+        have = list(row["source_models"])
+        if any(n not in have for n in names):
+            raise ConfigError(f"row {row.get('id')!r}: fusion_sources {names} are not all among its source_models "
+                              f"{have}; use the names given to `infifpo score --sources`.")
+        index = [have.index(n) for n in names]
+        return {"source_models": list(names),
+                **{c: [row[c][i] for i in index] for c in cols if isinstance(row[c], list)}}
+
+    return dataset.map(pick)
+
+
 class InfiFPOTrainer(DPOTrainer):
     """TRL DPOTrainer whose reference is the fused source reference f(y) built from scored-pair columns.
 
@@ -114,6 +140,18 @@ class InfiFPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "infifpo"]
     _name = "InfiFPO"
+    _paper = {  # the model card's "introduced in" and citation (TRL's create_model_card)
+        "title": "InfiFPO: Implicit Model Fusion via Preference Optimization in Large Language Models",
+        "id": "2505.13878",
+        "citation": "@article{gu2025infifpo,\n"
+                    "    title   = {{InfiFPO: Implicit Model Fusion via Preference Optimization in Large Language "
+                    "Models}},\n"
+                    "    author  = {Yanggan Gu and Yuanyi Wang and Zhaoyi Yan and Yiming Zhang and Qi Zhou and Fei Wu "
+                    "and Hongxia Yang},\n"
+                    "    year    = 2025,\n"
+                    "    journal = {arXiv preprint arXiv:2505.13878},\n"
+                    "}",
+    }
 
     def __init__(self, model: Any, ref_model: Any = None, args: InfiFPOConfig | None = None,
                  data_collator: Any = None, **kwargs: Any):
@@ -147,6 +185,8 @@ class InfiFPOTrainer(DPOTrainer):
                 rows = add_response_ids(rows, "source_chosen", self._tokenizer)
             return rows
 
+        if args.fusion_sources is not None:
+            dataset = select_sources(dataset, args.fusion_sources, self._responses)
         dataset = prepare_scored_dataset(
             dataset, tokenize, responses=self._responses, length_normalize=args.length_normalize, sources=True,
             ref=True, skip_invalid=args.skip_invalid_rows, max_length=args.max_length,

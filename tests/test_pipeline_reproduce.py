@@ -1,0 +1,219 @@
+"""`infifpo pipeline` for the paper's Table 2 and ablations (`make reproduce`): several seeds, InfiFPO ablation arms
+and the faithful WRPO recipe, end to end on tiny offline models; the labels / runs contract of pipeline_outputs.json;
+resuming a killed training run from its latest checkpoint; config errors before any stage runs.
+
+Random tiny models write gibberish, so the math verifier marks every sample wrong; a tiny random reward model
+breaks the ties so that pairs exist (as in tests/test_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infifpo import pipeline
+from infifpo.schema import ConfigError
+from infifpo.store import read_output
+from tests.judge.conftest import make_tiny_reward_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["sft", "sft_wrpo", "wrpo", "infifpo", "infifpo[one_source]", "wrpo@seed1", "infifpo@seed1",
+          "infifpo[one_source]@seed1"]
+
+
+@pytest.fixture(scope="module")
+def reproduce(tmp_path_factory, tiny_llama, tiny_qwen, tiny_llama_b):
+    """(config, the first run's result, the second run's result, train.log after each run)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    cfg = {
+        "name": "tiny-reproduce", "run_dir": str(root / "run"), "pivot": tiny_llama,
+        "sources": [tiny_qwen, tiny_llama_b], "backend": "transformers",
+        "prompts": {"sources": ["arithmetic:train:24"], "seed": 0},
+        "sample": {"max_tokens": 10, "temperature": 1.0, "top_p": 1.0, "seed": 0, "pivot": {"n": 2},
+                   "sources": {"n": 1}},
+        "judge": {"reward_model": make_tiny_reward_model(str(root / "rm"))},
+        "pair": {"sft_fraction": 0.5, "seed": 0, "allow_truncated_chosen": True},
+        "score": {"dtype": "float32"},
+        "train": {"methods": ["wrpo", "infifpo"], "seeds": [0, 1],
+                  "ablations": {"one_source": {"sources": [tiny_qwen]}},
+                  "common": {"max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1,
+                             "save_strategy": "no", "bf16": False, "report_to": "none"},
+                  "infifpo": {"length_normalize": False, "beta": 0.1}},
+        "eval": {"benchmarks": ["arithmetic:test:2"], "max_tokens": 4},
+    }
+    path = root / "reproduce.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cfg = pipeline.load_config(path)
+    train_log = Path(cfg["run_dir"]) / "logs" / "train.log"
+    first = pipeline.run(cfg)
+    log_first = train_log.read_text()
+    second = pipeline.run(cfg)
+    return cfg, first, second, (log_first, train_log.read_text())
+
+
+def _resolved(result: dict, label: str) -> dict:
+    return yaml.safe_load((Path(result["checkpoints"][label]) / "infifpo_train_config.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_labels_runs_and_timings_contract(reproduce):
+    cfg, out, _, _ = reproduce
+    saved = json.loads((Path(cfg["run_dir"]) / "pipeline_outputs.json").read_text())
+    assert list(saved["checkpoints"]) == LABELS
+    assert set(saved["evals"]) == {"pivot", *(f"source:{m}" for m in cfg["sources"]), *LABELS}
+    assert all(isinstance(v, str) for key in ("checkpoints", "evals") for v in saved[key].values())
+    arm = {"fusion_sources": [cfg["sources"][0]]}
+    assert saved["runs"] == {
+        "sft": {"method": "sft", "seed": 0, "arm": None, "overrides": {}},
+        "sft_wrpo": {"method": "sft", "seed": 0, "arm": None, "overrides": {}},
+        "wrpo": {"method": "wrpo", "seed": 0, "arm": None, "overrides": {}},
+        "infifpo": {"method": "infifpo", "seed": 0, "arm": None, "overrides": {}},
+        "infifpo[one_source]": {"method": "infifpo", "seed": 0, "arm": "one_source", "overrides": arm},
+        "wrpo@seed1": {"method": "wrpo", "seed": 1, "arm": None, "overrides": {}},
+        "infifpo@seed1": {"method": "infifpo", "seed": 1, "arm": None, "overrides": {}},
+        "infifpo[one_source]@seed1": {"method": "infifpo", "seed": 1, "arm": "one_source", "overrides": arm},
+    }
+    assert {f"train/{x}" for x in LABELS} | {f"eval/{x}" for x in LABELS} <= set(saved["timings"])
+    for label, run in saved["runs"].items():  # the seed each trainer ran with, and a finished model
+        resolved = _resolved(out, label)
+        assert (resolved["seed"], resolved["data_seed"]) == (run["seed"], run["seed"]), label
+        assert (Path(out["checkpoints"][label]) / "model.safetensors").exists(), label
+    # Every preference run starts from its SFT checkpoint; InfiFPO and its arms share the scored pairs.
+    for label in LABELS[2:]:
+        start = out["checkpoints"]["sft_wrpo" if label.startswith("wrpo") else "sft"]
+        assert _resolved(out, label)["model_name_or_path"] == str(start), label
+        assert _resolved(out, label)["dataset_name"] == str(out["scored"] if "infifpo" in label
+                                                            else out["pairs"]["wrpo"]), label
+    scores = json.loads((Path(out["evals"]["infifpo[one_source]@seed1"]) / "scores.json").read_text())
+    assert scores["benchmarks"]["arithmetic"]["n"] == 2
+    assert (Path(cfg["run_dir"]) / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_arms_and_seeds_differ_from_the_base_only_in_their_overrides(reproduce):
+    cfg, out, _, _ = reproduce
+    by_output_dir = {"output_dir", "logging_dir", "run_name"}  # follow the checkpoint directory
+
+    def diff(a: str, b: str) -> set[str]:
+        ra, rb = _resolved(out, a), _resolved(out, b)
+        return {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)} - by_output_dir
+
+    assert diff("infifpo", "infifpo[one_source]") == {"fusion_sources"}
+    assert diff("infifpo@seed1", "infifpo[one_source]@seed1") == {"fusion_sources"}
+    assert diff("infifpo", "infifpo@seed1") == {"seed", "data_seed"}
+    assert diff("wrpo", "wrpo@seed1") == {"seed", "data_seed"}
+    assert _resolved(out, "infifpo[one_source]")["fusion_sources"] == [cfg["sources"][0]]
+    # The arm fused one source: its per-source fusion metrics name that source only.
+    log = json.loads((Path(out["checkpoints"]["infifpo[one_source]"]) / "infifpo_train_log.json").read_text())
+    shares = {k.split("/", 2)[2] for e in log["log_history"] for k in e if k.startswith("fusion/chosen_share/")}
+    assert shares == {cfg["sources"][0], "pivot"}
+
+
+@pytest.mark.slow
+def test_wrpo_trains_on_samples_of_its_own_sft_checkpoint(reproduce):
+    cfg, out, _, _ = reproduce
+    own = str(out["checkpoints"]["sft_wrpo"])
+    first_pass = {r["id"]: r for r in read_output(out["pairs"]["wrpo_first_pass"])}
+    sft_rows = read_output(out["pairs"]["sft_wrpo"])
+    # WRPO's SFT: its own SFT third (first pass), the target y_ws = the best source response.
+    assert sft_rows and all(r["split"] == "sft" for r in sft_rows)
+    assert {r["id"] for r in sft_rows} == {i for i, r in first_pass.items() if r["split"] == "sft"}
+    for r in sft_rows:
+        assert r["chosen"] == first_pass[r["id"]]["source_chosen"] and r["chosen_model"] in cfg["sources"]
+    assert _resolved(out, "sft_wrpo")["model_name_or_path"] == cfg["pivot"]
+    assert _resolved(out, "sft_wrpo")["dataset_name"] == str(out["pairs"]["sft_wrpo"])
+    # The quadruples WRPO trains on: y_wt / y_l are samples of the WRPO-SFT checkpoint, y_ws a source's.
+    own_samples = {s["id"]: s for s in read_output(out["samples"][own])}
+    assert own_samples and {s["model"] for s in own_samples.values()} == {own}
+    po = [r for r in read_output(out["pairs"]["wrpo"]) if r["split"] == "po"]
+    assert po
+    for r in po:
+        for side in ("chosen", "rejected"):
+            sample = own_samples[r[f"{side}_sample_id"]]
+            assert r[f"{side}_model"] == own and r[side][0]["content"] == sample["text"]
+        assert r["source_chosen_model"] in cfg["sources"]
+    # Same split as the first pass: WRPO optimises preferences on prompts its SFT did not train on.
+    assert not {r["id"] for r in po} & {r["id"] for r in sft_rows}
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_finished_work(reproduce):
+    _, first, second, (log_first, log_second) = reproduce
+    assert json.dumps(second, default=str) == json.dumps(first, default=str)
+    assert log_second == log_first  # no training process started again
+
+
+def _train_args(monkeypatch) -> list[list[str]]:
+    """Record the arguments of every `infifpo train` the pipeline starts; each "run" only makes its output_dir."""
+    calls: list[list[str]] = []
+
+    def fake(name: str, args: list[str], *_, **__) -> list[Path]:
+        calls.append(args)
+        Path(args[args.index("--output_dir") + 1]).mkdir(parents=True, exist_ok=True)
+        return []
+
+    monkeypatch.setattr(pipeline, "run_stage", fake)
+    return calls
+
+
+def test_an_unfinished_run_resumes_from_its_latest_complete_checkpoint(tmp_path, monkeypatch):
+    config = tmp_path / "infifpo.yaml"
+    config.write_text("beta: 0.1\n")
+    cfg = {"run_dir": str(tmp_path / "run"), "train": {"infifpo": {"config": str(config)}}}
+    run = {"method": "infifpo", "seed": 1, "arm": None, "overrides": {"clip": False}}
+    calls = _train_args(monkeypatch)
+    timings = pipeline.Timings(tmp_path / "timings.json")
+    out = pipeline.train("infifpo@seed1", run, cfg, "m", tmp_path / "scored", tmp_path / "logs", timings)
+    assert "--resume_from_checkpoint" not in calls[0] and calls[0][calls[0].index("--seed") + 1] == "1"
+    assert out.name.startswith("infifpo_seed1-")
+    (out / pipeline.TRAIN_DONE).unlink()  # as if it had been killed after saving checkpoints
+    for step, complete in ((2, True), (10, True), (12, False)):  # checkpoint-12 was being written when killed
+        (out / f"checkpoint-{step}").mkdir()
+        if complete:
+            (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert pipeline.train("infifpo@seed1", run, cfg, "m", tmp_path / "scored", tmp_path / "logs", timings) == out
+    assert calls[1][calls[1].index("--resume_from_checkpoint") + 1] == str(out / "checkpoint-10")
+    assert calls[1][:len(calls[0])] == calls[0]
+    pipeline.train("infifpo@seed1", run, cfg, "m", tmp_path / "scored", tmp_path / "logs", timings)
+    assert len(calls) == 2  # finished: not started again
+
+
+def _cfg(**train) -> dict:
+    return {"pivot": "p", "sources": ["a", "b"], "train": {"methods": ["dpo", "infifpo"], **train}}
+
+
+@pytest.mark.parametrize(("train", "match"), [
+    ({"seeds": []}, "non-empty list of distinct integers"),
+    ({"seeds": [0, 0]}, "non-empty list of distinct integers"),
+    ({"seeds": [0, 1], "common": {"seed": 3}}, r"train.common: \['seed'\] are set per run"),
+    ({"ablations": {"x": {"sources": ["c"]}}}, r"train.ablations.x.sources: \['c'\] must be"),
+    ({"ablations": {"x": {"seed": 1}}}, "cannot differ per arm"),
+    ({"ablations": {"a@b": {"clip": False}}}, "expected a name of letters"),
+    ({"methods": ["dpo"], "ablations": {"x": {"clip": False}}}, "add infifpo to train.methods"),
+])
+def test_bad_seeds_and_ablations_are_config_errors(train, match):
+    with pytest.raises(ConfigError, match=match):
+        pipeline.planned_runs(_cfg(**train))
+
+
+def test_default_runs_are_todays_labels():
+    runs = pipeline.planned_runs(_cfg())
+    assert list(runs) == ["sft", "dpo", "infifpo"] and {r["seed"] for r in runs.values()} == {0}
+
+
+def test_reproduce_config_plans_every_arm_and_seed_and_its_options_exist(capsys):
+    """configs/reproduce.yaml: 3 seeds x (3 methods + 5 arms) + both SFTs; every arm option is an InfiFPOConfig
+    field; `infifpo plan` reads it."""
+    from infifpo import plan
+    from infifpo.trainers.infifpo import InfiFPOConfig
+
+    path = ROOT / "configs" / "reproduce.yaml"
+    runs = pipeline.planned_runs(pipeline.load_config(path))
+    assert len(runs) == 2 + 3 * 8 and runs["infifpo[one_source]@seed2"]["seed"] == 2
+    fields = {f.name for f in dataclasses.fields(InfiFPOConfig)}
+    assert all(set(r["overrides"]) <= fields for r in runs.values())
+    assert plan.main(["--config", str(path)]) == 0 and "train/infifpo" in capsys.readouterr().out
