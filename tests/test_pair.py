@@ -310,3 +310,18 @@ def test_rank_by_reward_ignores_the_verifier_and_refuses_a_missing_reward():
         build_pairs([*judged, J("p", B, 0, correct=True)], [P("p")], recipe="infifpo", pivot=PIVOT, rank_by="reward")
     with pytest.raises(ConfigError, match="tie_break"):
         build_pairs(judged, [P("p")], recipe="infifpo", pivot=PIVOT, tie_break="random")
+
+
+def test_sft_chosen_pivot_drops_sft_rows_whose_best_response_is_a_sources():
+    # p1: the pivot has a correct answer (kept either way); p2: only the source is right (dropped from SFT only).
+    judged = [*_tied_pool("p1"), J("p2", PIVOT, 0, correct=False), J("p2", A, 0, correct=True)]
+    prompts = [P("p1"), P("p2")]
+    rows, _ = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=1.0)
+    assert [r["chosen_model"] for r in rows] == [PIVOT, A]
+    rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=1.0, sft_chosen="pivot")
+    assert [(r["id"], r["chosen_model"]) for r in rows] == [("p1", PIVOT)]
+    assert stats["dropped"] == {"sft_chosen_not_pivot": 1} and stats["sft_chosen"] == "pivot"
+    rows, _ = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=0.0, sft_chosen="pivot")
+    assert [r["chosen_model"] for r in rows] == [PIVOT, A]  # PO rows keep the pool's best
+    with pytest.raises(ConfigError, match="sft_chosen"):
+        build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_chosen="source")
