@@ -219,7 +219,7 @@ def test_failed_workers_are_named_with_exit_code_and_log(tmp_path, monkeypatch):
         shards.launch("score", argv, 2, log_dir=tmp_path / "logs")
     for i in range(2):
         log = shards.log_path(tmp_path / "logs", "score", i, 2)
-        assert f"shard {i}/2 (exit code 1), log {log}" in str(err.value)
+        assert f"shard {i}/2 (exit code 2), log {log}" in str(err.value)  # a named error exits 2 (infifpo.cli)
         assert "--shard " + f"{i}/2" in log.read_text().splitlines()[0]
     assert "missing.jsonl" in str(err.value), "the log tail says why"
 

@@ -155,7 +155,7 @@ def test_the_prompts_stage_refuses_an_output_another_process_writes(tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
         assert r.returncode != 0
         last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith("infifpo.store.OutputLockedError: ") and str(out.path) in last, r.stderr
+        assert last.startswith("infifpo prompts: OutputLockedError: ") and str(out.path) in last, r.stderr
         assert f"pid {os.getpid()}" in last and "Wait for that run to finish" in last
         assert _snapshot(tmp_path) == before
     finally:
