@@ -156,20 +156,52 @@ def load_arithmetic(split: str, levels: list[str] | None = None) -> list[list[di
     return strata
 
 
+# Data files a local ``hf`` source may name directly: extension -> `datasets` packaged builder.
+LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
 def load_hub(name: str, config: str | None, split: str, spec: dict[str, Any]) -> list[list[dict[str, Any]]]:
-    """A hub dataset through `datasets.load_dataset` (needs a connection or a warm cache), mapped to prompt rows."""
+    """A dataset through `datasets.load_dataset`, mapped to prompt rows: a hub id (needs a connection or a warm
+    cache), a local directory in the hub's layout (data files, and a README.md declaring configs when ``config`` is
+    given; loads offline), or one local data file (.json/.jsonl/.csv/.parquet/.arrow; no config; its rows are
+    ``split``). Local data gives ids from its directory name or file stem, so they do not depend on where it lies."""
     import datasets  # only hub sources need it; keeps `infifpo prompts` on vendored data fast to start
 
+    local = Path(name).expanduser()
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        if local.is_file():
+            builder = LOCAL_DATA_BUILDERS.get(local.suffix.lower())
+            if builder is None or config:
+                raise ConfigError(f"hf:{name}: a local data file needs one of the extensions "
+                                  f"{sorted(LOCAL_DATA_BUILDERS)} and no config (got {local.suffix!r}, config "
+                                  f"{config!r}); give a directory with a README.md declaring configs instead.")
+            ds = datasets.load_dataset(builder, data_files={split: str(local)}, split=split)
+        else:
+            ds = datasets.load_dataset(str(local) if local.is_dir() else name, config, split=split)
     except (ConnectionError, OSError) as e:
         raise ConfigError(
             f"hub dataset {name!r} (config {config!r}, split {split!r}) could not be loaded: {e}. Hub datasets need a "
-            "connection (unset HF_HUB_OFFLINE) or a cached copy; offline, use gsm8k, humaneval, arithmetic or "
-            "jsonl:PATH."
+            "connection (unset HF_HUB_OFFLINE) or a cached copy; offline, use gsm8k, humaneval, arithmetic, "
+            "jsonl:PATH, or a local copy of the dataset (its directory as the name)."
         ) from None
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name + (f"-{config}" if config else "")).strip("-").lower()
+    except ValueError as e:  # datasets' unknown config / split
+        raise ConfigError(f"dataset {name!r} (config {config!r}, split {split!r}): {e}") from None
+    base = (local.stem if local.is_file() else local.resolve().name) if local.exists() else name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", base + (f"-{config}" if config else "")).strip("-").lower()
     return [[_hub_row(r, i, f"hf-{slug}-{split}-{i:05d}", f"hf:{name}", spec) for i, r in enumerate(ds)]]
+
+
+def local_data_sha256(name: str) -> str | None:
+    """For an ``hf`` source naming a local file or directory: the sha256 of its files (relative paths and bytes),
+    so editing the data gives another prompts output; None for a hub id."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return hashlib.sha256(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode()).hexdigest()
 
 
 def _hub_row(r: dict[str, Any], i: int, rid: str, source: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -362,10 +394,12 @@ def prompts_key(specs: list[str | dict[str, Any]], seed: int) -> dict[str, Any]:
     for s in norm:
         if s["source"] == "jsonl" and Path(s["path"]).is_file():
             s["sha256"] = file_sha256(s["path"])
+        if s["source"] == "hf" and (local := local_data_sha256(s["name"])):
+            s["sha256"] = local
     return {"stage": "prompts", "version": PROMPTS_VERSION, "specs": norm, "seed": seed}
 
 
-def _spec_arg(text: str) -> str | dict[str, Any]:
+def spec_arg(text: str) -> str | dict[str, Any]:
     """A ``--source`` value: a spec string, or a JSON object (a config's mapping source) decoded to a dict."""
     if not text.lstrip().startswith("{"):
         return text
@@ -381,7 +415,7 @@ def _spec_arg(text: str) -> str | dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """`infifpo prompts --source gsm8k:train:64 [--source ...] [--seed 0] [--out ROOT]`."""
     ap = argparse.ArgumentParser(prog="infifpo prompts", description="Build a prompt dataset from named sources.")
-    ap.add_argument("--source", action="append", required=True, type=_spec_arg,
+    ap.add_argument("--source", action="append", required=True, type=spec_arg,
                     help="gsm8k:SPLIT:N | humaneval::N | arithmetic:SPLIT:N | hf:NAME[:CONFIG]:SPLIT[:N] | jsonl:PATH"
                          ' | a JSON object with the keys of a config mapping, e.g. \'{"source": "hf", "name": ...}\'')
     ap.add_argument("--seed", type=int, default=0, help="seed of the subset choice")

@@ -138,6 +138,37 @@ def test_hub_dataset_offline_says_it_needs_a_connection(monkeypatch):
         build_prompts(["hf:infifpo-test/definitely-not-cached:train:4"])
 
 
+def test_hf_source_reads_a_local_copy_offline(tmp_path, monkeypatch):
+    """A directory in the hub's layout (README.md declaring configs) or one data file loads through the hf loader
+    offline; ids come from the directory name / file stem; editing the data changes the prompts output's key."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i), "solution": "..."} for i in range(5)]
+    local = tmp_path / "AI-MO__NuminaMath-1.5"
+    (local / "main").mkdir(parents=True)
+    (local / "main" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (local / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+                                     "    path: main/train.jsonl\n---\n")
+    spec = {"source": "hf", "name": str(local), "config": "main", "split": "train", "n": 3,
+            "question_field": "problem", "answer_field": "answer", "domain": "math"}
+    got = build_prompts([spec])
+    assert len(got) == 3 and all(r["id"].startswith("hf-ai-mo-numinamath-1-5-main-train-") for r in got)
+    assert {(r["answer"], _content(r).split("\n")[0]) for r in got} <= {(str(2 * i), f"What is {i} + {i}?")
+                                                                        for i in range(5)}
+    one = tmp_path / "numina.jsonl"
+    one.write_text((local / "main" / "train.jsonl").read_text())
+    by_file = {r["id"]: r for r in build_prompts([{**spec, "name": str(one), "config": None, "n": None}])}
+    assert sorted(by_file) == [f"hf-numina-train-{i:05d}" for i in range(5)]
+    assert all(by_file[f"hf-numina-train-{i:05d}"]["answer"] == str(2 * i) for i in range(5))
+    with pytest.raises(ConfigError, match="no config"):
+        build_prompts([{**spec, "name": str(one)}])
+    with pytest.raises(ConfigError, match="BuilderConfig 'nope' not found"):
+        build_prompts([{**spec, "config": "nope"}])
+    key = prompts.prompts_key([spec], 0)
+    (local / "main" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert prompts.prompts_key([spec], 0) != key and prompts.prompts_key([{**spec, "name": "a/b"}], 0)["specs"][0].get(
+        "sha256") is None
+
+
 def test_hub_rows_are_mapped_by_their_columns():
     gsm = prompts._hub_row({"question": "Q?", "answer": "x\n#### 1,234"}, 0, "hf-x-00000", "hf:x", {})
     assert gsm["domain"] == "math" and gsm["answer"] == "1234" and gsm["prompt"][0]["content"].startswith("Q?\n\n")

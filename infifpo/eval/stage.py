@@ -41,7 +41,7 @@ from infifpo.backends import SamplingSpec
 from infifpo.eval.stats import accuracy, wilson_interval
 from infifpo.judge.stage import JUDGE_VERSION, verify_sample
 from infifpo.models import model_identity
-from infifpo.prompts import build_prompts, parse_spec, prompts_key
+from infifpo.prompts import build_prompts, parse_spec, prompts_key, spec_arg
 from infifpo.provenance import prompt_set_digest, require_built_from, rows_digest
 from infifpo.sample import ModelSpec, output_for, resolve, run, sample_prompts
 from infifpo.schema import ConfigError, DataFormatError, ModelLoadError
@@ -291,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="infifpo eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="packaged name, checkpoint directory or hub id")
     ap.add_argument("--label", help="name of the output (eval-<label>); default: the model's basename")
-    ap.add_argument("--benchmarks", nargs="+", default=list(DEFAULT_BENCHMARKS),
-                    help="infifpo.prompts specs: gsm8k:test:N arithmetic:test:N humaneval:test:N ...")
+    ap.add_argument("--benchmarks", nargs="+", default=list(DEFAULT_BENCHMARKS), type=spec_arg,
+                    help="infifpo.prompts specs: gsm8k:test:N arithmetic:test:N humaneval:test:N ..., or a JSON "
+                         'object with the keys of a config mapping, e.g. \'{"source": "hf", "name": ...}\'')
     ap.add_argument("--backend", choices=("vllm", "transformers"), default="vllm")
     ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per completion")
     ap.add_argument("--out", default="runs", help="root directory of stage outputs")

@@ -2,9 +2,11 @@
 
 Owns: joining samples to prompts by ``prompt_id`` (refused with ``provenance.InputMismatchError`` unless the samples
 were drawn from exactly these prompts), choosing the verifier by the prompt's domain (math: gold
-``answer``; code: ``tests`` / ``entry_point`` in the sandbox; general: none), reward-model scoring, and the resumable
-``judged`` stage output (columns ``schema.JUDGED_COLUMNS``, one output per samples output, keyed by the inputs'
-checksums and the judge settings). Does not own: the checks themselves (`math`, `code`, `reward_model`) or pairing.
+``answer``; code: ``tests`` / ``entry_point`` in the sandbox; general: none), reward-model scoring (with a reward
+model, every sample of every domain gets a reward besides any verdict: ``infifpo pair --rank-by reward``, the paper's
+recipe, ranks by it alone), and the resumable ``judged`` stage output (columns ``schema.JUDGED_COLUMNS``, one
+output per samples output, keyed by the inputs' checksums and the judge settings). Does not own: the checks
+themselves (`math`, `code`, `reward_model`) or pairing.
 
     infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward-model X] [--workers N]
 """
@@ -79,7 +81,8 @@ def _check_samples(samples: Sequence[Row], by_id: dict[str, Row]) -> None:
                 "these samples were drawn from (--prompts)."
             )
         if not isinstance(s["text"], str):
-            raise DataFormatError(f"{row_label(i, s)}, field 'text': expected a string, got {type(s['text']).__name__}.")
+            raise DataFormatError(f"{row_label(i, s)}, field 'text': expected a string, "
+                                  f"got {type(s['text']).__name__}.")
 
 
 def judge_rows(
@@ -89,8 +92,9 @@ def judge_rows(
 ) -> list[Row]:
     """Judged rows (samples' columns + correct, reward, judge_reason) in the order of ``samples``.
 
-    Samples join prompts by ``prompt_id``. ``reward_model``: a path / hub id or a loaded (model, tokenizer) pair;
-    None leaves ``reward`` None. ``workers`` threads run the verifiers (code runs in separate sandboxed processes).
+    Samples join prompts by ``prompt_id``. ``reward_model``: a path / hub id or a loaded (model, tokenizer) pair
+    that scores every sample, whatever its domain; None leaves ``reward`` None. ``workers`` threads run the
+    verifiers (code runs in separate sandboxed processes).
     ``on_batch`` receives every finished batch of ``batch_size`` rows (the stage appends them to its output).
     """
     by_id = _index_prompts(prompts)

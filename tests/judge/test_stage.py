@@ -103,6 +103,9 @@ def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Pa
     expected_rewards = score_with_reward_model([by_id[r["prompt_id"]]["prompt"] for r in rows],
                                                [r["text"] for r in rows], tiny_rm, progress=False)  # fmt: skip
     assert [r["reward"] for r in rows] == pytest.approx(expected_rewards, abs=1e-5)
+    # Verified samples (math, code) get a reward too: `pair --rank-by reward` ranks every domain by it alone.
+    assert {by_id[r["prompt_id"]]["domain"] for r in rows if isinstance(r["reward"], float)} == {"math", "code",
+                                                                                                "general"}
     key = json.loads((out_dir / "meta.json").read_text())["key"]
     assert key["reward_model"] == {"identity": model_identity(tiny_rm)} and key["code_timeout"] == 10.0
     # Done: a second run reuses it; different settings (no reward model) give a different output.
