@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infifpo.store import cache_root
+from infifpo.store import atomic_write, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +116,13 @@ def auto_cpu_dtype(shape: tuple[int, int, int] = DEFAULT_SHAPE, *, refresh: bool
     data = _read_cache(path)
     data[key] = {"dtype": choice, "gflops": rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
     return choice
 
 
-def model_shape(config: Any, tokens: int = DEFAULT_SHAPE[0]) -> tuple[int, int, int]:
-    """(tokens, hidden, intermediate) of a transformers config (its text config for multimodal ones); the default
-    shape's hidden/intermediate where the config lacks them."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None) or DEFAULT_SHAPE[1]
-    inter = getattr(text, "intermediate_size", None) or 4 * hidden
-    return tokens, int(hidden), int(inter)
-
-
 def model_dir_shape(model_dir: str | os.PathLike) -> tuple[int, int, int]:
-    """``model_shape`` of the config.json in a checkpoint directory (the default shape if it cannot be read)."""
+    """(tokens, hidden, intermediate) from the config.json of a checkpoint directory (its text config for multimodal
+    ones); the default shape if it cannot be read."""
     try:
         raw = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -171,6 +171,7 @@ class Evals:
         self.run = run
         self._scores: dict[str, dict[str, Any] | None] = {}
         self._items: dict[str, dict[str, dict[str, bool]] | None] = {}
+        self._rows: dict[str, list[dict[str, Any]] | None] = {}
         self.item_domains: dict[str, set[str]] = {}
 
     def scores(self, label: str) -> dict[str, Any] | None:
@@ -195,14 +196,22 @@ class Evals:
                                   f"with 'accuracy' and 'ci95' (CONTRACTS §3). Re-run {stage}.")
         return scores
 
+    def rows(self, label: str) -> list[dict[str, Any]] | None:
+        """``label``'s per-item eval rows (read once); None when they are not there."""
+        if label not in self._rows:
+            d = self.run.out["evals"].get(label)
+            ok = d and (self.run.path(d) / SUCCESS).exists()
+            self._rows[label] = _read_rows(self.run.path(d), f"eval/{label}") if ok else None
+        return self._rows[label]
+
     def items(self, label: str) -> dict[str, dict[str, bool]] | None:
         """benchmark -> {item id: correct} from ``label``'s per-item eval rows; None when they are not there."""
         if label not in self._items:
-            d = self.run.out["evals"].get(label)
+            rows = self.rows(label)
             out: dict[str, dict[str, bool]] | None = None
-            if d and (self.run.path(d) / SUCCESS).exists():
+            if rows is not None:
                 out = {}
-                for r in _read_rows(self.run.path(d), f"eval/{label}"):
+                for r in rows:
                     out.setdefault(r["benchmark"], {})[r["id"]] = bool(r["correct"])
                     if r.get("domain"):
                         self.item_domains.setdefault(r["benchmark"], set()).add(str(r["domain"]))
@@ -695,7 +704,7 @@ ANSWER_LINE = re.compile(r"the answer is\s*[^\n]*", re.IGNORECASE)
 WORKING_CHARS = 20  # a math completion "shows working" when this many characters remain without its answer line
 
 
-def output_profile(run: Run, table: dict[str, Any]) -> list[dict[str, Any]]:
+def output_profile(data: Evals, table: dict[str, Any]) -> list[dict[str, Any]]:
     """How each main row answers, per benchmark, from its first seed's greedy completions: items, median and mean
     completion tokens, % cut at the token cap (finish_reason "length"), % with the instructed answer line ("The
     answer is N.") and, for math, % that show working (at least ``WORKING_CHARS`` characters besides the answer
@@ -703,12 +712,11 @@ def output_profile(run: Run, table: dict[str, Any]) -> list[dict[str, Any]]:
     the cap, shows it here before it shows in accuracy."""
     out = []
     for row in table["rows"]:
-        label = next((lb for lb in row.get("labels", [row["key"]]) if run.out["evals"].get(lb)), None)
-        d = run.out["evals"].get(label) if label else None
-        if not d or not (run.path(d) / SUCCESS).exists():
+        rows = next((r for r in map(data.rows, row.get("labels", [row["key"]])) if r is not None), None)
+        if rows is None:
             continue
         by_bench: dict[str, list[dict[str, Any]]] = {}
-        for r in _read_rows(run.path(d), f"eval/{label}"):
+        for r in rows:
             by_bench.setdefault(r["benchmark"], []).append(r)
         for bench, items in by_bench.items():
             tokens = sorted(int(r.get("num_tokens") or 0) for r in items)
@@ -746,7 +754,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
                                                     "num_train_rows", "max_steps")} for m, log in logs.items()},
             "fusion_overhead": fusion_overhead(scoring, logs)}
     fusion = fusion_diagnostics(run, table, logs)
-    profile = output_profile(run, table)
+    profile = output_profile(data, table)
     arms = [_public(r) for r in table["rows"] if r["kind"] == "arm"]
     table = {**table, "rows": [_public(r) for r in table["rows"] if r["kind"] != "arm"]}
     if abl is not None:

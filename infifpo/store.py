@@ -204,7 +204,7 @@ class StageOutput:
         self.path.mkdir(parents=True, exist_ok=True)
         meta = self.path / "meta.json"
         if not meta.exists():
-            _atomic_write(meta, json.dumps({"name": self.name, "fingerprint": self.fingerprint, "key": self.key},
+            atomic_write(meta, json.dumps({"name": self.name, "fingerprint": self.fingerprint, "key": self.key},
                                            indent=1, default=str))
         return ShardWriter(self.path / shard_name(shard, num_shards))
 
@@ -239,7 +239,7 @@ class StageOutput:
                                      f"shard written twice. Delete {self.path} and re-run {_command_of(self.path)}.")
                 seen[row["id"]] = f.name
         files = {f.name: file_sha256(f) for f in self.shard_files()}
-        _atomic_write(self.path / SUCCESS, json.dumps({"num_rows": len(seen), "files": files}, indent=1))
+        atomic_write(self.path / SUCCESS, json.dumps({"num_rows": len(seen), "files": files}, indent=1))
         self.release()
         return self.path
 
@@ -400,7 +400,9 @@ def _drop_partial_tail(path: Path) -> None:
         f.truncate(cut)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the whole new one (temp file of this process,
+    then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -297,28 +297,22 @@ def test_reward_margin_plot_gets_every_preference_method(seeds_run, monkeypatch)
                      "rewards/margins": ["SFT-DPO", "SFT-WRPO", "InfiFPO"]}
 
 
-def test_output_profile_counts_length_truncation_answer_line_and_working(tmp_path, monkeypatch):
+def test_output_profile_counts_length_truncation_answer_line_and_working():
     """Hand-made completions: the pivot shows its working, the SFT row answers bare, one cut at the token cap."""
     rows = {"pivot": [("3 + 4 = 7 apples in all. The answer is 7.", "stop", 20),
                       ("Tom has 3, gets 4 more so 3 + 4 is 7, hmm and then", "length", 40)],
             "sft": [("The answer is 7.", "stop", 6), ("The answer is 9.", "stop", 8)]}
-    for key in rows:
-        (tmp_path / key).mkdir()
-        (tmp_path / key / report.SUCCESS).write_text("")
 
-    class FakeRun:
-        out = {"evals": {k: str(tmp_path / k) for k in rows}}
-
+    class FakeEvals:  # what output_profile reads: each label's per-item eval rows
         @staticmethod
-        def path(p):
-            return report.Path(p)
+        def rows(label):
+            return [{"benchmark": "arithmetic", "completion": t, "finish_reason": f, "num_tokens": n}
+                    for t, f, n in rows[label]] if label in rows else None
 
-    monkeypatch.setattr(report, "_read_rows", lambda path, stage: [
-        {"benchmark": "arithmetic", "completion": t, "finish_reason": f, "num_tokens": n}
-        for t, f, n in rows[report.Path(path).name]])
-    table = {"rows": [{"key": k, "name": k, "labels": [k]} for k in rows],
+    table = {"rows": [{"key": k, "name": k, "labels": [k]} for k in [*rows, "missing"]],
              "domains": {"arithmetic": {"domain": "math"}}}
-    prof = {p["key"]: p for p in report.output_profile(FakeRun(), table)}
+    prof = {p["key"]: p for p in report.output_profile(FakeEvals(), table)}
+    assert set(prof) == {"pivot", "sft"}  # a row without eval rows is left out
     assert prof["pivot"]["median_tokens"] == 30 and prof["pivot"]["truncated_pct"] == 50
     assert prof["pivot"]["answer_line_pct"] == 50 and prof["pivot"]["working_pct"] == 100
     assert prof["sft"]["median_tokens"] == 7 and prof["sft"]["truncated_pct"] == 0

@@ -94,6 +94,13 @@ def _stop(proc: subprocess.Popen, signum: int, log: Path) -> None:
         assert "run the same command again to resume" in log.read_text(errors="replace")
 
 
+def _rerun(argv: list[str]) -> None:
+    """The same command again, to the end: it must succeed (it resumes what the stopped run left)."""
+    rerun = subprocess.run([sys.executable, "-m", "infifpo.cli", *argv], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+
+
 def _prompts(path: Path, n: int) -> Path:
     rows = [{"id": f"q{i:03d}", "prompt": [{"role": "user", "content": f"Count from {i} to {i + 40}, please."}]}
             for i in range(n)]
@@ -139,9 +146,7 @@ def test_sigterm_stops_eval_with_its_vllm_engine_core_and_worker_then_rerun_comp
     # Only the prompts the eval wrote for its sampler are finished; the samples and the eval itself are not.
     assert {p.parent.name.split("-")[0] for p in tmp_path.glob(f"*/{SUCCESS}")} <= {"prompts"}
 
-    rerun = subprocess.run([sys.executable, "-m", "infifpo.cli", *argv], cwd=REPO, env=_env(), capture_output=True,
-                           text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    _rerun(argv)
     (prompts_dir,) = tmp_path.glob("prompts-*")
     prompt_ids = {r["id"] for r in read_output(prompts_dir)}
     assert len(prompt_ids) == items
@@ -166,9 +171,7 @@ def test_sigint_stops_sample_and_the_rerun_completes_every_row_once(tiny_llama, 
     written = _rows_on_disk(tmp_path / "out", "samples-*")
     assert 0 < written < 80 and not list((tmp_path / "out").glob(f"samples-*/{SUCCESS}"))
 
-    rerun = subprocess.run([sys.executable, "-m", "infifpo.cli", *argv], cwd=REPO, env=_env(), capture_output=True,
-                           text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    _rerun(argv)
     _assert_complete_once(tmp_path / "out", "samples-*", {f"q{i:03d}" for i in range(40)}, 2)
 
 
@@ -184,7 +187,5 @@ def test_sigkill_of_the_stage_takes_its_per_model_process_down(tiny_llama, tmp_p
     assert live_descendants(proc.pid), "the model is sampled in a process of its own"
     _stop(proc, signal.SIGKILL, log)
     assert not list((tmp_path / "out").glob(f"samples-*/{SUCCESS}")), "a process of the killed stage wrote on"
-    rerun = subprocess.run([sys.executable, "-m", "infifpo.cli", *argv], cwd=REPO, env=_env(), capture_output=True,
-                           text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    _rerun(argv)
     _assert_complete_once(tmp_path / "out", "samples-*", {f"q{i:03d}" for i in range(48)}, 2)

@@ -45,7 +45,7 @@ from infifpo.prompts import build_prompts, parse_spec, prompts_key, spec_arg
 from infifpo.provenance import prompt_set_digest, require_built_from, rows_digest
 from infifpo.sample import ModelSpec, output_for, resolve, run, sample_prompts
 from infifpo.schema import ConfigError, DataFormatError, ModelLoadError
-from infifpo.store import StageOutput, read_output
+from infifpo.store import StageOutput, atomic_write, read_output
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +196,7 @@ def _write_missing(output: StageOutput, rows: Sequence[Row]) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 def generate(rows: Sequence[Row], model_dir: str, spec: SamplingSpec, backend: str, out_root: str | Path,
