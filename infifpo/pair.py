@@ -54,6 +54,12 @@ TIE_BREAKS = ("pivot_first", "hash")
 # embedded default's scale the best source answers "The answer is N." without working, and SFT on those rows cost the
 # 135M pivot arithmetic accuracy, while SFT on its own correct answers raised it (README, "What `make fpo` runs").
 SFT_CHOSEN = ("any", "pivot")
+# Which samples an InfiFPO PO-split pair is drawn from: "all" (the paper: best vs worst over pivot and sources) or
+# "pivot" (the pivot's own samples only, an on-policy pair; the sources still enter through the fused reference, which
+# scores both responses under every source). At the embedded default's scale the best source answers bare, so a pool
+# pair's chosen and rejected differ in form (a bare answer vs worked text) more than in correctness, and InfiFPO on
+# such pairs learnt to answer bare (README). WRPO's y_wt / y_l and FuseChat's pairs are within one model already.
+PO_POOL = ("all", "pivot")
 # methods.md "Data recipes": InfiFPO half / half; WRPO one third SFT, two thirds PO; FuseChat-3.0 is plain DPO.
 DEFAULT_SFT_FRACTION = {"infifpo": 0.5, "wrpo": 1 / 3, "fusechat": 0.0}
 
@@ -74,6 +80,7 @@ class PairOptions:
     rank_by: str = "verifier_first"  # RANK_BY
     tie_break: str = "pivot_first"  # TIE_BREAKS
     sft_chosen: str = "any"  # SFT_CHOSEN
+    po_pool: str = "all"  # PO_POOL
 
 
 # -- ranking ----------------------------------------------------------------------------------------------------
@@ -239,6 +246,8 @@ def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[st
         raise ConfigError(f"rank_by must be one of {RANK_BY}, got {kw['rank_by']!r}.")
     if kw.get("sft_chosen", SFT_CHOSEN[0]) not in SFT_CHOSEN:
         raise ConfigError(f"sft_chosen must be one of {SFT_CHOSEN}, got {kw['sft_chosen']!r}.")
+    if kw.get("po_pool", PO_POOL[0]) not in PO_POOL:
+        raise ConfigError(f"po_pool must be one of {PO_POOL}, got {kw['po_pool']!r}.")
     if kw.get("tie_break", TIE_BREAKS[0]) not in TIE_BREAKS:
         raise ConfigError(f"tie_break must be one of {TIE_BREAKS}, got {kw['tie_break']!r}.")
     if recipe == "wrpo" and pivot in sources:
@@ -276,13 +285,13 @@ def build_pairs(
     judged_rows: list[dict[str, Any]], prompt_rows: list[dict[str, Any]], *, recipe: str, pivot: str,
     sources: list[str] | None = None, seed: int = 0, sft_fraction: float | None = None,
     allow_truncated_chosen: bool = False, min_gap: float = 0.01, max_gap: float = 0.1,
-    rank_by: str = "verifier_first", tie_break: str = "pivot_first", sft_chosen: str = "any",
+    rank_by: str = "verifier_first", tie_break: str = "pivot_first", sft_chosen: str = "any", po_pool: str = "all",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """Preference rows (sorted by id) and a stats summary; judged rows join prompts by prompt_id, never by order.
 
     ``sources`` defaults to every judged model except the pivot; ``sft_fraction`` to the recipe's paper value;
     ``rank_by`` and ``tie_break``: see the module docstring. ``rank_by="reward"`` refuses a sample without a reward.
-    ``sft_chosen``: see ``SFT_CHOSEN``.
+    ``sft_chosen``: see ``SFT_CHOSEN``; ``po_pool``: see ``PO_POOL``.
     """
     prompts = index_prompts(prompt_rows)
     by_prompt: dict[str, list[Sample]] = defaultdict(list)
@@ -299,7 +308,7 @@ def build_pairs(
         by_prompt[row["prompt_id"]].append(row)
     opts = _resolve_options({r["model"] for r in judged_rows}, recipe, pivot, sources, seed=seed, min_gap=min_gap,
                             max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen, rank_by=rank_by,
-                            tie_break=tie_break, sft_chosen=sft_chosen)  # fmt: skip
+                            tie_break=tie_break, sft_chosen=sft_chosen, po_pool=po_pool)  # fmt: skip
     fraction = DEFAULT_SFT_FRACTION[recipe] if sft_fraction is None else sft_fraction
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"sft_fraction must be in [0, 1], got {fraction}.")
@@ -309,8 +318,10 @@ def build_pairs(
         excluded["not_in_pool"] += sum(s["model"] not in (pivot, *opts.sources) for s in samples)
         kept = [s for s in samples if s["text"].strip()]
         excluded["empty_response"] += len(samples) - len(kept)
-        picked = RECIPES[recipe](kept, prompts[pid]["domain"], opts) if samples else "no_samples"
         split = split_of(pid, seed, fraction)
+        if recipe == "infifpo" and split == "po" and po_pool == "pivot":
+            kept = [s for s in kept if s["model"] == pivot]
+        picked = RECIPES[recipe](kept, prompts[pid]["domain"], opts) if samples else "no_samples"
         if not isinstance(picked, str) and split == "sft" and sft_chosen == "pivot" \
                 and picked["chosen"]["model"] != pivot:
             picked = "sft_chosen_not_pivot"
@@ -320,7 +331,7 @@ def build_pairs(
         rows.append(pair_row(prompts[pid], picked, split, recipe))
     stats = pair_stats(rows, dropped, excluded, prompts_in=len(prompts), samples_in=len(judged_rows))
     stats.update(recipe=recipe, pivot=pivot, sources=list(opts.sources), seed=seed, sft_fraction=fraction,
-                 rank_by=rank_by, tie_break=tie_break, sft_chosen=sft_chosen)
+                 rank_by=rank_by, tie_break=tie_break, sft_chosen=sft_chosen, po_pool=po_pool)
     return rows, stats
 
 
@@ -365,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="among equally ranked samples, the pivot's own first (default), or by hash only")
     ap.add_argument("--sft-chosen", choices=SFT_CHOSEN, default="any",
                     help="SFT rows trained on any model's best response (default, the paper) or only the pivot's own")
+    ap.add_argument("--po-pool", choices=PO_POOL, default="all",
+                    help="InfiFPO PO pairs drawn from every model's samples (default, the paper) or the pivot's own")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs", help="root directory of stage outputs")
     args = ap.parse_args(argv)
@@ -377,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                            fix=f"Pass the prompts output {d} was judged against, or judge its samples again with "
                                f"`infifpo judge --prompts {args.prompts}`.")  # fmt: skip
     options = {k: getattr(args, k) for k in ("recipe", "pivot", "sources", "seed", "sft_fraction", "rank_by",
-                                              "tie_break", "sft_chosen", "allow_truncated_chosen", "min_gap",
-                                              "max_gap")}
+                                              "tie_break", "sft_chosen", "po_pool", "allow_truncated_chosen",
+                                              "min_gap", "max_gap")}
     key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": prompts_digest,
            "judged": sorted(output_digest(d) for d in args.judged)}  # fmt: skip
     out = StageOutput(args.out, f"pairs-{args.recipe}", key).lock()

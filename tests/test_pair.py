@@ -325,3 +325,22 @@ def test_sft_chosen_pivot_drops_sft_rows_whose_best_response_is_a_sources():
     assert [r["chosen_model"] for r in rows] == [PIVOT, A]  # PO rows keep the pool's best
     with pytest.raises(ConfigError, match="sft_chosen"):
         build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_chosen="source")
+
+
+def test_po_pool_pivot_draws_po_pairs_from_the_pivots_own_samples():
+    # p1: the source's correct answer would be the pool's chosen, but the pivot has a correct one too;
+    # p2: only the source is right, so the pivot's own samples tie (all wrong) and the prompt has no on-policy pair.
+    judged = [J("p1", PIVOT, 0, correct=False), J("p1", PIVOT, 1, correct=True, reward=0.1),
+              J("p1", A, 0, correct=True, reward=0.9), J("p1", A, 1, correct=False),
+              J("p2", PIVOT, 0, correct=False), J("p2", PIVOT, 1, correct=False), J("p2", A, 0, correct=True)]
+    prompts = [P("p1"), P("p2")]
+    rows, _ = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=0.0)
+    assert [(r["chosen_model"], r["rejected_model"]) for r in rows] == [(A, PIVOT), (A, PIVOT)]
+    rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=0.0, po_pool="pivot")
+    assert [(r["id"], r["chosen"][-1]["content"], r["rejected_model"]) for r in rows] == [
+        ("p1", f"{PIVOT} answer 1 to p1", PIVOT)]
+    assert stats["dropped"] == {"tie": 1} and stats["po_pool"] == "pivot"
+    sft, _ = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=1.0, po_pool="pivot")
+    assert [r["chosen_model"] for r in sft] == [A, A]  # SFT rows keep the pool's best (that is sft_chosen's job)
+    with pytest.raises(ConfigError, match="po_pool"):
+        build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, po_pool="sources")
