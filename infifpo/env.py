@@ -1,4 +1,4 @@
-"""`infifpo env`: versions of the stack and whether they fit together, for bug reports (users.md E4)."""
+"""`infifpo env`: versions of the stack and whether they fit together, for bug reports (docs/bad-inputs.md E4)."""
 
 from __future__ import annotations
 

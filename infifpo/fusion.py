@@ -4,7 +4,7 @@ Owns: length normalisation, clipping against the frozen initial pivot, fusion of
 (FUSIONS), the InfiFPO loss (sigmoid, ipo), the WRPO loss and alpha schedule, and the OPD objectives (sequence-level
 score-function loss, token-level forward/reverse KL, generalised JSD). Does not own: computing log-probs, batching,
 metrics or data validation (trainers, `logprobs`, `schema`). Imports torch only.
-Units: log-probs in nats; "v" is the caller's space (methods.md §LN): the summed log-prob over the response tokens,
+Units: log-probs in nats; "v" is the caller's space (docs/methods.md §LN): the summed log-prob over the response tokens,
 or the mean per-token log-prob with LN. B pairs, K sources, K' = K + 1 candidates when the initial pivot is appended
 (`include_pivot`; its index is K). Bad input raises ValueError (this layer may not import `infifpo.schema`).
 """
@@ -39,7 +39,7 @@ def _require_same_shape(**tensors: Tensor) -> None:
 
 
 def length_normalize(logps: Tensor, n_tokens: Tensor) -> Tensor:
-    """Mean per-token log-prob (nats/token) = summed log-prob (nats) / token count (methods.md §LN).
+    """Mean per-token log-prob (nats/token) = summed log-prob (nats) / token count (docs/methods.md §LN).
 
     `logps` and `n_tokens` have the same shape; each model's sum is divided by its own token count.
     Raises ValueError on a non-positive count (an empty response has no per-token mean).
@@ -58,7 +58,7 @@ def length_normalize(logps: Tensor, n_tokens: Tensor) -> Tensor:
 
 def clip_to_reference(src_chosen: Tensor, src_rejected: Tensor, ref_chosen: Tensor,
                       ref_rejected: Tensor) -> tuple[Tensor, Tensor]:
-    """Clip source values [B, K] against the frozen initial pivot [B] (methods.md §Probability clipping).
+    """Clip source values [B, K] against the frozen initial pivot [B] (docs/methods.md §Probability clipping).
 
     c_k(y_w) = max(v_k(y_w), v_r(y_w)) and c_k(y_l) = min(v_k(y_l), v_r(y_l)): a source may never rate the preferred
     response below the initial pivot, nor the dispreferred one above it. Returns (clipped_chosen, clipped_rejected).
@@ -100,7 +100,7 @@ class FusionInfo:
 
 
 def _max_margin_index(cand: Tensor, pivot: Tensor) -> Tensor:
-    """argmax_k D_k with D_k = |exp(c_k) − exp(p)|, compared in log space (methods.md §Fusion, max_margin).
+    """argmax_k D_k with D_k = |exp(c_k) − exp(p)|, compared in log space (docs/methods.md §Fusion, max_margin).
 
     log D = max(c, p) + log1p(−exp(−|c − p|)), finite for sums around −5000 nats where exp() underflows. For a
     source far below p, D saturates at exp(p) in floating point, so ties in log D go to the larger |c − p|, then
@@ -127,13 +127,13 @@ def _gather(cand: Tensor, index: Tensor) -> Tensor:
 
 # Each fusion takes candidates [B, K'] (clipped, pivot appended) and the D-pivot [B] of each response.
 def fuse_max_margin(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float) -> Fused:
-    """Per response: f(y) = c_k*(y), k* = argmax_k |exp(c_k) − exp(pivot)| (methods.md §Fusion, paper default)."""
+    """Per response: f(y) = c_k*(y), k* = argmax_k |exp(c_k) − exp(pivot)| (docs/methods.md §Fusion, paper default)."""
     idx_w, idx_l = _max_margin_index(cand_w, pivot_w), _max_margin_index(cand_l, pivot_l)
     return _gather(cand_w, idx_w), _gather(cand_l, idx_l), idx_w, idx_l, None
 
 
 def fuse_max_margin_pair(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float) -> Fused:
-    """One candidate per pair: k* = argmax_k (c_k(y_w) − c_k(y_l)), lowest index on ties (methods.md (choice))."""
+    """One candidate per pair: k* = argmax_k (c_k(y_w) − c_k(y_l)), lowest index on ties (docs/methods.md (choice))."""
     idx = (cand_w - cand_l).detach().argmax(dim=1)
     return _gather(cand_w, idx), _gather(cand_l, idx), idx, idx, None
 
@@ -159,14 +159,14 @@ def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Te
 
 FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
            "confidence": fuse_confidence}
-# methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation arms,
+# docs/methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation arms,
 # γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
 # equivalent form and credits the pivot in the selection metrics.
 INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False}
 
 
 def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
-    """``include_pivot`` as given, or the default of fusion ``method`` when None (methods.md §Fusion (choice))."""
+    """``include_pivot`` as given, or the default of fusion ``method`` when None (docs/methods.md §Fusion (choice))."""
     if method not in FUSIONS:
         raise ValueError(f"unknown fusion method {method!r}; valid methods: {sorted(FUSIONS)}")
     return INCLUDE_PIVOT_DEFAULT[method] if include_pivot is None else bool(include_pivot)
@@ -179,7 +179,7 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
                    policy_rejected: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
     """The fused source reference f(y_w), f(y_l) [B] in the caller's space (sum or per-token mean, nats).
 
-    ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (methods.md §Fusion). Steps: clip against v_r
+    ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (docs/methods.md §Fusion). Steps: clip against v_r
     (`clip`), append v_r as candidate K (`include_pivot`; None = the method's default, INCLUDE_PIVOT_DEFAULT), fuse
     with FUSIONS[method], then clamp f into [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set.
     `margin_against="policy"` measures max-margin's D against the given current policy values policy_* [B]
@@ -211,7 +211,7 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
         cand_w, cand_l = clip_to_reference(src_chosen, src_rejected, ref_chosen, ref_rejected)
         changed = (cand_w != src_chosen).sum() + (cand_l != src_rejected).sum()
         clip_rate = changed.float() / (2 * src_chosen.numel())
-    if include_pivot:  # methods.md §Fusion (choice): the initial pivot counts as one more source
+    if include_pivot:  # docs/methods.md §Fusion (choice): the initial pivot counts as one more source
         cand_w = torch.cat([cand_w, ref_chosen[:, None].to(cand_w.dtype)], dim=1)
         cand_l = torch.cat([cand_l, ref_rejected[:, None].to(cand_l.dtype)], dim=1)
 
@@ -221,7 +221,7 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
         # pivot in the selection metrics rather than source 0.
         idx_w = _credit_pivot_on_full_tie(cand_w, ref_chosen, idx_w)
         idx_l = _credit_pivot_on_full_tie(cand_l, ref_rejected, idx_l)
-    if ref_offset is not None:  # methods.md §Fusion, ref_offset (official run script; default off)
+    if ref_offset is not None:  # docs/methods.md §Fusion, ref_offset (official run script; default off)
         f_w = torch.minimum(torch.maximum(f_w, ref_chosen - ref_offset), ref_chosen + ref_offset)
         f_l = torch.minimum(torch.maximum(f_l, ref_rejected - ref_offset), ref_rejected + ref_offset)
     return f_w, f_l, FusionInfo(idx_w, idx_l, clip_rate, weights, cand_w.shape[1])
@@ -234,7 +234,7 @@ def _require_positive_beta(beta: float) -> None:
 
 def infifpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, fused_chosen: Tensor, fused_rejected: Tensor, *,
                  beta: float, loss_type: str = "sigmoid") -> Tensor:
-    """Per-pair InfiFPO loss [B] (methods.md §The InfiFPO loss); all inputs [B] in the same space (nats).
+    """Per-pair InfiFPO loss [B] (docs/methods.md §The InfiFPO loss); all inputs [B] in the same space (nats).
 
     h = (v_π(y_w) − f(y_w)) − (v_π(y_l) − f(y_l)). `sigmoid`: −log σ(β h) (TRL's DPO sigmoid loss with f in
     place of r). `ipo`: (h − 1/(2β))².
@@ -263,7 +263,7 @@ def implicit_rewards(policy_chosen: Tensor, policy_rejected: Tensor, fused_chose
 
 
 def wrpo_alpha(step: int, total_steps: int, alpha_max: float, is_dynamic: bool = True) -> float:
-    """WRPO fusion coefficient α(t) = α_max · min(1, t/T) at optimizer step t of T (methods.md §WRPO).
+    """WRPO fusion coefficient α(t) = α_max · min(1, t/T) at optimizer step t of T (docs/methods.md §WRPO).
 
     T must be the trainer's real number of optimizer steps (respecting max_steps and gradient accumulation).
     With `is_dynamic=False`, α is the constant α_max (the paper's ablation).
@@ -282,10 +282,10 @@ def wrpo_alpha(step: int, total_steps: int, alpha_max: float, is_dynamic: bool =
 def wrpo_loss(policy_source_chosen: Tensor, policy_target_chosen: Tensor, policy_rejected: Tensor,
               ref_source_chosen: Tensor, ref_target_chosen: Tensor, ref_rejected: Tensor, *,
               alpha: float | Tensor, beta: float) -> Tensor:
-    """Per-row WRPO loss [B] = −log σ(α ρ(y_ws) + (1 − α) ρ(y_wt) − ρ(y_l)), ρ = β(π − r); methods.md §WRPO.
+    """Per-row WRPO loss [B] = −log σ(α ρ(y_ws) + (1 − α) ρ(y_wt) − ρ(y_l)), ρ = β(π − r); docs/methods.md §WRPO.
 
     Inputs [B] are summed log-probs (nats) under the policy and the reference. α = 0 is DPO on (y_wt, y_l).
-    InfiFPO-WRPO variant (methods.md §The InfiFPO loss): pass fused references as the three ref_* arguments, e.g.
+    InfiFPO-WRPO variant (docs/methods.md §The InfiFPO loss): pass fused references as the three ref_* arguments, e.g.
     f_ws = fuse_reference(r_ws, r_l, s_ws, s_l)[0] and f_wt, f_l = fuse_reference(r_wt, r_l, s_wt, s_l)[:2].
     """
     _require_same_shape(**{k: v for k, v in locals().items() if k.startswith(("policy", "ref"))})
@@ -301,13 +301,13 @@ OPD_BASELINES = ("leave_one_out", "group_mean")
 
 def opd_sequence_advantages(fused: Tensor, policy_detached: Tensor, group_size: int, *,
                             baseline: str = "leave_one_out") -> Tensor:
-    """A_i = g_i − b_i with g = f(y) − v̂_π(y), detached [N] (methods.md §On-policy distillation).
+    """A_i = g_i − b_i with g = f(y) − v̂_π(y), detached [N] (docs/methods.md §On-policy distillation).
 
     fused, policy_detached: [N] in the same space (nats, or nats/token with LN); groups are consecutive blocks of
     `group_size` samples of one prompt, so N must be a multiple of `group_size`. `baseline`:
     "leave_one_out" (default): b_i = mean of g over the *other* G − 1 samples of the group (RLOO), = G/(G−1) times
     the group_mean advantage; b_i is independent of y_i, so with `opd_sequence_loss` the gradient is unbiased.
-    "group_mean": b_i = mean over all G samples (methods.md's literal text). b_i then contains g_i/G, so the score
+    "group_mean": b_i = mean over all G samples (docs/methods.md's literal text). b_i then contains g_i/G, so the score
     term's expectation is scaled by (G−1)/G while the LN pathwise term (`opd_sequence_loss`) is not: biased with LN.
     """
     _require_same_shape(fused=fused, policy_detached=policy_detached)
@@ -326,7 +326,7 @@ def opd_sequence_advantages(fused: Tensor, policy_detached: Tensor, group_size: 
 
 
 def opd_sequence_loss(policy_sum_logps: Tensor, advantages: Tensor, num_tokens: Tensor | None = None) -> Tensor:
-    """Scalar score-function surrogate whose gradient estimates ∇ E_y~π[v_π(y) − f(y)] (methods.md §OPD).
+    """Scalar score-function surrogate whose gradient estimates ∇ E_y~π[v_π(y) − f(y)] (docs/methods.md §OPD).
 
     policy_sum_logps: [N] summed log-probs log π(y_i) over each response (nats, differentiable); advantages: [N]
     from `opd_sequence_advantages` (detached here), in the space of v (nats/token with LN, nats without).

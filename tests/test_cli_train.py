@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infifpo.models import MARKER
-from infifpo.packaged import PACKAGED
+from infifpo.models.packaged import PACKAGED
+from infifpo.models.resolve import MARKER
 from infifpo.trainers import entry
 from tests.conftest import make_tiny_model
 from tests.trainers.conftest import make_scored_rows

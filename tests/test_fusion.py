@@ -1,4 +1,4 @@
-"""Tests of `infifpo.fusion` against arithmetic written out by hand (methods.md is the contract).
+"""Tests of `infifpo.fusion` against arithmetic written out by hand (docs/methods.md is the contract).
 
 The running example (mean per-token log-probs, nats), B = 2 pairs, K = 2 sources:
 
@@ -163,7 +163,7 @@ def test_confidence():
 
 
 def test_include_pivot_defaults_weight_the_sources_only_in_mean_and_confidence():
-    """methods.md §Fusion (choice): mean/confidence default to the N sources only (the paper's arms, γ_i = 1/N).
+    """docs/methods.md §Fusion (choice): mean/confidence default to the N sources only (the paper's arms, γ_i = 1/N).
 
     clip on, row 0: chosen c = [max(-0.5, -1), max(-1.5, -1)] = [-0.5, -1]; rejected c = [min(-2.5, -2),
     min(-1.2, -2)] = [-2.5, -2]. mean: f_w = -0.75, f_l = -2.25 (with the pivot: -2.5/3, -6.5/3).
@@ -321,7 +321,7 @@ def test_infifpo_sigmoid_and_ipo_by_hand():
 @pytest.mark.parametrize("include_pivot", [True, False])
 @pytest.mark.parametrize("ref_offset", [None, 3.0])
 def test_single_source_equal_to_reference_is_dpo(method, clip, include_pivot, ref_offset):
-    """methods.md sanity identity, LN off (sums): f = r, so the loss is -log σ(β[(π_w - r_w) - (π_l - r_l)])."""
+    """docs/methods.md sanity identity, LN off (sums): f = r, so the loss is -log σ(β[(π_w - r_w) - (π_l - r_l)])."""
     g = torch.Generator().manual_seed(0)
     r_w, r_l = (
         -200 * torch.rand(6, generator=g, dtype=torch.float64),
@@ -539,7 +539,7 @@ def test_unknown_method_and_loss_type_list_valid_ones():
 
 
 def test_fusion_module_imports_torch_only():
-    """methods.md / style rule 1: the math module must not pull transformers, trl, vllm or datasets."""
+    """docs/methods.md / style rule 1: the math module must not pull transformers, trl, vllm or datasets."""
     import ast
     import inspect
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from infifpo import pair, prompts
+from data_prep import prompts
+from infifpo import pair
 from infifpo.backends import SamplingSpec
 from infifpo.judge import stage as judge
 from infifpo.sample import main as sample_main
@@ -188,7 +189,7 @@ def test_a_model_retrained_in_place_is_evaluated_again(tmp_path):
 def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
     """Digests are cached by size, mtime and inode: an unchanged model is not read again, a rewritten file is, and
     sample, eval, score and the trainers' pivot check all use the same identity."""
-    from infifpo import models
+    from infifpo.models import resolve as models
 
     model = tmp_path / "model"
     make_tiny_model(str(model), "llama", seed=0)
@@ -222,9 +223,9 @@ def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
     assert models.model_identity(copy) == current and reads == []
 
     # The one rule, wherever a stage asks.
-    from infifpo import score
     from infifpo.eval.stage import eval_output
-    from infifpo.score_output import model_key
+    from infifpo.score import stage as score
+    from infifpo.score.output import model_key
     from infifpo.trainers.data import same_model
 
     assert output_for([], "m", str(model), GREEDY, "transformers", tmp_path).key["checkpoint"] == current
@@ -240,7 +241,7 @@ def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
 def test_scored_pairs_follow_the_pairs_rows_not_only_their_texts(tiny_llama, tmp_path):
     """`score` copies every column of the pairs rows into its output: rows with the same texts but another split,
     domain or provenance are another scored output (the per-model scores, keyed by the texts, are reused)."""
-    from infifpo.score import score_pairs
+    from infifpo.score.stage import score_pairs
 
     rows = [{"id": f"r{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
              "chosen": [{"role": "assistant", "content": f"{2 * i}."}],

@@ -1,4 +1,4 @@
-"""The import-direction contracts of style.md (pyproject's [tool.importlinter]) hold: a violation fails the build."""
+"""The import-direction contracts (pyproject's [tool.importlinter]) hold: a violation fails the build."""
 
 import shutil
 import subprocess

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infifpo import models
+from infifpo.models import resolve as models
 from infifpo.schema import ModelLoadError
 from tests.conftest import make_tiny_model
 
@@ -105,7 +105,7 @@ def test_concurrent_fetch_waits_for_the_lock_and_reuses_the_other_build(fake_poo
 
     models.cache_dir().mkdir(parents=True)
     result = {}
-    with caplog.at_level(logging.INFO, logger="infifpo.models"):
+    with caplog.at_level(logging.INFO, logger="infifpo.models.resolve"):
         with FileLock(str(models.cache_dir() / f".{FAKE}.lock")):
             waiter = threading.Thread(target=lambda: result.update(path=models.resolve_model(FAKE)))
             waiter.start()
@@ -178,7 +178,7 @@ def test_trust_remote_code_defaults_off_and_warns_when_on(tiny_llama, caplog, mo
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, **kw: seen.update(kw) or path)
     models.load_tokenizer(tiny_llama)
     assert seen["trust_remote_code"] is False
-    with caplog.at_level(logging.WARNING, logger="infifpo.models"):
+    with caplog.at_level(logging.WARNING, logger="infifpo.models.resolve"):
         models.load_tokenizer(tiny_llama, trust_remote_code=True)
     assert seen["trust_remote_code"] is True
     assert any("trust_remote_code=True" in r.message for r in caplog.records)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infifpo import models, plan
+from infifpo import plan
+from infifpo.models import resolve as models
 from infifpo.plan import Hardware, estimate, model_size
 from infifpo.schema import ConfigError
 

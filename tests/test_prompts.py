@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from infifpo import prompts
-from infifpo.prompts import build_prompts, gsm8k_answer, load_arithmetic, parse_spec
+from data_prep import prompts
+from data_prep.prompts import build_prompts, gsm8k_answer, load_arithmetic, parse_spec
 from infifpo.schema import PROMPT_COLUMNS, ConfigError, DataFormatError
 from infifpo.store import read_output
 
@@ -56,7 +56,7 @@ def test_gsm8k_answers_drop_thousands_commas():
     assert len(rows) == 7473 + 1319
     assert all(re.fullmatch(r"-?\d+", r["answer"]) for r in rows)
     # the id's index is the vendored file's line: a known answer with commas keeps its digits only
-    raw = (prompts.resources.files("infifpo") / "data/gsm8k/train.jsonl").read_text().splitlines()
+    raw = (prompts.resources.files("data_prep") / "gsm8k/train.jsonl").read_text().splitlines()
     i = next(i for i, line in enumerate(raw) if json.loads(line)["answer"].endswith("#### 109,200,000"))
     assert next(r for r in rows if r["id"] == f"gsm8k-train-{i:05d}")["answer"] == "109200000"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from infifpo import models
+from infifpo.models import resolve as models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,7 +34,7 @@ def packaged_names(code: str) -> list[str]:
 def test_snippet_compiles_names_the_resolver_and_no_placeholder():
     code = python_snippet()
     compile(code, "README.md#python-api", "exec")
-    assert "resolve_model" in code and "infifpo.models" in code
+    assert "resolve_model" in code and "infifpo.models.resolve" in code
     assert "path/or/hub-id" not in code and "..." not in code  # no placeholder to fill in
     assert "bf16=torch.cuda.is_available()" in code  # TRL refuses bf16 on a CPU without native support
     assert packaged_names(code)  # it runs on the packaged pool, offline

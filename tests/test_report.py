@@ -1,4 +1,4 @@
-"""`infifpo report` on a synthetic run directory that follows CONTRACTS.md §1-4 exactly.
+"""`infifpo report` on a synthetic run directory that follows docs/formats.md exactly.
 
 Eval rows and samples are real ``store.StageOutput`` directories; logs are real JSON files. Every number checked in
 report.json is computed by hand in this file.
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from infifpo import cli, report, report_markdown
+from infifpo import cli
+from infifpo.report import markdown as report_markdown
+from infifpo.report import stage as report
 from infifpo.schema import DataFormatError
 from infifpo.store import StageOutput, StoreError
 

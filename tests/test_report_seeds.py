@@ -11,8 +11,9 @@ import json
 
 import pytest
 
-from infifpo import report, report_markdown
 from infifpo.eval.stats import seed_item_bootstrap
+from infifpo.report import markdown as report_markdown
+from infifpo.report import stage as report
 from tests.test_report import SOURCES, build_run, first_k, wilson
 
 A, B = (f"source:{m}" for m in SOURCES)  # source:org/SrcA-500M, source:org/SrcB-270M

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from infifpo.backends import SamplingSpec
-from infifpo.models import model_identity
+from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
 from infifpo.sample import ModelSpec, main, run, sample_prompts, sample_seed
 from infifpo.schema import SAMPLE_COLUMNS, ModelLoadError, sample_id

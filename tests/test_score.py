@@ -1,5 +1,5 @@
 """The score stage: TRL-exact pivot scores, per-model token counts, resume/caching, the scored-pairs columns and
-bad-input errors (users.md C7, D7-D9, T2, C10-C11)."""
+bad-input errors (docs/bad-inputs.md C7, D7-D9, T2, C10-C11)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import re
 
 import pytest
 
-from infifpo import score as score_mod
 from infifpo import store
 from infifpo.backends.hf_engine import HFEngine
 from infifpo.logprobs import response_spans
@@ -23,7 +22,8 @@ from infifpo.schema import (
     fuse_columns,
     ref_columns,
 )
-from infifpo.score import main, score_pairs, score_responses
+from infifpo.score import stage as score_mod
+from infifpo.score.stage import main, score_pairs, score_responses
 from tests.conftest import make_tiny_model
 from tests.test_hf_engine import naive_logps
 
@@ -271,7 +271,7 @@ def test_cli_scores_a_pairs_file(tiny_llama, tiny_qwen, tmp_path, capsys):
 def test_cross_tokenizer_counts_and_suffixes_real_models():
     """The same response under SmolLM2, Qwen2.5-Coder and Gemma-3: each model's own token count and chat-template
     suffix (end-of-turn token), checked against the tokenizers directly."""
-    from infifpo.models import load_tokenizer, resolve_model
+    from infifpo.models.resolve import load_tokenizer, resolve_model
 
     prompt = [{"role": "user", "content": "Write 12*7."}]
     response = "12 * 7 = 84. Photosynthesis converts sunlight into glucose; def is_prime(n): return n > 1"
@@ -346,10 +346,10 @@ def test_split_selects_the_rows_scored_and_assembled(tiny_llama, tmp_path, count
 
 
 def test_score_stats_per_model_and_assembled(tiny_llama, tiny_qwen, tiny_llama_b, tmp_path):
-    """CONTRACTS.md section 2: each per-model output and the assembled output hold score_stats.json; responses and
+    """docs/formats.md "Score outputs": each per-model output and the assembled output hold score_stats.json; responses and
     tokens are the counts scored (response tokens as in the scored columns, the prompt once per response); a cached
     model keeps the numbers recorded when it was scored."""
-    from infifpo.models import load_tokenizer
+    from infifpo.models.resolve import load_tokenizer
 
     rows = make_rows(5)
     path = score_pairs(rows, pivot=tiny_llama, sources=[tiny_qwen], out_root=tmp_path, write_every=2, **ENGINE)

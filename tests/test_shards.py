@@ -1,4 +1,4 @@
-"""Sharded sampling and scoring (issue 6, users.md D13 / S5): shards run in any order merge to the single-process
+"""Sharded sampling and scoring (issue 6, docs/bad-inputs.md D13 / S5): shards run in any order merge to the single-process
 output row for row; `--num-shards N` launches N real worker processes and equals one process; a worker killed with
 SIGKILL midway resumes alone on a re-run with no duplicates; the launcher's argv / device / thread plumbing.
 
@@ -21,8 +21,8 @@ import pytest
 from infifpo import shards, store
 from infifpo.sample import main as sample_main
 from infifpo.schema import ConfigError
-from infifpo.score import main as score_main
-from infifpo.score import score_pairs
+from infifpo.score.stage import main as score_main
+from infifpo.score.stage import score_pairs
 from tests.test_sample import GREEDY, assert_same_rows, backend_engine, hf_tiny, prompts, sample  # noqa: F401
 from tests.test_score import ENGINE, make_rows
 from tests.test_vllm_engine import vllm_tiny  # noqa: F401  (session engine shared with the engine tests)

@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 import yaml
 
+from data_prep.prompts import parse_spec
 from infifpo import pipeline
-from infifpo.prompts import parse_spec
 from infifpo.store import read_output
 from tests.conftest import make_tiny_model
 from tests.judge.conftest import make_tiny_reward_model

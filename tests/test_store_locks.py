@@ -145,7 +145,7 @@ def test_a_finished_output_needs_no_lock_and_gets_no_lock_file(tmp_path):
 def test_the_prompts_stage_refuses_an_output_another_process_writes(tmp_path):
     """Through a real stage command: the lock is this test's; `infifpo prompts` on the same --out exits non-zero with
     the named error as its last stderr line and leaves every file as it was; once released, the same command runs."""
-    from infifpo.prompts import prompts_key
+    from data_prep.prompts import prompts_key
 
     sources = ["arithmetic:train:8"]
     out = StageOutput(tmp_path, "prompts", prompts_key(sources, 0)).lock()

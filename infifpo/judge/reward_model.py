@@ -2,7 +2,7 @@
 
 Owns: loading a reward model (local dir or hub id, ``trust_remote_code`` off unless asked), rendering each
 conversation with the reward model's own chat template, and batched scoring that does not depend on padding side
-or batch composition (users.md J10). Does not own: which samples are scored or how rewards become pairs.
+or batch composition (docs/bad-inputs.md J10). Does not own: which samples are scored or how rewards become pairs.
 
 Padding: sequences are right-padded with an attention mask, whatever the tokenizer's ``padding_side``. With causal
 attention a right pad cannot change the hidden states of the real tokens, position ids stay 0..n-1 (left padding

@@ -4,7 +4,7 @@ Owns: the isolation command line, resource limits (per process and for the progr
 wall-clock timeout, and turning the outcome into a ``SandboxResult`` with a human-readable reason. Does not own:
 building the program from a chat answer or deciding pass/fail of tests (`code`).
 
-How (stack-notes.md, "Sandboxing model-written code"): ``setpriv`` drops to an unprivileged uid *before* ``bwrap``
+How (verified as root on the 2-core CI machine): ``setpriv`` drops to an unprivileged uid *before* ``bwrap``
 builds its namespaces (bwrap's own ``--uid`` inside a user namespace did not enforce the process limit), ``prlimit``
 sets the limits, then ``bwrap`` runs the system ``/usr/bin/python3 -I`` on ``/sandbox/prog.py``::
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from infifpo.judge.code import judge_code
 from infifpo.judge.math import judge_math
-from infifpo.models import model_identity
+from infifpo.models.resolve import model_identity
 from infifpo.provenance import output_digest, prompt_set_digest, require_built_from
 from infifpo.schema import JUDGED_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, DataFormatError, require_columns, row_label
 from infifpo.store import StageOutput, read_output

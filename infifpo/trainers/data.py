@@ -8,7 +8,7 @@ and the checks after tokenisation: no row longer than ``max_length`` (never cut)
 or implied by sum / mean) equal to the trainer's own completion token counts. Does not own: the column names
 (``infifpo.schema``), the prompt/completion split (TRL's ``_prepare_dataset``) or the math (``infifpo.fusion``).
 
-Accepted row formats (methods.md, schema.py "scored pairs"): ours (conversational ``prompt`` + one-message
+Accepted row formats (docs/methods.md, schema.py "scored pairs"): ours (conversational ``prompt`` + one-message
 ``chosen``/``rejected``, with ``ref_*``/``fuse_*`` sums, means and token counts) and the official InfiFPO format
 (full ``chosen``/``rejected`` conversations, no ``prompt``; ``ref_*``/``fuse_*`` sums and means, no token counts).
 """
@@ -84,7 +84,7 @@ def _filter_split(dataset: Dataset, split: str | None, spec: str) -> Dataset:
 def score_columns(responses: Sequence[str], *, length_normalize: bool, sources: bool, ref: bool = True) -> list[str]:
     """Columns holding the values a trainer reads: per response, the pivot's and (if ``sources``) the sources'.
 
-    Means (nats/token) when ``length_normalize``, sums (nats) otherwise (methods.md §LN).
+    Means (nats/token) when ``length_normalize``, sums (nats) otherwise (docs/methods.md §LN).
     """
     pick = 1 if length_normalize else 0
     cols = [ref_columns(r)[pick] for r in responses] if ref else []
@@ -206,7 +206,7 @@ MEAN_RTOL, MEAN_ATOL = 1e-4, 1e-6
 
 def _check_means(i: int, row: dict[str, Any], ref_responses: Sequence[str], fuse_responses: Sequence[str],
                  k: int | None, names: Any) -> None:
-    """Where a row has a mean column and its sum, the mean must be sum / token count (methods.md §LN)."""
+    """Where a row has a mean column and its sum, the mean must be sum / token count (docs/methods.md §LN)."""
     for r in ref_responses:
         s_col, m_col, n_col = ref_columns(r)
         if row.get(s_col) is not None and row.get(m_col) is not None:
@@ -273,8 +273,8 @@ def model_reference(model: Any) -> str | None:
 def _local_model_dir(ref: str) -> tuple[str | None, str]:
     """(``resolve_model``'s directory for ``ref``, "") when it is on this machine, else (None, why): never downloads
     (a packaged model not yet materialised, a hub id not in the HF cache, a path from another machine)."""
-    from infifpo.models import cache_dir, resolve_model
-    from infifpo.packaged import PACKAGED
+    from infifpo.models.packaged import PACKAGED
+    from infifpo.models.resolve import cache_dir, resolve_model
 
     try:
         if Path(os.path.expanduser(ref)).is_dir() or (ref in PACKAGED and (cache_dir() / ref).exists()):
@@ -294,7 +294,7 @@ def _local_model_dir(ref: str) -> tuple[str | None, str]:
 def same_model(a: str, b: str) -> bool:
     """Whether local model directories ``a`` and ``b`` hold the same model under infifpo's one identity rule
     (``models.model_identity``: the hashes of config, tokenizer and weight files), wherever each lies."""
-    from infifpo.models import model_files, model_identity
+    from infifpo.models.resolve import model_files, model_identity
 
     if Path(a).resolve() == Path(b).resolve():
         return True

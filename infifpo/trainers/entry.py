@@ -1,4 +1,4 @@
-"""`infifpo train --method sft|dpo|infifpo|wrpo|opd --config FILE [--key value ...]`: parse, build, train, save.
+"""`infifpo train --method sft|dpo|infifpo|wrpo|opd [--config FILE] [--key value ...]`: parse, build, train, save.
 
 Owns: the command line of the train stage (TrlParser: YAML keys are config-dataclass fields, CLI flags override
 them, an unknown YAML key is a ConfigError with a did-you-mean), the precision default on CPU (bf16 autocast where
@@ -11,7 +11,7 @@ conversational prompts).
 Scale-out: ``--num_processes N`` and/or ``--accelerate_config FILE|NAME`` relaunch the same command under
 ``accelerate launch`` (``trainers.launch``); inside a launched process they are ignored. A rank of a multi-process run
 (WORLD_SIZE > 1) ends through ``exit_rank``, without the interpreter teardown that can deadlock in gloo.
-Every run writes ``output_dir/infifpo_train_log.json`` (CONTRACTS.md §1) from the main process.
+Every run writes ``output_dir/infifpo_train_log.json`` (docs/formats.md "Train log") from the main process.
 Resume: ``--resume_from_checkpoint PATH|true`` continues from a ``checkpoint-N`` directory (``true``: the latest
 complete one in ``output_dir``) with its weights, optimizer, schedule, RNG and data position (``resume_checkpoint``).
 Errors: a user mistake (unknown flag or key, bad value, missing file, no chat template) is a ConfigError /
@@ -39,6 +39,7 @@ import torch
 import yaml
 
 from infifpo.schema import ChatTemplateError, ConfigError, InfiFPOError
+from infifpo.trainers import packaged_config
 from infifpo.trainers.launch import in_launched_process, relaunch, split_launch_args
 
 logger = logging.getLogger(__name__)
@@ -106,16 +107,28 @@ def cpu_supports_bf16() -> bool:
 
 
 def _split_method(argv: list[str]) -> tuple[str, list[str]]:
+    """(method, the other arguments); the method comes from ``--method`` or the ``method:`` key of the ``--config``
+    YAML (both: they must agree). Without ``--config`` the method's packaged YAML is added (``packaged_config``)."""
     argv = list(argv)
-    if "--method" not in argv:
-        raise ConfigError(f"`infifpo train` needs --method, one of {list(METHODS)}.")
-    i = argv.index("--method")
-    method = argv[i + 1] if i + 1 < len(argv) else ""
+    path = _config_path(argv)
+    in_yaml = _yaml_mapping(path).get("method") if path else None
+    if "--method" in argv:
+        i = argv.index("--method")
+        method, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+        if in_yaml is not None and in_yaml != method:
+            raise ConfigError(f"--method {method!r} but {path} says method: {in_yaml!r}; drop one of them.")
+    elif in_yaml is not None:
+        method = str(in_yaml)
+    else:
+        raise ConfigError(f"`infifpo train` needs --method, one of {list(METHODS)} (or a `method:` key in its "
+                          "--config YAML).")
     if method not in METHODS:
         close = difflib.get_close_matches(method, METHODS, n=1)
         raise ConfigError(f"--method {method!r} is not one of {list(METHODS)}."
                           + (f" Did you mean {close[0]!r}?" if close else ""))
-    return method, argv[:i] + argv[i + 2:]
+    if path is None:
+        argv += ["--config", str(packaged_config(method))]
+    return method, argv
 
 
 def _config_path(argv: list[str]) -> Path | None:
@@ -124,27 +137,33 @@ def _config_path(argv: list[str]) -> Path | None:
         return None
     i = argv.index("--config")
     if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-        raise ConfigError("--config needs a value: a train YAML file (see configs/train/).")
+        raise ConfigError("--config needs a value: a train YAML file (see infifpo/trainers/configs/).")
     path = Path(os.path.expanduser(argv[i + 1]))
     if not path.is_file():
         raise ConfigError(f"--config {argv[i + 1]}: {'is a directory' if path.is_dir() else 'does not exist'}; "
-                          "give a train YAML file (see configs/train/).")
+                          "give a train YAML file (see infifpo/trainers/configs/).")
     return path
 
 
-def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
-    """Raise ConfigError with a did-you-mean for every YAML key that is not a field of the config dataclasses (and
-    for a ``--config`` file that is missing or not a YAML mapping)."""
-    path = _config_path(argv)
-    if path is None:
-        return
+def _yaml_mapping(path: Path) -> dict[str, Any]:
+    """The ``--config`` YAML as a mapping; a ConfigError when it is not valid YAML or not a mapping."""
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a YAML mapping of config keys, got {type(config).__name__}.")
-    known = {fl.name for t in dataclass_types for fl in dataclasses.fields(t)} | {"env"}
+    return config
+
+
+def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
+    """Raise ConfigError with a did-you-mean for every YAML key that is not a field of the config dataclasses (or
+    ``method`` / ``env``), and for a ``--config`` file that is missing or not a YAML mapping."""
+    path = _config_path(argv)
+    if path is None:
+        return
+    config = _yaml_mapping(path)
+    known = {fl.name for t in dataclass_types for fl in dataclasses.fields(t)} | {"env", "method"}
     unknown = sorted(set(config) - known)
     if unknown:
         hints = []
@@ -264,7 +283,7 @@ def parse(argv: list[str]) -> tuple[str, Any, Any, Any]:
 def resolve_model_path(name: str, *, revision: str | None, trust_remote_code: bool) -> str:
     """A local path for ``name`` via ``infifpo.models.resolve_model`` when that module exists, else ``name``."""
     try:
-        from infifpo.models import resolve_model
+        from infifpo.models.resolve import resolve_model
     except ImportError:
         return name
     return resolve_model(name, revision=revision, trust_remote_code=trust_remote_code)
@@ -342,7 +361,7 @@ def require_chat_template(tokenizer: Any, dataset: Any, *, model: str, script: A
     raise ChatTemplateError(
         f"model {model!r} has no chat template, so its conversational rows cannot be rendered. Pass one: "
         "--chat_template_path FILE.jinja (config key chat_template_path; a tokenizer directory works too), or save "
-        "it as chat_template.jinja in the model directory. Packaged base models ship one (infifpo/templates).")
+        "it as chat_template.jinja in the model directory. Packaged base models ship one (infifpo/models/templates).")
 
 
 def warn_quantised_reference(model_args: Any, dataset: Any, method: str) -> None:
@@ -362,8 +381,8 @@ def base_model_of(ref: str, _depth: int = 0) -> str | None:
     """The hub id model ``ref`` comes from, for a model card's ``base_model``: a packaged name's original model, a
     hub id itself, and for a directory: the packaged model it materialises, the base of the model an `infifpo
     train` output was trained from (its resolved config), or the ``base_model`` of its model card. None if unknown."""
-    from infifpo.models import MARKER
-    from infifpo.packaged import PACKAGED
+    from infifpo.models.packaged import PACKAGED
+    from infifpo.models.resolve import MARKER
 
     if ref in PACKAGED:
         return PACKAGED[ref].get("base_model")
@@ -415,7 +434,7 @@ def install_model_card(trainer: Any, *, method: str, model: str, data: str, pool
                  f"- data: `{data}`"]
         if pool:
             lines.append(f"- source models fused: {', '.join(f'`{m}`' for m in pool)}")
-        from infifpo.packaged import PACKAGED
+        from infifpo.models.packaged import PACKAGED
 
         packaged = [m for m in (model, *pool) if m in PACKAGED]
         if packaged:
@@ -515,7 +534,7 @@ def precision_name(train_args: Any) -> str:
 
 
 def write_train_log(trainer: Any, method: str, *, setup_s: float, train_runtime_s: float) -> Path:
-    """Write ``output_dir/infifpo_train_log.json`` (CONTRACTS.md §1); call on the main process only."""
+    """Write ``output_dir/infifpo_train_log.json`` (docs/formats.md "Train log"); call on the main process only."""
     args = trainer.args
     world = int(trainer.accelerator.num_processes)
     log = {"method": method, "log_history": trainer.state.log_history, "train_runtime_s": float(train_runtime_s),

@@ -1,6 +1,6 @@
 """InfiFPOConfig / InfiFPOTrainer: preference optimisation against a fused multi-source reference, on TRL's DPOTrainer.
 
-Owns: the InfiFPO options (methods.md, every "(choice)" with its default), reading the frozen pivot's and the
+Owns: the InfiFPO options (docs/methods.md, every "(choice)" with its default), reading the frozen pivot's and the
 sources' log-probs from the dataset (no reference model is ever loaded), and the per-step fusion metrics.
 Does not own: the math (``infifpo.fusion``), row validation (``trainers.data``) or batch layout (``trainers.collate``).
 Departures from TRL's DPOTrainer: the reference comes from dataset columns (``precompute_ref_log_probs`` is forced on
@@ -19,13 +19,6 @@ from trl import DPOConfig, DPOTrainer
 
 from infifpo import fusion
 from infifpo.schema import ConfigError, fuse_columns, ref_columns
-from infifpo.trainers.collate import (
-    ScoredPreferenceCollator,
-    add_response_ids,
-    completion_logps,
-    gather_means,
-    pop_score_columns,
-)
 from infifpo.trainers.data import (
     model_reference,
     prepare_scored_dataset,
@@ -33,6 +26,13 @@ from infifpo.trainers.data import (
     without_max_length,
 )
 from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
+from infifpo.trainers.forward import (
+    ScoredPreferenceCollator,
+    add_response_ids,
+    completion_logps,
+    gather_means,
+    pop_score_columns,
+)
 
 logger = logging.getLogger(__name__)
 LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
@@ -40,11 +40,11 @@ LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
 
 @dataclass
 class InfiFPOConfig(DPOConfig):
-    """DPOConfig plus the InfiFPO options; defaults are the paper's (methods.md). ``help`` is the documentation."""
+    """DPOConfig plus the InfiFPO options; defaults are the paper's (docs/methods.md). ``help`` is the documentation."""
 
-    # Parameters that control the fused reference (methods.md §Fusion)
+    # Parameters that control the fused reference (docs/methods.md §Fusion)
     fusion_method: str = field(default="max_margin", metadata={
-        "help": "How K source values become one reference f(y) (methods.md §Fusion); paper default max_margin.",
+        "help": "How K source values become one reference f(y) (docs/methods.md §Fusion); paper default max_margin.",
         "choices": list(fusion.FUSIONS)})
     length_normalize: bool = field(default=True, metadata={
         "help": "Compare mean per-token log-probs (each model divided by its own token count) instead of sums."})
@@ -53,7 +53,7 @@ class InfiFPOConfig(DPOConfig):
     include_pivot: bool | None = field(default=None, metadata={
         "help": "Append the frozen initial pivot as one more fusion candidate (the paper's derivation). Default: "
                 "false for mean/confidence (the paper's arms weight the N sources only), true for the max-margin "
-                "forms, where it only breaks ties (methods.md §Fusion)."})
+                "forms, where it only breaks ties (docs/methods.md §Fusion)."})
     margin_against: str = field(default="init", metadata={
         "help": "max_margin's distance is measured against the frozen initial pivot ('init') or the current "
                 "policy ('policy').", "choices": ["init", "policy"]})
@@ -66,7 +66,7 @@ class InfiFPOConfig(DPOConfig):
                 "order; the others' columns are dropped before validation. Default: every scored source. For "
                 "source-subset ablations on the same scored pairs."})
     # Parameters that control the InfiFPO-WRPO variant (loss_type=wrpo; rows also need source_chosen scores)
-    alpha_max: float = field(default=0.1, metadata={"help": "loss_type=wrpo: final WRPO α (methods.md §WRPO)."})
+    alpha_max: float = field(default=0.1, metadata={"help": "loss_type=wrpo: final WRPO α (docs/methods.md §WRPO)."})
     is_dynamic: bool = field(default=True, metadata={"help": "loss_type=wrpo: α rises 0 -> alpha_max; False: constant."})
     # Parameters that control the data
     skip_invalid_rows: bool = field(default=False, metadata={
@@ -202,7 +202,7 @@ class InfiFPOTrainer(DPOTrainer):
         self._signature_columns = list(dict.fromkeys(self._signature_columns + extra))
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        return dataset  # the reference log-probs are already columns (stack-notes: "Supplying your own ...")
+        return dataset  # the reference log-probs are already columns (docs/stack-notes.md: "Supplying your own ...")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The fused LM head builds no logits, so evaluation reports the loss only.
@@ -213,7 +213,7 @@ class InfiFPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         scores = pop_score_columns(inputs, self._score_columns)
         logps, num_tokens = completion_logps(model, inputs)
-        values = logps / num_tokens.clamp(min=1) if self.args.length_normalize else logps  # methods.md §LN
+        values = logps / num_tokens.clamp(min=1) if self.args.length_normalize else logps  # docs/methods.md §LN
         policy = dict(zip(self._responses, values.chunk(len(self._responses)), strict=True))
         fused, info = self._fused_reference(scores, policy)
         losses = self._pair_losses(policy, fused)
@@ -224,7 +224,7 @@ class InfiFPOTrainer(DPOTrainer):
 
     def _fused_reference(self, scores: dict[str, torch.Tensor], policy: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """f(y) [B] per response (methods.md §Fusion), and the diagnostics of the (chosen, rejected) fusion."""
+        """f(y) [B] per response (docs/methods.md §Fusion), and the diagnostics of the (chosen, rejected) fusion."""
         pick = 1 if self.args.length_normalize else 0
         ref = {r: scores[ref_columns(r)[pick]] for r in self._responses}
         src = {r: scores[fuse_columns(r)[pick]] for r in self._responses}

@@ -1,6 +1,7 @@
 """Relaunching ``infifpo train`` under ``accelerate launch``: the scale-out flags of the train stage.
 
-Owns: ``--num_processes N`` and ``--accelerate_config FILE|NAME`` (``configs/accelerate/{single,ddp,zero3,fsdp2}.yaml``)
+Owns: ``--num_processes N`` and ``--accelerate_config FILE|NAME`` (NAME: ``single``, ``ddp``, ``zero3``, ``fsdp2``, the
+packaged ``infifpo/trainers/configs/accelerate/<NAME>.yaml``)
 taken out of the command line, the ``accelerate launch`` command that reruns the same ``infifpo train`` on every rank
 (as TRL's CLI does) with the train config's precision as ``--mixed_precision``, and telling a launched rank from the
 launcher, and waiting for the launch: a rank still running ``RANK_EXIT_TIMEOUT_S`` after another rank exited is hung,
@@ -26,13 +27,13 @@ import torch
 import yaml
 
 from infifpo.schema import ConfigError
+from infifpo.trainers import ACCELERATE_CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 LAUNCH_FLAGS = ("--num_processes", "--accelerate_config")
 LAUNCHED_ENV = "INFIFPO_ACCELERATE_LAUNCHED"  # set in the child's env so a launched process never relaunches
 # Set by torchrun / accelerate / deepspeed / mpirun in every launched rank.
 RANK_ENV = ("LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 # After the first rank exits, the others have this long to exit too (they leave together after the final barrier, or
 # torchrun stops them when one fails); one still running is hung. INFIFPO_RANK_EXIT_TIMEOUT_S overrides it.
 RANK_EXIT_TIMEOUT_S = 300.0
@@ -66,13 +67,13 @@ def in_launched_process() -> bool:
 
 
 def resolve_accelerate_config(name: str) -> Path:
-    """A config file path, or a name of ``configs/accelerate/<name>.yaml`` (in the working dir or this checkout)."""
-    for candidate in (Path(name), Path("configs/accelerate") / f"{name}.yaml", ACCELERATE_CONFIG_DIR / f"{name}.yaml"):
+    """A config file path, or the name of a packaged one (``ACCELERATE_CONFIG_DIR``: single, ddp, zero3, fsdp2)."""
+    for candidate in (Path(name), ACCELERATE_CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate.resolve()
     shipped = sorted(p.stem for p in ACCELERATE_CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"--accelerate_config {name!r} is neither a file nor one of {shipped} "
-                      f"(configs/accelerate/); pass a path to an `accelerate config` YAML.")
+                      f"(the packaged ones in {ACCELERATE_CONFIG_DIR}); pass a path to an `accelerate config` YAML.")
 
 
 def _launch_plan(launch: dict[str, str]) -> tuple[Path | None, dict[str, Any], int]:
@@ -89,7 +90,7 @@ def _launch_plan(launch: dict[str, str]) -> tuple[Path | None, dict[str, Any], i
         raise ConfigError(f"--num_processes {n}: need at least 1.")
     if str(config.get("distributed_type", "")) == "NO" and n > 1:
         raise ConfigError(f"{launch['accelerate_config']} has distributed_type NO (one process) but --num_processes "
-                          f"{n}; use configs/accelerate/ddp.yaml (or zero3 / fsdp2) for several processes.")
+                          f"{n}; use --accelerate_config ddp (or zero3 / fsdp2) for several processes.")
     return path, config, n
 
 

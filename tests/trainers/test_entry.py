@@ -49,7 +49,7 @@ def _train(argv):
 
 
 def assert_train_log(trainer, method: str) -> dict:
-    """``output_dir/infifpo_train_log.json`` has CONTRACTS.md §1's keys and the trainer's own log history."""
+    """``output_dir/infifpo_train_log.json`` has docs/formats.md "Train log" keys and the trainer's own log history."""
     log = json.loads((Path(trainer.args.output_dir) / entry.TRAIN_LOG).read_text())
     assert set(log) == {"method", "log_history", "train_runtime_s", "setup_s", "world_size", "num_train_rows",
                         "global_batch_size", "max_steps", "precision"}

@@ -37,7 +37,7 @@ def _batch(trainer, n):
     (False, "sigmoid", "sigmoid", 0.1), (True, "sigmoid", "sigmoid_norm", 0.5), (True, "ipo", "ipo", 0.5)])
 def test_single_source_equal_to_reference_is_trl_dpo(tiny_llama, tiny_llama_b, tiny_tok, tmp_path, length_normalize,
                                                      loss_type, trl_loss_type, beta):
-    """methods.md sanity identity: one source whose values equal the frozen pivot's → f = r, and the InfiFPO loss and
+    """docs/methods.md sanity identity: one source whose values equal the frozen pivot's → f = r, and the InfiFPO loss and
     gradients equal TRL's DPO on the same reference: ``sigmoid`` with LN off; with LN on TRL's per-token forms
     (``sigmoid_norm``; ``ipo``, which TRL computes on per-token means). The policy (tiny_llama_b) differs from the
     reference (tiny_llama), so the DPO logits are not zero."""
@@ -115,7 +115,7 @@ def _params(model):
 
 
 def _hand_infifpo_loss(model, tok, rows, beta):
-    """methods.md, LN on, max_margin with clip (init): f(y_w) = max(v_r, max_k v_k), f(y_l) = min(v_r, min_k v_k);
+    """docs/methods.md, LN on, max_margin with clip (init): f(y_w) = max(v_r, max_k v_k), f(y_l) = min(v_r, min_k v_k);
     −log σ(β[(π̄_w − f_w) − (π̄_l − f_l)]) averaged over rows, π̄ from plain forwards."""
     losses = []
     for row in rows:
@@ -131,7 +131,7 @@ def _hand_infifpo_loss(model, tok, rows, beta):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_one_sgd_step_follows_the_hand_computed_gradient(tiny_llama, tiny_tok, tmp_path, lora):
     """One SGD step moves every trainable parameter by −lr ∇L, L the InfiFPO loss computed by hand (plain forwards,
-    the methods.md max-margin form); with LoRA only adapter weights are trainable."""
+    the docs/methods.md max-margin form); with LoRA only adapter weights are trainable."""
     from peft import LoraConfig
 
     rows = make_scored_rows(tiny_tok, 2, k=2)  # batch 2 of 2 rows: the step sees both pairs
@@ -169,7 +169,7 @@ def test_config_defaults_and_run_script_aliases(tmp_path):
     assert (alias.fusion_method, alias.length_normalize, alias.beta) == ("mean", False, 0.1)
     assert InfiFPOConfig(beta=0.7, **base).beta == 0.7
     assert cfg.max_length == 4096  # the paper's, not TRL's inherited 1024
-    # methods.md §Fusion (choice): mean/confidence weight the N sources only unless asked; max-margin keeps the pivot
+    # docs/methods.md §Fusion (choice): mean/confidence weight the N sources only unless asked; max-margin keeps the pivot
     assert [InfiFPOConfig(fusion_method=m, **base).include_pivot for m in ("mean", "confidence", "max_margin_pair")] \
         == [False, False, True]
     assert InfiFPOConfig(fusion_method="mean", include_pivot=True, **base).include_pivot is True
@@ -182,7 +182,7 @@ def test_config_defaults_and_run_script_aliases(tmp_path):
 
 
 def test_wrpo_variant_loss_matches_hand_computation_with_fused_references(tiny_llama, tiny_tok, tmp_path):
-    """InfiFPO-WRPO (methods.md §The InfiFPO loss): the WRPO objective with every reference term replaced by f.
+    """InfiFPO-WRPO (docs/methods.md §The InfiFPO loss): the WRPO objective with every reference term replaced by f.
 
     LN off (sums), two sources, max_margin with clip against the initial pivot: f(y_ws) = max(r_ws, max_k s_k(y_ws)),
     f(y_wt) = max(r_wt, max_k s_k(y_wt)), f(y_l) = min(r_l, min_k s_k(y_l)); α constant 0.3, β 0.05;

@@ -4,7 +4,7 @@ shared fusion functions, metrics, the token-level term's vocabulary check, and `
 Pool (all offline, tiny, character tokenizers with the same chat template): a Llama student; teacher "good" (Qwen2,
 tokenizer with 2 extra characters and every character's id reversed) that always answers "x"; teacher "weak" (Llama,
 3 other extra characters, random weights). Three vocabulary sizes and different ids for the same character, so only
-sequence-level fusion on the completion text can combine them (users.md T8: student ids fed to a teacher would fail).
+sequence-level fusion on the completion text can combine them (docs/bad-inputs.md T8: student ids fed to a teacher would fail).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _hand_teacher_value(tok, model, prompt, text: str) -> torch.Tensor:
 
 
 def _hand_fused(v_r: torch.Tensor, teachers: torch.Tensor, clip: bool) -> torch.Tensor:
-    """max_margin with the initial student appended (methods.md §Fusion), written out per sample."""
+    """max_margin with the initial student appended (docs/methods.md §Fusion), written out per sample."""
     if clip:  # c_k = max(v_k, v_r): max-margin then picks the largest candidate
         return torch.maximum(v_r, teachers.max(dim=1).values)
     cand = torch.cat([teachers, v_r[:, None]], dim=1).double()
@@ -144,7 +144,7 @@ def test_advantages_loss_and_gradient_match_hand_computation(pool, tmp_path, cli
     v_good, v_weak)), g = f - v̂, A_i = g_i - mean of g over the prompt's other 3 samples (leave-one-out), all from
     plain full-logits forwards and fusion written out here. The trainer's loss and gradient must equal those of the
     unbiased estimator of ∇ E_y~π[v_π(y) - f(y)] written out on an independent copy of the student:
-    -mean_i (A_i - 1/n_i) Σ_t log p(y_i,t), the sum over the completion's n_i tokens (methods.md §OPD)."""
+    -mean_i (A_i - 1/n_i) Σ_t log p(y_i,t), the sum over the completion's n_i tokens (docs/methods.md §OPD)."""
     trainer = _trainer(tmp_path, pool, clip=clip)
     with torch.no_grad():
         for p in trainer.model.parameters():
@@ -277,7 +277,7 @@ def test_metrics_are_logged_and_consistent(pool, tmp_path):
 
 def test_clipping_against_the_initial_student(pool, tmp_path, caplog):
     """clip=True floors f at v_r; with only the weak teacher (always below v_r) f = v_r = v̂_π at the first step, so
-    every advantage is 0 and the trainer says so (users.md #27), with the clip rate of the side it uses (1.00: every
+    every advantage is 0 and the trainer says so ("Is my run healthy?"), with the clip rate of the side it uses (1.00: every
     teacher value raised to v_r; the fusion's own clip_rate also counts the unused mirrored side, 0.50). Without
     LN the step is a no-op; with LN the 1/n length term of ∇ E[v_π] still moves the student, and the warning says so."""
     trainer = _trainer(tmp_path, pool, clip=True, max_steps=2)
@@ -317,7 +317,7 @@ def test_lora_reference_is_the_adapter_disabled_student(pool, tmp_path):
 def test_token_level_term_needs_a_shared_vocabulary(pool, tmp_path, tiny_llama, tiny_qwen):
     with pytest.raises(ConfigError, match="teacher 'good' has"):
         _trainer(tmp_path, pool, token_level_weight=0.5, token_level_teachers=["good"])
-    # users.md T6: the same tokenizer but a padded head (vocab_size 128 != len(tokenizer)) is not the same vocabulary
+    # docs/bad-inputs.md T6: the same tokenizer but a padded head (vocab_size 128 != len(tokenizer)) is not the same vocabulary
     args = _config(tmp_path, pool, teacher_models=[tiny_qwen], teacher_names=["padded"], token_level_weight=0.5)
     with pytest.raises(ConfigError, match="teacher 'padded' has .* head size 128"):
         FusedDistillationTrainer(tiny_llama, args=args, train_dataset=_prompts(8))
@@ -405,7 +405,7 @@ def test_train_cli_opd_from_yaml(pool, tmp_path):
     rows = tmp_path / "prompts.jsonl"
     rows.write_text("".join(f'{{"id": "p{i}", "prompt": [{{"role": "user", "content": "q{i}"}}], "domain": "math"}}\n'
                             for i in range(8)))
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/train/opd.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "infifpo/trainers/configs/opd.yaml").read_text())
     cfg = {**shipped, "model_name_or_path": pool["student"], "dataset_name": str(rows),
            "output_dir": str(tmp_path / "run"), "teacher_models": [pool["good"], pool["weak"]],
            "teacher_model_init_kwargs": {"dtype": "float32"}, "max_completion_length": 3, "max_steps": 2,

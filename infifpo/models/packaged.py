@@ -135,14 +135,14 @@ def fetch_gguf(name: str, dest: str | os.PathLike) -> Path:
 
 
 def chat_template_text(filename: str) -> str:
-    """The text of a chat template shipped in ``infifpo/templates`` (see its README.md)."""
-    return resources.files("infifpo").joinpath("templates", filename).read_text()
+    """The text of a chat template shipped in ``infifpo/models/templates`` (see its README.md)."""
+    return resources.files("infifpo.models").joinpath("templates", filename).read_text()
 
 
 def convert_gguf(gguf: Path, out: Path, *, chat_template: str | None = None) -> None:
     """Load a GGUF with transformers and save it as a plain float32 safetensors checkpoint + tokenizer in ``out``.
 
-    transformers keeps GGUF weights packed and refuses save_pretrained, so (stack-notes) drop
+    transformers keeps GGUF weights packed and refuses save_pretrained, so (docs/stack-notes.md) drop
     ``quantization_config``, build a fresh model from the config and load the dequantised state dict into it.
     float32 keeps the dequantised values exactly (bf16 would round them).
     """

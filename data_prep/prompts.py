@@ -34,7 +34,7 @@ PROMPTS_VERSION = 2  # 2: ids of user-file lines without one come from their con
 MATH_INSTRUCTION = 'Solve the problem, then end your reply with "The answer is N." where N is the final number.'
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block."
 
-# level -> (operator, range of a, range of b). Chosen from stack-notes "How the default pool scores": the pool's
+# level -> (operator, range of a, range of b). Chosen from docs/stack-notes.md "How the default pool scores": the pool's
 # models land between ~15 % and ~100 % on these bare; word problems make them somewhat harder.
 ARITHMETIC_LEVELS: dict[str, tuple[str, tuple[int, int], tuple[int, int]]] = {
     "add_1d": ("+", (0, 9), (0, 9)),
@@ -78,7 +78,7 @@ def load_gsm8k(split: str) -> list[list[dict[str, Any]]]:
     """GSM8K (vendored, MIT) as math prompts with the gold number as ``answer``."""
     if split not in ("train", "test"):
         raise ConfigError(f"gsm8k has splits 'train' and 'test', not {split!r}.")
-    path = resources.files("infifpo") / "data" / "gsm8k" / f"{split}.jsonl"
+    path = resources.files("data_prep") / "gsm8k" / f"{split}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [[_row(f"gsm8k-{split}-{i:05d}", f"{r['question']}\n\n{MATH_INSTRUCTION}", "math", "gsm8k",
                   answer=gsm8k_answer(r["answer"])) for i, r in enumerate(rows)]]  # fmt: skip

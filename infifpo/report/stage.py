@@ -1,6 +1,6 @@
 """`infifpo report --run-dir runs/<name>`: the paper-style results table, cost accounting and training plots of a run.
 
-Reads ``<run_dir>/pipeline_outputs.json`` and the files it points to (CONTRACTS §1-4: train logs, score_stats.json,
+Reads ``<run_dir>/pipeline_outputs.json`` and the files it points to (docs/formats.md: train logs, score_stats.json,
 eval scores.json and per-item rows, sample rows); writes ``report.md``, ``report.json`` and ``plots/*.png`` in the
 run directory. Owns: the table layout (InfiFPO paper Table 2: rows pivot, sources, SFT, SFT-DPO, SFT-WRPO, InfiFPO;
 columns benchmarks, Avg, Math avg, Code avg, seeds, size, compute hours), the ablation table of InfiFPO's arms, the
@@ -24,7 +24,7 @@ Definitions (percent and percentage points throughout):
   interval over all their benchmarks (items resampled within each; the interval of the one benchmark when there is
   one). Avg = mean over all benchmarks; Math avg / Code avg = mean over the benchmarks whose domain is
   "math" / "code" (the paper's Math and Code averages). A benchmark's domain comes from its scores.json entry or
-  per-item rows ("domain") when the eval records it, else from the prompt loader that builds it (``infifpo.prompts``:
+  per-item rows ("domain") when the eval records it, else from the prompt loader that builds it (``data_prep.prompts``:
   the run's eval spec, or the benchmark's own name), else, for lm-eval tasks, from ``LM_EVAL_DOMAINS``; an unknown
   domain is left out of Math/Code avg with a note.
 - Comparisons (A - B, points): paired by item id; the interval is the percentile interval of the same bootstrap over
@@ -62,14 +62,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infifpo import plots
+from data_prep.prompts import build_prompts, parse_spec
 from infifpo.eval.stats import min_detectable_difference, seed_item_bootstrap, survey_metrics
-from infifpo.prompts import build_prompts, parse_spec
-from infifpo.report_markdown import DASH, render_markdown
+from infifpo.report import plots
+from infifpo.report.markdown import DASH, render_markdown
 from infifpo.schema import DataFormatError, InfiFPOError
 from infifpo.store import SUCCESS, StoreError, read_output
 
-logger = logging.getLogger("infifpo.report")
+logger = logging.getLogger("infifpo.report.stage")
 TRAIN_LOG = "infifpo_train_log.json"
 METHODS = {"sft": "SFT", "sft_wrpo": "SFT (WRPO data)", "dpo": "SFT-DPO", "wrpo": "SFT-WRPO", "infifpo": "InfiFPO"}
 # Training-side wall time a trained row paid (timings labels); InfiFPO also pays scoring every response once.
@@ -193,7 +193,7 @@ class Evals:
         if not isinstance(bench, dict) or any(not isinstance(b, dict) or "accuracy" not in b
                                               or len(b.get("ci95") or ()) != 2 for b in bench.values()):
             raise DataFormatError(f"{run.path(d) / 'scores.json'}: 'benchmarks' must map each benchmark to an object "
-                                  f"with 'accuracy' and 'ci95' (CONTRACTS §3). Re-run {stage}.")
+                                  f"with 'accuracy' and 'ci95' (docs/formats.md, 'Eval outputs'). Re-run {stage}.")
         return scores
 
     def rows(self, label: str) -> list[dict[str, Any]] | None:
@@ -304,7 +304,7 @@ def _key_of(spec: Any) -> str | None:
 
 
 def _loader_domain(spec: Any) -> str | None:
-    """The one domain of the rows ``infifpo.prompts`` builds from ``spec`` (whole split; hub sources are not loaded,
+    """The one domain of the rows ``data_prep.prompts`` builds from ``spec`` (whole split; hub sources are not loaded,
     a hub spec's explicit ``domain`` is used); None when it mixes domains or cannot be built here."""
     try:
         s = parse_spec(spec)
@@ -620,7 +620,7 @@ def scoring_costs(run: Run) -> list[dict[str, Any]] | None:
     if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("seconds"), int | float)
                                                and isinstance(m.get("tokens"), int) for m in models):
         raise DataFormatError(f"{file}: 'models' must be a list of objects with numeric 'seconds' and 'tokens' "
-                              f"(CONTRACTS §2). Re-run {stage}.")
+                              f"(docs/formats.md, 'Score outputs'). Re-run {stage}.")
     out = []
     for m in models:
         processed = m["tokens"] + int(m.get("prompt_tokens") or 0)
@@ -629,7 +629,7 @@ def scoring_costs(run: Run) -> list[dict[str, Any]] | None:
 
 
 def train_logs(run: Run) -> dict[str, dict[str, Any]]:
-    """run label -> its infifpo_train_log.json (CONTRACTS §1), for each trained label (every seed and arm) whose log
+    """run label -> its infifpo_train_log.json (docs/formats.md "Train log"), for each trained label (every seed and arm) whose log
     exists."""
     logs = {}
     fixed = {"pivot", *(f"source:{m}" for m in run.out["sources"])}

@@ -2,9 +2,9 @@
 assembled scored-pairs output.
 
 Owns: ``model_key`` (a model directory's identity, ``models.model_identity``), ``ShardStats`` and the per-model
-``score_stats.json`` (CONTRACTS.md section 2), and ``assemble``: joining the per-model outputs by row id into the
-scored-pairs format (schema.py: methods.md's official InfiFPO columns plus token counts and model names).
-Does not own: tokenising or running models, or which rows are scored (``infifpo.score``).
+``score_stats.json`` (docs/formats.md "Score outputs"), and ``assemble``: joining the per-model outputs by row id into the
+scored-pairs format (schema.py: docs/methods.md's official InfiFPO columns plus token counts and model names).
+Does not own: tokenising or running models, or which rows are scored (``infifpo.score.stage``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 from filelock import FileLock
 
 from infifpo import store
-from infifpo.models import model_files, model_identity
+from infifpo.models.resolve import model_files, model_identity
 from infifpo.provenance import rows_digest
 from infifpo.schema import RESPONSE_COLUMNS, fuse_columns, ref_columns
 
 logger = logging.getLogger(__name__)
 
-STATS = "score_stats.json"  # CONTRACTS.md section 2: per-model output dirs and the assembled output dir
+STATS = "score_stats.json"  # docs/formats.md "Score outputs": per-model output dirs and the assembled output dir
 
 
 def model_key(path: str) -> dict[str, Any]:

