@@ -35,7 +35,7 @@ def _prompt_ids(model_dir: str, n: int) -> list[list[int]]:
     from infifpo.logprobs import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lines = resources.files("infifpo").joinpath("data/gsm8k/test.jsonl").read_text().splitlines()[:n]
+    lines = resources.files("data_prep").joinpath("gsm8k/test.jsonl").read_text().splitlines()[:n]
     return [encode_prompt(tok, [{"role": "user", "content": json.loads(line)["question"]}]) for line in lines]
 
 

@@ -150,8 +150,9 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_rss_gb": peak_rss_gb, "peak_gpu_gb": peak_gpu_gb, "device": dev, "threads": torch.get_num_threads(),
         "warmup_s": warmup_s, "compiled": args.worker == "ours" and engine._compiled_backbone is not None
         and not engine._compile_failed, "rss_after_load_gb": load_rss_gb, "scoring_peak_rss_gb": scoring_peak_rss_gb,
-        "peak_flops": peak_flops, "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch, "naive_keep_previous": args.naive_keep_previous,
-        "naive_pad": args.naive_pad, "token_budget": args.token_budget, "gemm_ceiling_flops": ceiling,
+        "peak_flops": peak_flops, "import_rss_gb": import_rss_gb, "naive_batch": args.naive_batch,
+        "naive_keep_previous": args.naive_keep_previous, "naive_pad": args.naive_pad,
+        "token_budget": args.token_budget, "gemm_ceiling_flops": ceiling,
         "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
     }  # fmt: skip
 
@@ -174,13 +175,13 @@ def attention_flops(config, batch: int, width: int) -> float:
 
 def interleaved_peak_probes(score_batch, batches: list[list[int]], batch_tokens, batch_flops, device: str) -> dict:
     """Score the requests again, one batch of the timed run at a time (``score_batch``), with a probe of the machine's
-    bf16 matmul speed (``bf16_matmul_rate``: three 4096^3 products back to back, ~0.5 s) before the first batch and after
-    each one. Returns the tokens, forward FLOPs and seconds, and the FLOPs the matmuls would have done in those seconds
-    (each batch's seconds x the mean of the probes on either side of it). Shares and speeds are then taken against the
-    machine's speed at the moment each batch ran: this 2-core machine's matmul throughput moved between ~400 and ~1400
-    GFLOP/s from one minute to the next. A sustained rate, not the best single product, which catches short bursts: in
-    one run best-of-three probes averaged 1030 GFLOP/s around SmolLM2's compiled batches (431 GFLOP/s) and 543 around
-    its eager ones (321 GFLOP/s)."""
+    bf16 matmul speed (``bf16_matmul_rate``: three 4096^3 products back to back, ~0.5 s) before the first batch and
+    after each one. Returns the tokens, forward FLOPs and seconds, and the FLOPs the matmuls would have done in those
+    seconds (each batch's seconds x the mean of the probes on either side of it). Shares and speeds are then taken
+    against the machine's speed at the moment each batch ran: this 2-core machine's matmul throughput moved between
+    ~400 and ~1400 GFLOP/s from one minute to the next. A sustained rate, not the best single product, which catches
+    short bursts: in one run best-of-three probes averaged 1030 GFLOP/s around SmolLM2's compiled batches (431 GFLOP/s)
+    and 543 around its eager ones (321 GFLOP/s)."""
     before = bf16_matmul_rate(device)
     tokens = flops = seconds = peak_work = 0.0
     for batch in batches:
@@ -307,12 +308,12 @@ def report(model: str, runs: list[dict], naive: dict | None, peak: float) -> lis
             at_equal_speed = _tokens_per_peak(ours) / naive_per_peak
             print(f"   at equal machine speed: {at_equal_speed:.2f}x tokens/s (both scored again batch by batch, each "
                   f"one's tokens/s divided by the matmul speed probed around its batches)")
-            row.update(naive_tok_s=ntps, naive_peak_gb=naive[mem], speedup=tps / ntps, speedup_at_equal_peak=at_equal_speed,
-                       speedup_with_compile=with_compile / ntps, memory_ratio=ours[mem] / naive[mem],
-                       floor_ratio=floor / naive[mem])
-        print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the run's best bf16 matmul "
-              f"peak, counting 2 x non-embedding params per token the backbone processes (padding included) + 2 x "
-              f"head params per scored position (the only ones that go through the head) + the causal attention "
+            row.update(naive_tok_s=ntps, naive_peak_gb=naive[mem], speedup=tps / ntps,
+                       speedup_at_equal_peak=at_equal_speed, speedup_with_compile=with_compile / ntps,
+                       memory_ratio=ours[mem] / naive[mem], floor_ratio=floor / naive[mem])
+        print(f"   forward: {matmul_flops / 1e9:.0f} GFLOP/s = {matmul_flops / peak:.1%} of the run's best bf16 "
+              f"matmul peak, counting 2 x non-embedding params per token the backbone processes (padding included) "
+              f"+ 2 x head params per scored position (the only ones that go through the head) + the causal attention "
               f"products ({ours['attention_flops'] / (matmul_flops * ours['seconds']):.1%} of the count). As 2 x "
               f"all params x processed tokens: {brief_flops / peak:.1%}")
         print(f"   batch by batch, against the matmul speed probed before and after each batch: "

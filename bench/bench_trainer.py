@@ -1,4 +1,5 @@
-"""Step time and peak memory: InfiFPOTrainer (K = 2 sources) vs TRL DPOTrainer (live reference / precomputed reference).
+"""Step time and peak memory: InfiFPOTrainer (K = 2 sources) vs TRL DPOTrainer (live reference / precomputed
+reference).
 
 Every configuration runs in its own process (so peak RSS is that configuration's own), on the same random-weight
 model, data, batch, sequence lengths and precision, and is reported as a ratio to the live-reference fp32 baseline.
@@ -161,7 +162,8 @@ def measure_all(a: argparse.Namespace, model_dir: str, steps: int) -> dict | Non
             print(f"{name}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
             return None
         results[name] = json.loads(line[len("RESULT "):])
-        print(f"  done {name}: {results[name]['step_s']:.3f} s/step, {results[name]['peak_rss_gb']:.2f} GB", flush=True)
+        print(f"  done {name}: {results[name]['step_s']:.3f} s/step, {results[name]['peak_rss_gb']:.2f} GB",
+              flush=True)
     return results
 
 

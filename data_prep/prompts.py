@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from infifpo.schema import DOMAINS, PROMPT_COLUMNS, ConfigError, DataFormatError, check_messages
-from infifpo.store import StageOutput, file_sha256, fingerprint, read_jsonl, read_output
+from infifpo.store import StageOutput, file_sha256, fingerprint, read_jsonl, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ PROMPTS_VERSION = 2  # 2: ids of user-file lines without one come from their con
 MATH_INSTRUCTION = 'Solve the problem, then end your reply with "The answer is N." where N is the final number.'
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block."
 
-# level -> (operator, range of a, range of b). Chosen from docs/stack-notes.md "How the default pool scores": the pool's
-# models land between ~15 % and ~100 % on these bare; word problems make them somewhat harder.
+# level -> (operator, range of a, range of b). Chosen from docs/stack-notes.md "How the default pool scores": the
+# pool's models land between ~15 % and ~100 % on these bare; word problems make them somewhat harder.
 ARITHMETIC_LEVELS: dict[str, tuple[str, tuple[int, int], tuple[int, int]]] = {
     "add_1d": ("+", (0, 9), (0, 9)),
     "sub_1d": ("-", (0, 9), (0, 9)),
@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_all(rows)
     counts = Counter(r["domain"] for r in rows)
     print(out.path)
+    record_outputs(out.path)
     print("  ".join(f"{d}={counts[d]}" for d in sorted(counts)) + f"  total={len(rows)}")
     return 0
 

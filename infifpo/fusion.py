@@ -4,9 +4,9 @@ Owns: length normalisation, clipping against the frozen initial pivot, fusion of
 (FUSIONS), the InfiFPO loss (sigmoid, ipo), the WRPO loss and alpha schedule, and the OPD objectives (sequence-level
 score-function loss, token-level forward/reverse KL, generalised JSD). Does not own: computing log-probs, batching,
 metrics or data validation (trainers, `logprobs`, `schema`). Imports torch only.
-Units: log-probs in nats; "v" is the caller's space (docs/methods.md §LN): the summed log-prob over the response tokens,
-or the mean per-token log-prob with LN. B pairs, K sources, K' = K + 1 candidates when the initial pivot is appended
-(`include_pivot`; its index is K). Bad input raises ValueError (this layer may not import `infifpo.schema`).
+Units: log-probs in nats; "v" is the caller's space (docs/methods.md §LN): the summed log-prob over the response
+tokens, or the mean per-token log-prob with LN. B pairs, K sources, K' = K + 1 candidates when the initial pivot is
+appended (`include_pivot`; its index is K). Bad input raises ValueError (this layer may not import `infifpo.schema`).
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Te
 
 FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
            "confidence": fuse_confidence}
-# docs/methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation arms,
-# γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
+# docs/methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation
+# arms, γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
 # equivalent form and credits the pivot in the selection metrics.
 INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False}
 

@@ -45,7 +45,8 @@ def _chat_ids(tokenizer: Any, messages: Messages, **kwargs: Any) -> list[int]:
 
 
 def encode_prompt(tokenizer: Any, prompt: Messages) -> list[int]:
-    """Token ids of ``prompt`` rendered with the chat template and the generation prompt (what a model samples from)."""
+    """Token ids of ``prompt`` rendered with the chat template and the generation prompt (what a model samples
+    from)."""
     return _chat_ids(tokenizer, prompt, add_generation_prompt=True)
 
 
@@ -138,8 +139,9 @@ def head_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, lm_head: to
                         compiled: bool = False) -> torch.Tensor:
     """Log-probs (nats, fp32) of ``targets`` (N,) given the final hidden states ``hidden`` (N, H).
 
-    The vocabulary size is the head's output size, never ``len(tokenizer)`` (docs/bad-inputs.md T6), and the model's own soft-capping
-    (Gemma 2/3) is applied in fp32. ``compiled`` runs the post-processing torch.compile'd. Two exact evaluations:
+    The vocabulary size is the head's output size, never ``len(tokenizer)`` (docs/bad-inputs.md T6), and the model's
+    own soft-capping (Gemma 2/3) is applied in fp32. ``compiled`` runs the post-processing torch.compile'd. Two exact
+    evaluations:
 
     - with autograd (a trainer backpropagating through it, or ``chunk_size`` given): chunks of ``chunk_size``
       positions (default ~2**25 logits per chunk) over the whole vocabulary; per chunk logits = lm_head(hidden) in
@@ -190,7 +192,8 @@ def _static_width_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: i
     one compile for the full tiles and one for a narrower last tile, whatever N."""
     fn = _maybe_compiled(_tile_logsumexp, True, dynamic=False)
     tile = min(tile, weight.shape[0])  # a vocabulary narrower than one tile is one full tile
-    buffer = h.new_empty(h.shape[0], tile)  # one per block, as in _eager_tiles_logsumexp (fresh ones fragment the heap)
+    # one per block, as in _eager_tiles_logsumexp (fresh ones fragment the heap)
+    buffer = h.new_empty(h.shape[0], tile)
     torch._dynamo.maybe_mark_dynamic(buffer, 0)
     out = []
     for v in range(0, weight.shape[0], tile):
@@ -246,7 +249,8 @@ def masked_token_logprobs(model: Any, input_ids: torch.Tensor, score_mask: torch
     """
     if bool(score_mask[:, 0].any()):
         raise ValueError("position 0 of a sequence cannot be scored: it has no context")
-    out = (decoder_backbone(model) if backbone is None else backbone)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = (decoder_backbone(model) if backbone is None else backbone)(input_ids=input_ids,
+                                                                      attention_mask=attention_mask, use_cache=False)
     predicting = score_mask[:, 1:]  # hidden state at t-1 predicts token t
     hidden = out.last_hidden_state[:, :-1][predicting]
     targets = input_ids[:, 1:][predicting]

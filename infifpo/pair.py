@@ -12,9 +12,10 @@ the pivot's own sample the chosen among equally good ones and the rejected among
 in quality rather than in which model wrote it (with a verifier most samples tie: every correct answer ranks the
 same); ``"hash"`` leaves it to the hash alone. Last comes a hash of (seed, sample id), so the result never depends on
 row order. A response with
-finish_reason "length" or "error" may be rejected but not chosen unless ``allow_truncated_chosen`` (docs/bad-inputs.md S3);
-empty or whitespace-only responses are excluded (docs/bad-inputs.md D7). A prompt whose best and worst rank the same, or whose chosen
-and rejected texts are identical (docs/bad-inputs.md D6), is dropped and counted with its reason.
+finish_reason "length" or "error" may be rejected but not chosen unless ``allow_truncated_chosen``
+(docs/bad-inputs.md S3); empty or whitespace-only responses are excluded (docs/bad-inputs.md D7). A prompt whose best
+and worst rank the same, or whose chosen and rejected texts are identical (docs/bad-inputs.md D6), is dropped and
+counted with its reason.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from infifpo.schema import (
     row_label,
     sample_id,
 )
-from infifpo.store import StageOutput, read_output
+from infifpo.store import StageOutput, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def worst(samples: list[Sample], opts: PairOptions) -> Sample:
 
 
 def may_be_chosen(s: Sample, opts: PairOptions) -> bool:
-    """A finished response may be chosen; a truncated one only when allowed; an errored one never (docs/bad-inputs.md S3)."""
+    """A finished response may be chosen; a truncated one only when allowed; an errored one never
+    (docs/bad-inputs.md S3)."""
     return s["finish_reason"] == "stop" or (opts.allow_truncated_chosen and s["finish_reason"] == "length")
 
 
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         (out.path / "stats.json").write_text(json.dumps(stats, indent=1))  # before _SUCCESS: complete => has stats
         out.write_all(rows)
     print(out.path)
+    record_outputs(out.path)
     print(f"pairs={stats['prompts_out']} of prompts={stats['prompts_in']}  splits={stats['rows_by_split']}  "
           f"dropped={stats['dropped']}")  # fmt: skip
     return 0

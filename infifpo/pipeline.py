@@ -38,7 +38,7 @@ import yaml
 
 from infifpo.provenance import output_digest
 from infifpo.schema import ConfigError
-from infifpo.store import SUCCESS, StageOutput, fingerprint, read_output
+from infifpo.store import RESULT_FILE_ENV, StageOutput, fingerprint, read_output, read_recorded_outputs
 from infifpo.trainers import packaged_config
 
 logger = logging.getLogger("infifpo.pipeline")
@@ -188,44 +188,30 @@ class Timings:
 
 def run_stage(name: str, args: list[str], log_dir: Path, timings: Timings | None = None, label: str | None = None,
               model: str | None = None) -> list[Path]:
-    """Run `infifpo <name> args` in a fresh process; return the completed output directories it printed."""
+    """Run `infifpo <name> args` in a fresh process; return the completed output directories it recorded in its
+    result file (``store.record_outputs``; the stage's stdout and stderr go to ``log_dir/<name>.log``)."""
     cmd = [sys.executable, "-m", "infifpo.cli", name, *args]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
+    result_file = log_dir / f".{name}.{os.getpid()}.{time.monotonic_ns()}.result.jsonl"
     logger.info("stage %s: %s", label or name, " ".join(cmd[3:]))
     start = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        log.write(proc.stdout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {name!r} failed (exit {proc.returncode}); see {log_path}")
+    try:
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, RESULT_FILE_ENV: str(result_file)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage {name!r} failed (exit {proc.returncode}); see {log_path}")
+        outputs = read_recorded_outputs(result_file)
+    finally:
+        result_file.unlink(missing_ok=True)
     seconds = time.time() - start
     logger.info("stage %s done in %.0f s", label or name, seconds)
-    outputs = _printed_outputs(proc.stdout)
     if timings is not None:
         timings.record(label or name, name, model, seconds, outputs)
     return outputs
-
-
-def _printed_outputs(stdout: str) -> list[Path]:
-    paths: list[Path] = []
-    for line in stdout.splitlines():
-        line = line.strip()
-        try:
-            value = json.loads(line) if line.startswith("{") else None
-        except json.JSONDecodeError:
-            value = None
-        for cand in (value.values() if isinstance(value, dict) else [line]):
-            p = Path(str(cand))
-            try:
-                done = (p / SUCCESS).exists()
-            except OSError:  # a log line, not a path (too long for a file name)
-                done = False
-            if done and p not in paths:
-                paths.append(p)
-    return paths
 
 
 def _one(paths: list[Path], stage: str) -> Path:
@@ -298,12 +284,12 @@ def wrpo_sft_rows(first_pass: Path, data: Path) -> Path:
 
 def wrpo_pairs(cfg: dict[str, Any], prompts: Path, judged: list[Path], dirs: tuple[Path, Path], timings: Timings,
                run: dict[str, Any]) -> tuple[dict[str, Path], Path, Path]:
-    """The faithful WRPO recipe (docs/methods.md "Data recipes"): first-pass quadruples split one third SFT / two thirds
-    PO, y_ws = best source sample; WRPO's own SFT ("sft_wrpo") from the pivot on the SFT third with chosen = y_ws;
-    a second sampling pass from that checkpoint (the pivot's sampling options and n), judged like the rest; then the
-    quadruples WRPO trains on, y_wt / y_l = best / worst of the checkpoint's samples (its path is their model name
-    and the pair stage's pivot). The checkpoint samples every prompt, not only the PO two thirds: judge and pair
-    join samples to one prompts output, which the sources' samples already fix; the SFT third's rows are unused.
+    """The faithful WRPO recipe (docs/methods.md "Data recipes"): first-pass quadruples split one third SFT / two
+    thirds PO, y_ws = best source sample; WRPO's own SFT ("sft_wrpo") from the pivot on the SFT third with
+    chosen = y_ws; a second sampling pass from that checkpoint (the pivot's sampling options and n), judged like the
+    rest; then the quadruples WRPO trains on, y_wt / y_l = best / worst of the checkpoint's samples (its path is their
+    model name and the pair stage's pivot). The checkpoint samples every prompt, not only the PO two thirds: judge and
+    pair join samples to one prompts output, which the sources' samples already fix; the SFT third's rows are unused.
     Returns ({"wrpo_first_pass", "sft_wrpo", "wrpo"}: data directories, the sft_wrpo checkpoint, its samples)."""
     data, logs = dirs
     first = pair(cfg, "wrpo", judged, prompts, dirs, timings, label="pair/wrpo_first_pass")

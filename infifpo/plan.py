@@ -78,8 +78,9 @@ class Hardware:
 
 PRESETS = {
     "gpu": Hardware("A100-80GB (bf16 dense 312 TFLOP/s)", 8, 312.0, 80.0, 0.35, 0.5, 0.1),
-    # The 2-core CPU this project is tested on (measured): matmul peak 165 GFLOP/s fp32; SmolLM2-135M generated 28-40 tok/s, i.e.
-    # 2 * 135e6 * 34 / 165e9 = 5.6 % of peak (decode MFU 0.05). Prefill and training MFU are not measured there.
+    # The 2-core CPU this project is tested on (measured): matmul peak 165 GFLOP/s fp32; SmolLM2-135M generated 28-40
+    # tok/s, i.e. 2 * 135e6 * 34 / 165e9 = 5.6 % of peak (decode MFU 0.05). Prefill and training MFU are not measured
+    # there.
     "cpu": Hardware("2-core CPU (165 GFLOP/s fp32 matmul peak)", 1, 0.165, 24.0, 0.2, 0.3, 0.05),
 }
 
@@ -305,8 +306,9 @@ def _si(x: float) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table (device-hours and wall hours at the stated throughput), with a total line."""
     head = ("stage", "model", "params", "tokens", "FLOPs", "dev-h", "wall-h", "GB/dev", "fits", "parallel", "note")
-    lines = [[r["stage"], r["model"], _si(r["params"]).replace("G", "B"), _si(r["tokens"]), _si(r["flops"]), f"{r['device_hours']:.3g}",
-              f"{r['wall_hours']:.3g}", f"{r['mem_gb']:.1f}", "yes" if r["fits"] else "NO", r["parallel"], r["note"]]
+    lines = [[r["stage"], r["model"], _si(r["params"]).replace("G", "B"), _si(r["tokens"]), _si(r["flops"]),
+              f"{r['device_hours']:.3g}", f"{r['wall_hours']:.3g}", f"{r['mem_gb']:.1f}", "yes" if r["fits"] else "NO",
+              r["parallel"], r["note"]]
              for r in rows]  # fmt: skip
     lines.append(["total", "", "", _si(sum(r["tokens"] for r in rows)), _si(sum(r["flops"] for r in rows)),
                   f"{sum(r['device_hours'] for r in rows):.3g}", f"{sum(r['wall_hours'] for r in rows):.3g}", "", "",

@@ -6,14 +6,15 @@ the output, resumable and sharded writing (``store``), and the multi-model run (
 ``--num-shards N`` runs N local worker processes, one per shard (``infifpo.shards``); docs/scaling.md.
 Does not own: the engines, the on-disk format, or judging.
 
-Seeds (docs/bad-inputs.md S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31 bits), passed to
-engines that take per-sample seeds (vLLM), so a sample is the same whatever the batch, shard or ``n``. The
-transformers engine seeds once per ``generate`` call instead; its rows record the base seed ``spec.seed``, and its
+Seeds (docs/bad-inputs.md S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31
+bits), passed to engines that take per-sample seeds (vLLM), so a sample is the same whatever the batch, shard or ``n``.
+The transformers engine seeds once per ``generate`` call instead; its rows record the base seed ``spec.seed``, and its
 samples at T > 0 depend on batching (greedy ones do not).
 
-Error rows (docs/bad-inputs.md D9): a prompt that leaves no room for one token in the model's context, or that the chat template rejects,
-gets ``finish_reason="error"``, empty completion, ``gen_logp=None`` and an extra ``error`` column with the reason;
-the batch continues. Re-running does not retry error rows (they are finished; change the inputs to redo them).
+Error rows (docs/bad-inputs.md D9): a prompt that leaves no room for one token in the model's context, or that the chat
+template rejects, gets ``finish_reason="error"``, empty completion, ``gen_logp=None`` and an extra ``error`` column
+with the reason; the batch continues. Re-running does not retry error rows (they are finished; change the inputs to
+redo them).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from infifpo.logprobs import encode_prompt
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
-from infifpo.store import StageOutput, in_shard, parse_shard, read_jsonl, read_output
+from infifpo.store import StageOutput, in_shard, parse_shard, read_jsonl, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def batch_size(batch_prompts: int | None, n: int) -> int:
 
 @dataclass
 class ModelSpec:
-    """One model of the pool and how to sample it. ``n`` None means 8 for the pivot and 4 for a source (docs/methods.md)."""
+    """One model of the pool and how to sample it. ``n`` None means 8 for the pivot and 4 for a source
+    (docs/methods.md)."""
 
     name: str
     ref: str | None = None  # what infifpo.models.resolve_model resolves; defaults to ``name``
@@ -85,7 +87,8 @@ def sample_seed(base_seed: int, prompt_id: str, model: str, sample_index: int) -
 
 
 def resolve(ref: str) -> str:
-    """Local checkpoint directory of ``ref`` (a directory, a packaged name or a hub id) via ``infifpo.models.resolve``."""
+    """Local checkpoint directory of ``ref`` (a directory, a packaged name or a hub id) via
+    ``infifpo.models.resolve``."""
     from infifpo.models.resolve import resolve_model
 
     return resolve_model(ref)
@@ -307,8 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="vLLM context length (prompt + completion tokens)")
     p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per engine (14-24B models need 2-4)")
     p.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
-                   help=f"prompts per engine call (default {BATCH_SEQUENCES} // n); rows are written (and a kill loses "
-                        "at most) one batch at a time")
+                   help=f"prompts per engine call (default {BATCH_SEQUENCES} // n); rows are written (and a kill "
+                        "loses at most) one batch at a time")
     p.add_argument("--shard", help="I/N: sample only the prompts of shard I (0-based) of N")
     p.add_argument("--out", default=None, help="output root directory (default: runs)")
     shards.add_arguments(p)
@@ -346,5 +349,6 @@ def main(argv: list[str] | None = None) -> int:
         with one_engine_process(backend):
             paths = {specs[0].name: Path(_sample_one_model(prompts, specs[0], backend, out, shard,
                                                            args.batch_prompts))}
-    print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: `infifpo pipeline` parses it
+    print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: model name -> output directory
+    record_outputs(*paths.values())
     return 0

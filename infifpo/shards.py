@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from infifpo.schema import ConfigError, InfiFPOError
+from infifpo.store import RESULT_FILE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def worker_env(shard: int, num_shards: int, devices: str | None, threads: int | 
     ``VLLM_CPU_OMP_THREADS_BIND`` already. Oversubscribed cores made both workers slower than one.
     """
     env = dict(os.environ if base is None else base)
+    env.pop(RESULT_FILE_ENV, None)  # the launcher records the stage's outputs, not each worker
     group = device_groups(devices, num_shards)[shard]
     if group is not None:
         env["CUDA_VISIBLE_DEVICES"] = group
@@ -177,7 +179,8 @@ def launch(stage: str, argv: Sequence[str], num_shards: int, *, log_dir: str | P
     failed = [(i, code, path) for i, code, path in codes if code != 0]
     if failed:
         raise ShardError(f"{stage}: {len(failed)} of {num_shards} shard worker(s) failed; re-run the same command to "
-                         "resume (finished shards are skipped):\n" + "\n".join(_describe(*f, num_shards) for f in failed))
+                         "resume (finished shards are skipped):\n"
+                         + "\n".join(_describe(*f, num_shards) for f in failed))
     return [path for _, _, path in codes]
 
 

@@ -303,7 +303,8 @@ def read_output(path: str | os.PathLike, *, verify: bool = True) -> list[dict[st
             if what:
                 raise StoreError(f"{f}: {what} (listed in {SUCCESS}: the file changed, was removed or corrupted after "
                                  f"the stage finished). Delete {path} and {rerun} to rebuild it.")
-    rows = [row for name in sorted(files) for row in _read_jsonl(path / name, tolerate_partial_tail=False, output=path)]
+    rows = [row for name in sorted(files)
+            for row in _read_jsonl(path / name, tolerate_partial_tail=False, output=path)]
     return sorted(rows, key=lambda r: r["id"])
 
 
@@ -406,3 +407,34 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# -- stage results ----------------------------------------------------------------------------------------------
+RESULT_FILE_ENV = "INFIFPO_RESULT_FILE"  # set by `infifpo pipeline` for each stage process it runs
+
+
+def record_outputs(*paths: Path | str | None) -> None:
+    """Record the finished output directories of this stage process in the result file named by
+    ``INFIFPO_RESULT_FILE`` (one JSON line ``{"outputs": [...]}``, absolute paths), which is how `infifpo pipeline`
+    learns what a stage produced; without the variable, nothing. Shard workers never record: their launcher does."""
+    target = os.environ.get(RESULT_FILE_ENV)
+    if not target:
+        return
+    outputs = [str(Path(p).resolve()) for p in paths if p is not None]
+    with open(target, "a") as f:
+        f.write(json.dumps({"outputs": outputs}) + "\n")
+
+
+def read_recorded_outputs(result_file: Path) -> list[Path]:
+    """The output directories recorded in ``result_file`` (``record_outputs``), in order, each once; a directory
+    that is not a complete stage output (no ``_SUCCESS``) is a DataFormatError."""
+    paths: list[Path] = []
+    if not result_file.exists():
+        return paths
+    for line in result_file.read_text().splitlines():
+        for p in map(Path, json.loads(line)["outputs"]):
+            if not (p / SUCCESS).exists():
+                raise DataFormatError(f"{result_file}: recorded output {p} is not complete (no {SUCCESS}).")
+            if p not in paths:
+                paths.append(p)
+    return paths

@@ -1,4 +1,5 @@
-"""The scorer benchmark's FLOP count for attention (bench/bench_score.py), against pairs counted from explicit masks."""
+"""The scorer benchmark's FLOP count for attention (bench/bench_score.py), against pairs counted from explicit
+masks."""
 
 from __future__ import annotations
 

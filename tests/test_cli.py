@@ -33,3 +33,17 @@ def test_console_script_runs_env():
 
 def test_installed_stack_is_the_pinned_one():
     assert check_stack() == []
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"infifpo {version('infifpo')}"
+
+
+def test_train_help_without_a_method_lists_the_methods_and_exits_0(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "infifpo.cli", "train", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--method {sft,dpo,infifpo,wrpo,opd}" in proc.stdout and "packaged YAML" in proc.stdout

@@ -53,7 +53,8 @@ def test_packaged_train_config_parses_through_infifpo_train(path, tmp_path):
 
     method = path.stem
     assert packaged_config(method) == path
-    args = ["--method", method, "--model_name_or_path", "m", "--dataset_name", str(tmp_path), "--output_dir", str(tmp_path)]
+    args = ["--method", method, "--model_name_or_path", "m", "--dataset_name", str(tmp_path),
+            "--output_dir", str(tmp_path)]
     _, _, explicit, _ = entry.parse([*args, "--config", str(path)])
     _, _, default, _ = entry.parse(args)
     yaml_keys = yaml.safe_load(path.read_text())

@@ -421,8 +421,8 @@ def _sequence_logps(theta: torch.Tensor, sequences: list[tuple[int, ...]]) -> to
     return torch.stack([sum(table[row[y[:t]], y[t]] for t in range(len(y))) for y in sequences])
 
 
-def _expected_estimator_gradient(theta: torch.Tensor, log_pi: torch.Tensor, f: torch.Tensor, n: torch.Tensor, G: int, *,
-                                 length_normalize: bool, baseline: str) -> torch.Tensor:
+def _expected_estimator_gradient(theta: torch.Tensor, log_pi: torch.Tensor, f: torch.Tensor, n: torch.Tensor,
+                                 G: int, *, length_normalize: bool, baseline: str) -> torch.Tensor:
     """E over G i.i.d. samples y_1..y_G ~ π of ∇θ of the OPD surrogate, exactly: every G-tuple, weighted by Π π."""
     prob = log_pi.detach().exp()
     v = log_pi / n if length_normalize else log_pi

@@ -98,9 +98,10 @@ def _partial(paths: list[Path]) -> list[Path]:
 
 
 def _kill_when(cmd: list[str], ready, log: Path, poll_s: float = 0.02) -> list[Path]:
-    """Start the pipeline, SIGKILL its whole process group once ``ready()`` returns paths; return them."""
+    """Start the pipeline, SIGKILL its whole process group once ``ready()`` returns paths; return them. Like
+    ``_run``, it runs in the log's folder, outside the repository: the packaged train configs are found from there."""
     with open(log, "a") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, cwd=log.parent)
         while proc.poll() is None:
             hit = ready()
             if hit:
@@ -113,7 +114,7 @@ def _kill_when(cmd: list[str], ready, log: Path, poll_s: float = 0.02) -> list[P
 
 def _run(cmd: list[str], log: Path) -> None:
     with open(log, "a") as err:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=err)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=err, cwd=log.parent)
 
 
 def _report_without_times(run_dir: Path) -> dict:

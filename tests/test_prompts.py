@@ -185,7 +185,8 @@ def test_hub_rows_are_mapped_by_their_columns():
 
 def test_conversation_columns_give_their_first_user_turn():
     spec = {"question_field": "conversations", "domain": "general"}
-    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a prime."},
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."},
+                                  {"from": "human", "value": "Name a prime."},
                                   {"from": "gpt", "value": "7"}]}
     assert _content(prompts._hub_row(sharegpt, 0, "i", "s", spec)) == "Name a prime."
     chat = {"conversations": [{"role": "user", "content": "Hi?"}]}

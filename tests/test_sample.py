@@ -115,7 +115,8 @@ def test_resume_after_kill_loses_and_duplicates_nothing(backend_engine, tiny_lla
     with open(part, "a") as f:  # a kill in the middle of a write leaves a truncated last line
         f.write('{"id": "p05|tiny|0", "prompt_id": "p0')
     calls.clear()
-    monkeypatch.setattr(engine, "generate", functools.wraps(real)(lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)))
+    monkeypatch.setattr(engine, "generate",
+                        functools.wraps(real)(lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)))
     resumed = read_output(sample(rows, engine, backend, tmp_path / "run", model=tiny_llama))
     assert sum(calls) == len(rows) - 2, "only the prompts not on disk are sampled again"
     assert_same_rows(resumed, reference)

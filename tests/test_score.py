@@ -313,7 +313,8 @@ def test_vllm_backend_scores_in_subprocesses_match_transformers(tiny_llama, tiny
     for a, b in zip(hf, vl, strict=True):
         assert b["ref_chosen_num_tokens"] == a["ref_chosen_num_tokens"]
         assert abs(b["ref_chosen_logps"] - a["ref_chosen_logps"]) <= 1e-3 * a["ref_chosen_num_tokens"]
-        assert abs(b["fuse_rejected_logps"][0] - a["fuse_rejected_logps"][0]) <= 1e-3 * a["fuse_rejected_num_tokens"][0]
+        assert (abs(b["fuse_rejected_logps"][0] - a["fuse_rejected_logps"][0])
+                <= 1e-3 * a["fuse_rejected_num_tokens"][0])
 
 
 # ---------------------------------------------------------------- --split and score_stats.json
@@ -346,8 +347,8 @@ def test_split_selects_the_rows_scored_and_assembled(tiny_llama, tmp_path, count
 
 
 def test_score_stats_per_model_and_assembled(tiny_llama, tiny_qwen, tiny_llama_b, tmp_path):
-    """docs/formats.md "Score outputs": each per-model output and the assembled output hold score_stats.json; responses and
-    tokens are the counts scored (response tokens as in the scored columns, the prompt once per response); a cached
+    """docs/formats.md "Score outputs": each per-model output and the assembled output hold score_stats.json; responses
+    and tokens are the counts scored (response tokens as in the scored columns, the prompt once per response); a cached
     model keeps the numbers recorded when it was scored."""
     from infifpo.models.resolve import load_tokenizer
 

@@ -1,6 +1,7 @@
-"""Sharded sampling and scoring (issue 6, docs/bad-inputs.md D13 / S5): shards run in any order merge to the single-process
-output row for row; `--num-shards N` launches N real worker processes and equals one process; a worker killed with
-SIGKILL midway resumes alone on a re-run with no duplicates; the launcher's argv / device / thread plumbing.
+"""Sharded sampling and scoring (issue 6, docs/bad-inputs.md D13 / S5): shards run in any order merge to the
+single-process output row for row; `--num-shards N` launches N real worker processes and equals one process; a worker
+killed with SIGKILL midway resumes alone on a re-run with no duplicates; the launcher's argv / device / thread
+plumbing.
 
 tests/test_sample.py and tests/test_score.py already cover shards run in index order and in-process kill/resume;
 this file adds arbitrary finishing orders, real subprocess workers and a real SIGKILL.

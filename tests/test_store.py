@@ -214,3 +214,21 @@ def test_write_all_crash_at_every_step_of_finalize_reruns_to_the_identical_outpu
         assert read_output(out.path) == rows
         step += 1
     assert step >= 3  # the shard's fsync and rename, the marker's rename were all crash points
+
+
+def test_a_stage_records_its_outputs_for_the_pipeline_in_its_result_file(tmp_path, monkeypatch):
+    from infifpo.store import RESULT_FILE_ENV, SUCCESS, read_recorded_outputs, record_outputs
+
+    done, partial = tmp_path / "a", tmp_path / "b"
+    done.mkdir(), partial.mkdir()
+    (done / SUCCESS).write_text("{}")
+    result = tmp_path / "result.jsonl"
+    record_outputs(done)  # no variable: nothing recorded
+    assert read_recorded_outputs(result) == []
+    monkeypatch.setenv(RESULT_FILE_ENV, str(result))
+    record_outputs(done, None)
+    record_outputs(done)
+    assert read_recorded_outputs(result) == [done.resolve()]  # each once, in order
+    record_outputs(partial)
+    with pytest.raises(DataFormatError, match="not complete"):
+        read_recorded_outputs(result)

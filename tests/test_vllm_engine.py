@@ -73,7 +73,8 @@ def test_score_matches_transformers_fp32_and_ignores_order(vllm_tiny, tiny_llama
     # C4: the same requests shuffled (and a shared prompt prefix repeated) give the same per-token scores.
     order = list(range(len(prompts)))
     random.Random(1).shuffle(order)
-    shuffled = vllm_tiny.score([prompts[i] for i in order] + prompts[:2], [completions[i] for i in order] + completions[:2])
+    shuffled = vllm_tiny.score([prompts[i] for i in order] + prompts[:2],
+                               [completions[i] for i in order] + completions[:2])
     assert max_token_diff([shuffled[k] for k in range(len(order))], [ours[i] for i in order]) < 1e-5
     assert max_token_diff(shuffled[-2:], ours[:2]) < 1e-5
 

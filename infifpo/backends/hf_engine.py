@@ -2,9 +2,9 @@
 
 Owns: loading one causal LM for inference, length-sorted token-budget batching, and the chunked scorer (via
 ``infifpo.logprobs.masked_token_logprobs``: the decoder backbone once, then the LM head and log-softmax only at the
-completion positions, one vocabulary tile at a time, so the (B, T, V) logits never exist). Runs in bf16 where the CPU (or GPU)
-has native bf16 matmul, with the logsumexp in fp32. Weights are streamed from safetensors straight into the target
-dtype (peak RSS: the bf16 model, never the fp32 checkpoint), and on CPU a long scoring run switches to a
+completion positions, one vocabulary tile at a time, so the (B, T, V) logits never exist). Runs in bf16 where the CPU
+(or GPU) has native bf16 matmul, with the logsumexp in fp32. Weights are streamed from safetensors straight into the
+target dtype (peak RSS: the bf16 model, never the fp32 checkpoint), and on CPU a long scoring run switches to a
 torch.compile'd backbone and head (inductor fuses the elementwise work: norms, rotary, gelu, the fp32 log-softmax).
 Does not own: tokenisation or chat templates (``infifpo.logprobs``), files, or which tokens a response is.
 """
@@ -245,8 +245,8 @@ class HFEngine:
                                                                 trust_remote_code=self.trust_remote_code)
             except Exception as e:
                 raise ModelLoadError(f"model {self.model_dir!r}: its tokenizer could not be loaded "
-                                     f"({type(e).__name__}: {e}); sampling needs tokenizer.json / tokenizer_config.json "
-                                     "in the model directory.") from e
+                                     f"({type(e).__name__}: {e}); sampling needs tokenizer.json / "
+                                     "tokenizer_config.json in the model directory.") from e
         return self._tokenizer
 
     # ------------------------------------------------------------------------------------------------ scoring
@@ -305,7 +305,8 @@ class HFEngine:
 
     def _backbone_compiled(self) -> torch.nn.Module:
         if self._compiled_backbone is None:
-            logger.info("%s: torch.compile of the decoder backbone and head (one-off, ~1-2 min on CPU)", self.model_dir)
+            logger.info("%s: torch.compile of the decoder backbone and head (one-off, ~1-2 min on CPU)",
+                        self.model_dir)
             # emulate_precision_casts keeps eager's bf16 roundings between fused ops: without it Gemma-3-270M's
             # bf16 scores drifted 0.023 nats/token from fp32 (eager: 0.015; max per sequence 81 vs 31 nats).
             self._compiled_backbone = torch.compile(decoder_backbone(self.model), dynamic=True,
@@ -334,7 +335,8 @@ class HFEngine:
 
     # ------------------------------------------------------------------------------------------------ sampling
     def stop_ids(self) -> list[int]:
-        """Token ids that end a generation: the generation config's eos list (end-of-turn ids) and the tokenizer's eos."""
+        """Token ids that end a generation: the generation config's eos list (end-of-turn ids) and the tokenizer's
+        eos."""
         eos = self.model.generation_config.eos_token_id
         ids = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:

@@ -12,9 +12,9 @@ A model's prompt ids come from its own chat template, so the mapping is (prompt,
 sample does not change when ``n``, the batch or the shard it runs in changes (vLLM seeds each request's generator
 separately). The sample stage passes its own ``seeds`` (keyed by prompt id and model name) and records them.
 
-Memory (docs/bad-inputs.md S1): ``close()`` drops the engine and runs ``gc``, but vLLM does not always return every buffer (worker
-processes, CUDA graphs, pinned memory). The reliable way to free a model is a fresh process per model, which is what
-``infifpo.sample.run`` does.
+Memory (docs/bad-inputs.md S1): ``close()`` drops the engine and runs ``gc``, but vLLM does not always return every
+buffer (worker processes, CUDA graphs, pinned memory). The reliable way to free a model is a fresh process per model,
+which is what ``infifpo.sample.run`` does.
 
 Processes (P1): vLLM's engine core and its workers are child processes (unless the core runs in-process,
 ``one_engine_process``). ``close()`` gives vLLM's own shutdown ``ENGINE_SHUTDOWN_TIMEOUT_S`` (its 5 s default
@@ -244,15 +244,16 @@ class VLLMEngine:
     """A ``vllm.LLM`` behind the ``Engine`` interface (``infifpo.backends``); all inputs and outputs are token ids.
 
     ``dtype``: "bfloat16" | "float32" | "auto" (the checkpoint's); None means bf16 on a GPU and, on a CPU, the
-    faster of the two for this model's matrices (``infifpo.precision``, measured once per machine). ``max_model_len``: context in tokens (prompt +
-    completion); None means 2048 or the model's own context if shorter. ``gpu_memory_utilization``: None means 0.9 on GPU and ``CPU_MEMORY_FRACTION`` of RAM on CPU (where
-    the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB or 1 GiB). ``enforce_eager``: None means True on CPU (no graph
-    capture there). ``in_process``: run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead
-    of its own spawned process (the default, which needs an ``if __name__ == "__main__":`` guard in scripts, and whose
-    memory returns to the system when the engine closes, S1). On the 2-core CPU, with one engine in a fresh process,
-    in-process started ~18 s sooner and generated 1.6x faster (150-155 vs 93-96 tok/s, bench/bench_sample.py), so
-    the stages' one-engine processes use it on CPU (``one_engine_process``). Other keyword arguments go to
-    ``vllm.LLM`` unchanged.
+    faster of the two for this model's matrices (``infifpo.precision``, measured once per machine). ``max_model_len``:
+    context in tokens (prompt + completion); None means 2048 or the model's own context if shorter.
+    ``gpu_memory_utilization``: None means 0.9 on GPU and ``CPU_MEMORY_FRACTION`` of RAM on CPU (where the KV cache is
+    ``VLLM_CPU_KVCACHE_SPACE`` GiB or 1 GiB). ``enforce_eager``: None means True on CPU (no graph capture there).
+    ``in_process``: run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead of its own
+    spawned process (the default, which needs an ``if __name__ == "__main__":`` guard in scripts, and whose memory
+    returns to the system when the engine closes, S1). On the 2-core CPU, with one engine in a fresh process,
+    in-process started ~18 s sooner and generated 1.6x faster (150-155 vs 93-96 tok/s, bench/bench_sample.py), so the
+    stages' one-engine processes use it on CPU (``one_engine_process``). Other keyword arguments go to ``vllm.LLM``
+    unchanged.
     """
 
     def __init__(self, model_dir: str, *, dtype: str | None = None, max_model_len: int | None = None,
@@ -312,8 +313,8 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _stop_ids(self) -> list[int]:
-        """End-of-sequence ids (docs/bad-inputs.md T9): the generation config's eos list (e.g. Llama-3's <|eot_id|>, Qwen's
-        <|im_end|>) and the tokenizer's eos. vLLM adds these itself; listing them makes the rule explicit."""
+        """End-of-sequence ids (docs/bad-inputs.md T9): the generation config's eos list (e.g. Llama-3's <|eot_id|>,
+        Qwen's <|im_end|>) and the tokenizer's eos. vLLM adds these itself; listing them makes the rule explicit."""
         from transformers import GenerationConfig
 
         ids: set[int] = set()
@@ -385,7 +386,8 @@ class VLLMEngine:
 
         Uses ``prompt_logprobs=0`` on prompt + completion (vLLM returns the actual token's log-prob at every
         position; position 0 is None, so a prompt must be non-empty). Prefix caching is skipped for these requests
-        (docs/bad-inputs.md C4), so the result does not depend on request order. Overlong requests raise SequenceTooLongError."""
+        (docs/bad-inputs.md C4), so the result does not depend on request order. Overlong requests raise
+        SequenceTooLongError."""
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
         empty = [i for i, p in enumerate(prompt_ids) if not p]

@@ -8,8 +8,8 @@ Owns: turning benchmark specs into prompt rows (``data_prep.prompts`` specs; the
 name), greedy generation through the sample stage (``infifpo.sample``: same chat templates, engines, resumable
 content-addressed samples output under ``--out``; vLLM runs in its own process), judging every completion with the
 judge stage's verifier (math: gold answer via math-verify; code: hidden tests in the bwrap sandbox, pass@1), the
-per-item rows and ``scores.json`` of the ``eval-<label>`` output (docs/formats.md "Eval outputs"). Does not own: generation,
-answer checking, the statistics (``infifpo.eval.stats``) or lm-eval (``infifpo.eval.lm_eval_adapter``).
+per-item rows and ``scores.json`` of the ``eval-<label>`` output (docs/formats.md "Eval outputs"). Does not own:
+generation, answer checking, the statistics (``infifpo.eval.stats``) or lm-eval (``infifpo.eval.lm_eval_adapter``).
 
 Resuming: the output is keyed by the checkpoint's identity (``models.model_identity``: its config, tokenizer and
 weight bytes, so a model retrained into the same directory is evaluated again), the benchmark specs and the content
@@ -45,7 +45,7 @@ from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest, require_built_from, rows_digest
 from infifpo.sample import ModelSpec, output_for, resolve, run, sample_prompts
 from infifpo.schema import ConfigError, DataFormatError, ModelLoadError
-from infifpo.store import StageOutput, atomic_write, read_output
+from infifpo.store import StageOutput, atomic_write, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,9 @@ def judge_items(samples: Sequence[Row], prompts: Sequence[Row], bench_of: dict[s
     by_id = {p["id"]: p for p in prompts}
     for i, s in enumerate(samples):
         if s.get("prompt_id") not in by_id:
-            raise DataFormatError(f"sample row {i}: prompt_id {s.get('prompt_id')!r} is not an item of the benchmarks; "
-                                  "judge samples drawn from these benchmarks' prompts (same specs and seed).")
+            raise DataFormatError(f"sample row {i}: prompt_id {s.get('prompt_id')!r} is not an item of the "
+                                  "benchmarks; judge samples drawn from these benchmarks' prompts (same specs and "
+                                  "seed).")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         jobs = pool.map(lambda s: judge_item(s, by_id[s["prompt_id"]], bench_of[s["prompt_id"]],
                                              code_timeout=code_timeout), samples)  # fmt: skip
@@ -225,8 +226,8 @@ def run_eval(model: str, benchmarks: Sequence[str | dict[str, Any]] = DEFAULT_BE
              engine: Any = None) -> Path:
     """Evaluate ``model`` (packaged name, checkpoint directory or hub id) and return the finished output directory.
 
-    Writes the per-item rows and ``scores.json`` (docs/formats.md "Eval outputs"); an output already finished is returned as is.
-    Raises ConfigError for a bad benchmark spec or a missing lm-eval before any model is loaded.
+    Writes the per-item rows and ``scores.json`` (docs/formats.md "Eval outputs"); an output already finished is
+    returned as is. Raises ConfigError for a bad benchmark spec or a missing lm-eval before any model is loaded.
     """
     start = time.perf_counter()
     rows, bench_of = build_benchmarks(benchmarks, seed)
@@ -253,7 +254,8 @@ def run_eval(model: str, benchmarks: Sequence[str | dict[str, Any]] = DEFAULT_BE
                        fix=f"The items changed since the prompts under {out_root} were written (a data or loader "
                            "update): delete that prompts-* output and run the eval again.")  # fmt: skip
     samples = read_output(samples_dir)
-    gen_seconds, new_tokens = time.perf_counter() - start, sum(s["num_tokens"] for s in samples if s["id"] not in before)
+    gen_seconds, new_tokens = (time.perf_counter() - start,
+                               sum(s["num_tokens"] for s in samples if s["id"] not in before))
     items = judge_items(samples, rows, bench_of, workers=workers, code_timeout=code_timeout)
     judge_seconds = time.perf_counter() - start - gen_seconds
     scores_by_bench = summarize(items, list(dict.fromkeys(benchmark_key(s) for s in benchmarks)))
@@ -315,4 +317,5 @@ def main(argv: list[str] | None = None) -> int:
         ci = "" if e["ci95"] is None else f" [{e['ci95'][0]:.1f}, {e['ci95'][1]:.1f}]"
         logger.info("%s: %d/%d = %.1f %%%s", bench, e["correct"], e["n"], e["accuracy"], ci)
     print(path)
+    record_outputs(path)
     return 0

@@ -1,7 +1,7 @@
 """Code answer checking: extract the program from a chat answer and run it against HumanEval-style tests, sandboxed.
 
-Owns: program extraction from fenced / unfenced chat answers (docs/bad-inputs.md J7), the test harness, and the pass/fail
-verdict (a crash, timeout, non-zero exit, early exit or a return value that is not plain data is a fail, J9).
+Owns: program extraction from fenced / unfenced chat answers (docs/bad-inputs.md J7), the test harness, and the
+pass/fail verdict (a crash, timeout, non-zero exit, early exit or a return value that is not plain data is a fail, J9).
 Does not own: isolation and limits (`sandbox`), or where tests come from (`prompts`).
 
 Design: the program and the tests run in two processes inside one sandbox, and the verdict comes from the one the

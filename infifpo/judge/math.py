@@ -1,8 +1,8 @@
 """Math answer checking: extract the final answer from a model response, compare it with a gold answer via math-verify.
 
-Owns: final-answer extraction (docs/bad-inputs.md J1-J5) and the strict math-verify comparison, run in helper processes so
-that it is safe from any thread and its time limit is always enforced (docs/bad-inputs.md J6). Does not own: datasets, prompts, or
-how verdicts are aggregated into preference pairs (`pair`).
+Owns: final-answer extraction (docs/bad-inputs.md J1-J5) and the strict math-verify comparison, run in helper processes
+so that it is safe from any thread and its time limit is always enforced (docs/bad-inputs.md J6). Does not own:
+datasets, prompts, or how verdicts are aggregated into preference pairs (`pair`).
 
 Extraction order (the first rule that applies wins; later rules are never consulted):
 
@@ -38,7 +38,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 # Reasons of a MathVerdict.
-CORRECT, WRONG, UNPARSEABLE, GOLD_UNPARSEABLE, TIMEOUT = "correct", "wrong", "unparseable", "gold_unparseable", "timeout"
+CORRECT, WRONG, UNPARSEABLE, GOLD_UNPARSEABLE, TIMEOUT = (
+    "correct", "wrong", "unparseable", "gold_unparseable", "timeout")
 
 _NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
 # sign, optional currency, number, optional "/denominator"; not glued to a preceding word or digit.
@@ -86,7 +87,8 @@ def _braced(text: str, start: int) -> str | None:
 
 
 def _last_box(text: str) -> str | None:
-    """Content of the last \\boxed / \\fbox; None if that box is unterminated or empty (J4: no earlier-box fallback)."""
+    """Content of the last \\boxed / \\fbox; None if that box is unterminated or empty (J4: no earlier-box
+    fallback)."""
     idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     rest = text[idx:]
     after = idx + len(re.match(r"\\(?:boxed|fbox)\s*", rest).group(0))
@@ -118,7 +120,8 @@ def normalize_answer(clause: str) -> str | None:
         # "x = 2 + 1 = 3" is an equation in x (compared as one); "12 * 7 = 84" or "Total = 84" restates: keep 84.
         is_variable = re.search(r"[A-Za-z]", lhs) and not re.search(r"(?<![\\A-Za-z])[A-Za-z]{2,}", lhs)
         text = f"{lhs} = {rhs}" if is_variable else rhs
-    text = re.sub(r"\\sqrt\(([^()]*)\)", r"\\sqrt{\1}", text)  # \sqrt(2) otherwise parses as "4\\" (docs/bad-inputs.md J1)
+    # \sqrt(2) otherwise parses as "4\\" (docs/bad-inputs.md J1)
+    text = re.sub(r"\\sqrt\(([^()]*)\)", r"\\sqrt{\1}", text)
     text = text.replace("\u2212", "-").rstrip(".,;: ").strip()
     if not text:
         return None
@@ -128,7 +131,8 @@ def normalize_answer(clause: str) -> str | None:
     numbers = list(_NUMBER_RE.finditer(text))
     between = [text[a.end() : b.start()] for a, b in zip(numbers, numbers[1:], strict=False)]
     if len(numbers) > 1 and all(re.fullmatch(_LIST_SEP, s) for s in between):
-        return "\\{" + ", ".join(_number_text(n) for n in numbers) + "\\}"  # multi-part answer: a set (docs/bad-inputs.md J3)
+        # multi-part answer: a set (docs/bad-inputs.md J3)
+        return "\\{" + ", ".join(_number_text(n) for n in numbers) + "\\}"
     if not prose and (_LATEX_HINT_RE.search(text) or _INFIX_RE.search(text)) and _MATHY_RE.fullmatch(text):
         return text  # an expression ("\frac{1}{2}", "2x+1", "12 * 7"): math-verify parses and evaluates it
     if numbers:

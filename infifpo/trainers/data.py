@@ -197,7 +197,8 @@ def _check_token_counts(i: int, row: dict[str, Any], ref_col: str, fuse_col: str
     for col, n in counts:
         if isinstance(n, bool) or not isinstance(n, int | float) or n <= 0 or n != int(n):
             raise ScoredPairsError(f"{row_label(i, row)}, field {col!r}: token count {n!r} must be a positive "
-                                   "integer; an empty response cannot be scored. Drop the row or re-run `infifpo score`.")
+                                   "integer; an empty response cannot be scored. "
+                                   "Drop the row or re-run `infifpo score`.")
 
 
 # Relative and absolute tolerance of "mean == sum / token count" (JSON floats; float32-computed scores pass).

@@ -119,6 +119,12 @@ def _split_method(argv: list[str]) -> tuple[str, list[str]]:
             raise ConfigError(f"--method {method!r} but {path} says method: {in_yaml!r}; drop one of them.")
     elif in_yaml is not None:
         method = str(in_yaml)
+    elif "-h" in argv or "--help" in argv:
+        print(f"usage: infifpo train --method {{{','.join(METHODS)}}} [--config FILE] [--key value ...]\n\n"
+              "Trains with TRL (TrlParser: YAML keys and --flags are fields of the method's config classes; flags "
+              "win).\nWithout --config the method's packaged YAML (infifpo/trainers/configs/<method>.yaml) is used.\n"
+              "`infifpo train --method M --help` lists every option of method M with its help.")
+        raise SystemExit(0)
     else:
         raise ConfigError(f"`infifpo train` needs --method, one of {list(METHODS)} (or a `method:` key in its "
                           "--config YAML).")

@@ -96,7 +96,8 @@ def add_response_ids(dataset: Dataset, response: str, tokenizer: Any) -> Dataset
             prompt_ids, (completion,) = response_spans(tokenizer, row["prompt"], [content])
             full = prompt_ids + completion
         else:
-            text = row[response] if row[response].endswith(tokenizer.eos_token) else row[response] + tokenizer.eos_token
+            text = (row[response] if row[response].endswith(tokenizer.eos_token)
+                    else row[response] + tokenizer.eos_token)
             full = tokenizer(row["prompt"] + text, add_special_tokens=False)["input_ids"]
         n = len(row["prompt_ids"])
         if common_prefix_length(row["prompt_ids"], full) < n or len(full) == n:

@@ -33,32 +33,19 @@ from infifpo.trainers.forward import (
     gather_means,
     pop_score_columns,
 )
+from infifpo.trainers.fusion_options import FusionOptions
 
 logger = logging.getLogger(__name__)
 LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
 
 
 @dataclass
-class InfiFPOConfig(DPOConfig):
-    """DPOConfig plus the InfiFPO options; defaults are the paper's (docs/methods.md). ``help`` is the documentation."""
+class InfiFPOConfig(DPOConfig, FusionOptions):
+    """DPOConfig plus the InfiFPO options; defaults are the paper's (docs/methods.md). ``help`` is the
+    documentation."""
 
-    # Parameters that control the fused reference (docs/methods.md §Fusion)
-    fusion_method: str = field(default="max_margin", metadata={
-        "help": "How K source values become one reference f(y) (docs/methods.md §Fusion); paper default max_margin.",
-        "choices": list(fusion.FUSIONS)})
-    length_normalize: bool = field(default=True, metadata={
-        "help": "Compare mean per-token log-probs (each model divided by its own token count) instead of sums."})
-    clip: bool = field(default=True, metadata={
-        "help": "Clip sources against the frozen pivot: never below it on chosen, never above it on rejected."})
-    include_pivot: bool | None = field(default=None, metadata={
-        "help": "Append the frozen initial pivot as one more fusion candidate (the paper's derivation). Default: "
-                "false for mean/confidence (the paper's arms weight the N sources only), true for the max-margin "
-                "forms, where it only breaks ties (docs/methods.md §Fusion)."})
-    margin_against: str = field(default="init", metadata={
-        "help": "max_margin's distance is measured against the frozen initial pivot ('init') or the current "
-                "policy ('policy').", "choices": ["init", "policy"]})
-    ref_offset: float | None = field(default=None, metadata={
-        "help": "Clamp f(y) into [v_r - ref_offset, v_r + ref_offset] (official run script; off by default)."})
+    # The fused reference's options (fusion_method, length_normalize, clip, include_pivot, margin_against,
+    # ref_offset) are FusionOptions'.
     fuse: bool = field(default=True, metadata={
         "help": "Official run-script flag: False trains plain DPO against the frozen pivot from the dataset."})
     fusion_sources: list[str] | None = field(default=None, metadata={
@@ -67,7 +54,8 @@ class InfiFPOConfig(DPOConfig):
                 "source-subset ablations on the same scored pairs."})
     # Parameters that control the InfiFPO-WRPO variant (loss_type=wrpo; rows also need source_chosen scores)
     alpha_max: float = field(default=0.1, metadata={"help": "loss_type=wrpo: final WRPO α (docs/methods.md §WRPO)."})
-    is_dynamic: bool = field(default=True, metadata={"help": "loss_type=wrpo: α rises 0 -> alpha_max; False: constant."})
+    is_dynamic: bool = field(default=True, metadata={
+        "help": "loss_type=wrpo: α rises 0 -> alpha_max; False: constant."})
     # Parameters that control the data
     skip_invalid_rows: bool = field(default=False, metadata={
         "help": "Drop (and count in the log) rows that fail validation instead of raising a named error."})
@@ -99,9 +87,7 @@ class InfiFPOConfig(DPOConfig):
         super().__post_init__()
         if len(self.loss_type) != 1 or self.loss_type[0] not in LOSS_TYPES:
             raise ConfigError(f"loss_type={self.loss_type}: InfiFPO supports exactly one of {list(LOSS_TYPES)}.")
-        if self.fusion_method not in fusion.FUSIONS:
-            raise ConfigError(f"fusion_method={self.fusion_method!r}; choose one of {list(fusion.FUSIONS)}.")
-        self.include_pivot = fusion.resolve_include_pivot(self.fusion_method, self.include_pivot)
+        self.check_fusion_options()
         if self.loss_type[0] == "ipo" and not self.length_normalize:
             raise ConfigError("loss_type=ipo is defined on per-token mean log-probs (as TRL's ipo and the paper); "
                               "set length_normalize: true, or use loss_type sigmoid with sums.")
@@ -230,11 +216,10 @@ class InfiFPOTrainer(DPOTrainer):
         src = {r: scores[fuse_columns(r)[pick]] for r in self._responses}
         if not self.args.fuse:
             return ref, {}
-        a = self.args
-        kw = dict(method=a.fusion_method, clip=a.clip, include_pivot=a.include_pivot, ref_offset=a.ref_offset,
-                  margin_against=a.margin_against)
+        kw = self.args.fusion_kwargs()
         f_c, f_r, info = fusion.fuse_reference(ref["chosen"], ref["rejected"], src["chosen"], src["rejected"],
-                                               policy_chosen=policy["chosen"], policy_rejected=policy["rejected"], **kw)
+                                               policy_chosen=policy["chosen"], policy_rejected=policy["rejected"],
+                                               **kw)
         fused = {"chosen": f_c, "rejected": f_r}
         if "source_chosen" in policy:  # InfiFPO-WRPO: y_ws is fused as a preferred response against the same y_l
             fused["source_chosen"] = fusion.fuse_reference(

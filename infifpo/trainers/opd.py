@@ -1,9 +1,9 @@
 """FusedDistillationConfig / FusedDistillationTrainer: on-policy distillation from fused heterogeneous teachers.
 
-Owns: the OPD options (docs/methods.md §On-policy distillation, fusion option names as in ``InfiFPOConfig``), scoring each
-generation batch (teachers, the frozen initial student v_r, the current student v̂_π), the group-baseline advantages,
-the loss hook and the ``opd/*`` metrics. Does not own: the math (``infifpo.fusion``), teacher loading and scoring
-(``trainers.teachers``), token spans and chunked log-probs (``infifpo.logprobs``).
+Owns: the OPD options (docs/methods.md §On-policy distillation, fusion option names as in ``InfiFPOConfig``), scoring
+each generation batch (teachers, the frozen initial student v_r, the current student v̂_π), the group-baseline
+advantages, the loss hook and the ``opd/*`` metrics. Does not own: the math (``infifpo.fusion``), teacher loading and
+scoring (``trainers.teachers``), token spans and chunked log-probs (``infifpo.logprobs``).
 
 Why TRL's ``DistillationTrainer``: it already owns on-policy generation (``model.generate``, or vLLM colocate/server
 through TRL's own ``VLLMGeneration``, so this package never imports vllm), the generation-batch buffering across
@@ -17,9 +17,9 @@ of ``Teacher`` records with their own tokenizers, not ``teacher_model``.
 
 The gradient is an unbiased estimate of ∇ E_y~π[v_π(y) − f(y)] (f detached) with the default leave-one-out baseline
 (A_i = g_i − mean of g over the other G − 1 samples, g = f − v̂_π in the space of v); ``advantage_baseline:
-group_mean`` (docs/methods.md's literal group mean) scales the score term by (G − 1)/G but not the LN term 1/n_i, so it is
-biased with LN. The estimator needs samples from the policy it differentiates: generation runs at temperature 1 with
-no truncation (top_p 1, top_k 0, no min_p, repetition_penalty 1); other settings raise ConfigError.
+group_mean`` (docs/methods.md's literal group mean) scales the score term by (G − 1)/G but not the LN term 1/n_i, so it
+is biased with LN. The estimator needs samples from the policy it differentiates: generation runs at temperature 1
+with no truncation (top_p 1, top_k 0, no min_p, repetition_penalty 1); other settings raise ConfigError.
 
 (choice) ``clip`` is off by default here, unlike InfiFPO: an on-policy sample is by construction likely under the
 student, and on the default pool every teacher rated the student's samples below the initial student (SmolLM2
@@ -59,6 +59,7 @@ from infifpo import fusion
 from infifpo.logprobs import head_token_logprobs, logit_softcap
 from infifpo.schema import ConfigError
 from infifpo.trainers.forward import gather_means
+from infifpo.trainers.fusion_options import FusionOptions
 from infifpo.trainers.teachers import (
     Teacher,
     check_prompts,
@@ -83,8 +84,9 @@ SAMPLING_NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 
 @dataclass
-class FusedDistillationConfig(DistillationConfig):
-    """DistillationConfig plus the fused-teacher options (docs/methods.md §OPD, §Fusion). ``help`` is the documentation.
+class FusedDistillationConfig(DistillationConfig, FusionOptions):
+    """DistillationConfig plus the fused-teacher options (docs/methods.md §OPD, §Fusion). ``help`` is the
+    documentation.
 
     Inherited and used: generation (max_completion_length, use_vllm, ...; sampling must be untempered and
     untruncated, see ``SAMPLING_NEUTRAL``), ``beta`` (the token-level JSD's interpolation: 1 = reverse KL),
@@ -105,24 +107,12 @@ class FusedDistillationConfig(DistillationConfig):
                 "G - 1; unbiased gradient) or 'group_mean' (mean of all G, docs/methods.md's text; scales the score "
                 "term by (G-1)/G but not the 1/n length term, so biased with length_normalize).",
         "choices": list(fusion.OPD_BASELINES)})
-    # Parameters that control the fused teacher score f(y) (docs/methods.md §LN, §Clipping, §Fusion)
-    fusion_method: str = field(default="max_margin", metadata={
-        "help": "How the teachers' values become f(y) (docs/methods.md §Fusion).", "choices": FUSION_METHODS})
-    length_normalize: bool = field(default=True, metadata={
-        "help": "Use mean per-token log-probs (each model divided by its own token count) instead of sums."})
+    # The fused teacher score f(y): FusionOptions (docs/methods.md §LN, §Clipping, §Fusion), with clip off here
     clip: bool = field(default=False, metadata={
         "help": "Clip teachers against the frozen initial student, c_k = max(v_k, v_r); off by default because "
                 "teachers usually rate on-policy samples below the student, which makes every advantage 0. Without "
                 "clipping max_margin selects the teacher that disagrees most with the student, which for a sample "
                 "every teacher rates below the student is the most pessimistic teacher."})
-    include_pivot: bool | None = field(default=None, metadata={
-        "help": "Append the frozen initial student v_r as one more fusion candidate; unset (None) = the fusion "
-                "method's default (fusion.resolve_include_pivot: true for max_margin, false for mean/confidence)."})
-    margin_against: str = field(default="init", metadata={
-        "help": "max_margin's distance against the initial student ('init') or the current one ('policy').",
-        "choices": ["init", "policy"]})
-    ref_offset: float | None = field(default=None, metadata={
-        "help": "Clamp f(y) into [v_r - ref_offset, v_r + ref_offset] (off by default)."})
     # Parameters that control the optional token-level term (same-vocabulary teachers only)
     token_level_weight: float = field(default=0.0, metadata={
         "help": "Weight of TRL-style token-level generalised JSD (beta) to same-vocabulary teachers; 0 = off."})
@@ -142,12 +132,9 @@ class FusedDistillationConfig(DistillationConfig):
         super().__post_init__()
         if self.teacher_model_name_or_path is not None:
             raise ConfigError("FusedDistillationConfig takes a list `teacher_models`, not teacher_model_name_or_path.")
-        if self.fusion_method not in FUSION_METHODS:
-            raise ConfigError(f"fusion_method={self.fusion_method!r}; OPD supports {FUSION_METHODS} "
-                              "(max_margin_pair needs preference pairs).")
+        self.check_fusion_options(FUSION_METHODS, " (max_margin_pair needs preference pairs)")
         if self.advantage_baseline not in fusion.OPD_BASELINES:
             raise ConfigError(f"advantage_baseline={self.advantage_baseline!r}; valid: {list(fusion.OPD_BASELINES)}.")
-        self.include_pivot = fusion.resolve_include_pivot(self.fusion_method, self.include_pivot)
         self._check_sampling_is_the_policy()
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations}: the group baseline needs G >= 2 samples per "
@@ -161,7 +148,8 @@ class FusedDistillationConfig(DistillationConfig):
             raise ConfigError(f"token_level_weight must be >= 0, got {self.token_level_weight}.")
 
     def _check_sampling_is_the_policy(self) -> None:
-        """ConfigError unless generation samples from π itself (docs/methods.md §OPD: E_y~π with π at temperature 1)."""
+        """ConfigError unless generation samples from π itself (docs/methods.md §OPD: E_y~π with π
+        at temperature 1)."""
         settings = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
         extra = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
         settings.update({k: v for k, v in extra.items() if k in SAMPLING_NEUTRAL})
@@ -203,7 +191,8 @@ class FusedDistillationTrainer(DistillationTrainer):
 
     def _setup_teachers(self, teachers: list[Teacher | str]) -> list[Teacher]:
         if all(isinstance(t, str) for t in teachers):
-            teachers = load_teachers(teachers, names=self.args.teacher_names, trust_remote_code=self.args.trust_remote_code,
+            teachers = load_teachers(teachers, names=self.args.teacher_names,
+                                     trust_remote_code=self.args.trust_remote_code,
                                      init_kwargs=self.args.teacher_model_init_kwargs)
         elif not all(isinstance(t, Teacher) for t in teachers):
             raise ConfigError("teachers must be all model references (str) or all Teacher records.")
@@ -243,7 +232,8 @@ class FusedDistillationTrainer(DistillationTrainer):
         return batch
 
     def _score_completions(self, prompts: list[Any], batch: dict[str, Any]) -> torch.Tensor:
-        """Advantages A (N,) of a generation batch: teachers → LN → fuse_reference → group baseline (docs/methods.md)."""
+        """Advantages A (N,) of a generation batch: teachers → LN → fuse_reference → group baseline
+        (docs/methods.md)."""
         mask = batch["completion_mask"].bool()
         texts = self._tokenizer.batch_decode([c[m] for c, m in zip(batch["completion_ids"], mask, strict=True)],
                                              skip_special_tokens=True)
@@ -257,10 +247,8 @@ class FusedDistillationTrainer(DistillationTrainer):
         src = src.to(ref.device)
         a = self.args
         # Each sample is fused as a preferred response (module docstring); the mirrored rejected side is unused.
-        fused, _, info = fusion.fuse_reference(ref, ref, src, src, method=a.fusion_method, clip=a.clip,
-                                               include_pivot=a.include_pivot, ref_offset=a.ref_offset,
-                                               margin_against=a.margin_against, policy_chosen=policy,
-                                               policy_rejected=policy)
+        fused, _, info = fusion.fuse_reference(ref, ref, src, src, policy_chosen=policy, policy_rejected=policy,
+                                               **a.fusion_kwargs())
         advantages = fusion.opd_sequence_advantages(fused, policy, a.num_generations, baseline=a.advantage_baseline)
         # Clip rate of the side used (c_k = max(v_k, v_r) changes v_k iff v_k < v_r); FusionInfo.clip_rate also
         # counts the unused mirrored side.

@@ -5,8 +5,8 @@ model references through ``infifpo.models.resolve_model``, the sequence-level sc
 samples under one teacher (docs/methods.md §OPD: its own tokenizer and chat template, completion tokens as in
 ``logprobs.response_spans``, chunked teacher-forced log-probs without (B, T, V) logits), and the shared-vocabulary
 check that the optional token-level term needs; the check that prompts are conversational (every teacher renders
-them with its own template) and the per-candidate selection shares of a fusion. Does not own: the student's log-probs, fusion or the loss
-(``trainers.opd``, ``infifpo.fusion``).
+them with its own template) and the per-candidate selection shares of a fusion. Does not own: the student's log-probs,
+fusion or the loss (``trainers.opd``, ``infifpo.fusion``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def load_teachers(refs: Sequence[str], *, names: Sequence[str] | None = None, in
     """
     names = list(names) if names else [teacher_name(r) for r in refs]
     if len(names) != len(refs) or len(set(names)) != len(names):
-        raise ConfigError(f"teacher_names {names} must be {len(refs)} distinct names, one per teacher in {list(refs)}.")
+        raise ConfigError(f"teacher_names {names} must be {len(refs)} distinct names, one per teacher in "
+                          f"{list(refs)}.")
     kwargs = dict(init_kwargs or {})
     kwargs["dtype"] = _dtype(kwargs.get("dtype", "float32"))
     teachers = []

@@ -1,11 +1,12 @@
 """WRPOConfig / WRPOTrainer: Weighted-Reward Preference Optimisation (Yang et al., ICLR 2025) on TRL's DPOTrainer.
 
-Owns: the WRPO options (docs/methods.md §WRPO), the α schedule over the trainer's real optimizer steps (``state.max_steps``
-and ``state.global_step``, so ``max_steps`` and gradient accumulation are respected, unlike the official code), and
-the reference for the three responses: dataset columns (``ref_source_chosen_logps``, ``ref_chosen_logps``,
-``ref_rejected_logps``; no reference model is loaded) or a live frozen reference (TRL's ``ref_model``, or the
-adapter-disabled model under PEFT). Does not own: the loss (``fusion.wrpo_loss``) or the batch layout (``collate``).
-Rows: prompt, source_chosen (y_ws), chosen (the target's best, y_wt), rejected (y_l); α = 0 is DPO on (chosen, rejected).
+Owns: the WRPO options (docs/methods.md §WRPO), the α schedule over the trainer's real optimizer steps
+(``state.max_steps`` and ``state.global_step``, so ``max_steps`` and gradient accumulation are respected, unlike the
+official code), and the reference for the three responses: dataset columns (``ref_source_chosen_logps``,
+``ref_chosen_logps``, ``ref_rejected_logps``; no reference model is loaded) or a live frozen reference (TRL's
+``ref_model``, or the adapter-disabled model under PEFT). Does not own: the loss (``fusion.wrpo_loss``) or the batch
+layout (``collate``). Rows: prompt, source_chosen (y_ws), chosen (the target's best, y_wt), rejected (y_l); α = 0 is
+DPO on (chosen, rejected).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class WRPOConfig(DPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type != ["sigmoid"]:
-            raise ConfigError(f"loss_type={self.loss_type}: WRPO has one objective (docs/methods.md §WRPO); leave it unset.")
+            raise ConfigError(f"loss_type={self.loss_type}: WRPO has one objective (docs/methods.md §WRPO); "
+                              "leave it unset.")
         if not 0.0 <= self.alpha_max <= 1.0:
             raise ConfigError(f"alpha_max={self.alpha_max} must be in [0, 1].")
         check_truncation_mode(self)
@@ -104,7 +106,8 @@ class WRPOTrainer(DPOTrainer):
             args.precompute_ref_log_probs = True  # no reference model: _precompute_ref_logps keeps the columns
         elif args.precompute_ref_log_probs:
             raise ConfigError(f"precompute_ref_log_probs=True needs the columns {ref_cols} in the training set "
-                              "(`infifpo score` writes them); set precompute_ref_log_probs=False for a live reference.")
+                              "(`infifpo score` writes them); "
+                              "set precompute_ref_log_probs=False for a live reference.")
         self._score_columns = tuple(score_columns(RESPONSES, length_normalize=False, sources=False,
                                                   ref=self._precomputed))
         self._model_ref = model_reference(model)  # the pivot the scores must come from (data.prepare_scored_dataset)

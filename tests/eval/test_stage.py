@@ -149,7 +149,8 @@ def test_injected_completions_are_scored_exactly(tiny_llama: str, tmp_path: Path
     model_dir = resolve(tiny_llama)
     name = f"eval-{safe_label(Path(model_dir).name)}"
     samples_out = output_for(rows, name, model_dir, greedy_spec(32, 0), "transformers", tmp_path, {})
-    right = {"arithmetic-add_1d-test-00022", "arithmetic-mul_1d-test-00186", "gsm8k-test-00187", "humaneval-test-00131"}
+    right = {"arithmetic-add_1d-test-00022", "arithmetic-mul_1d-test-00186", "gsm8k-test-00187",
+             "humaneval-test-00131"}
     samples = []
     for r in rows:
         if r["domain"] == "code":
@@ -189,7 +190,8 @@ def test_eval_end_to_end_transformers_rerun_and_resume(tiny_llama: str, tmp_path
     assert all(r["completion"] == samples[r["prompt_id"]]["text"] for r in rows)
     assert all(0 < s["num_tokens"] <= 8 for pid, s in samples.items() if pid != "long-0")
     long_row = next(r for r in rows if r["prompt_id"] == "long-0")
-    assert long_row["finish_reason"] == "error" and not long_row["correct"] and "generation error" in long_row["reason"]
+    assert (long_row["finish_reason"] == "error" and not long_row["correct"]
+            and "generation error" in long_row["reason"])
 
     # A finished eval: a re-run loads nothing, writes nothing and prints the same directory.
     before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.iterdir()}

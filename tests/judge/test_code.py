@@ -1,5 +1,6 @@
-"""Code checking: program extraction from chat answers (docs/bad-inputs.md J7), HumanEval's hidden tests (docs/bad-inputs.md J8), crashes (docs/bad-inputs.md J9),
-and answers written to fool the judge instead of solving the task (fake equality, reading for the pass marker)."""
+"""Code checking: program extraction from chat answers (docs/bad-inputs.md J7), HumanEval's hidden tests
+(docs/bad-inputs.md J8), crashes (docs/bad-inputs.md J9), and answers written to fool the judge instead of solving the
+task (fake equality, reading for the pass marker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Math checking: answer extraction (docs/bad-inputs.md J1-J5), strict math-verify equivalence, thread safety (docs/bad-inputs.md J6), GSM8K."""
+"""Math checking: answer extraction (docs/bad-inputs.md J1-J5), strict math-verify equivalence, thread safety
+(docs/bad-inputs.md J6), GSM8K."""
 
 from __future__ import annotations
 
@@ -120,5 +121,6 @@ def test_all_gsm8k_test_answers_verify_against_themselves() -> None:
             failures.append((gold, v))
     assert failures == []
     # A control that can fail: the same answers shifted by one are all judged wrong.
-    wrong = [r for r in rows[:50] if check_math(r["answer"], str(int(r["answer"].split("#### ")[-1].replace(",", "")) + 1))]
+    wrong = [r for r in rows[:50]
+             if check_math(r["answer"], str(int(r["answer"].split("#### ")[-1].replace(",", "")) + 1))]
     assert wrong == []

@@ -1,4 +1,5 @@
-"""Reward-model scoring with a tiny random LlamaForSequenceClassification: chat template, batching, padding (docs/bad-inputs.md J10)."""
+"""Reward-model scoring with a tiny random LlamaForSequenceClassification: chat template, batching, padding
+(docs/bad-inputs.md J10)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Sandbox escapes (docs/bad-inputs.md X1-X5), one per test: each is contained, reported as a failure with a reason, and the
-next run still works; the whole-program ceiling (memory, processes, written bytes). Needs root, bubblewrap and user
-namespaces (the Makefile installs bubblewrap); the ceiling tests use a cgroup where this machine allows one."""
+"""Sandbox escapes (docs/bad-inputs.md X1-X5), one per test: each is contained, reported as a failure with a reason,
+and the next run still works; the whole-program ceiling (memory, processes, written bytes). Needs root, bubblewrap and
+user namespaces (the Makefile installs bubblewrap); the ceiling tests use a cgroup where this machine allows one."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def _samples(model: str = "m") -> list[dict]:
     rows = []
     for (pid, k), text in TEXTS.items():
         rows.append({"id": sample_id(pid, model, k), "prompt_id": pid, "model": model, "sample_index": k,
-                     "completion_ids": [1, 2], "text": text, "finish_reason": "length" if pid == "m2" and k else "stop",
+                     "completion_ids": [1, 2], "text": text,
+                     "finish_reason": "length" if pid == "m2" and k else "stop",
                      "gen_logp": -1.5, "num_tokens": 2, "seed": 0})  # fmt: skip
     return rows
 

@@ -8,7 +8,8 @@ import pytest
 
 from infifpo.logprobs import response_spans
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "two", "plus", "three", "is", "five", "so", "we", "add", "it", "up", "to", "get", "ten"]
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "two", "plus", "three", "is", "five", "so", "we", "add", "it",
+         "up", "to", "get", "ten"]
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -37,7 +38,8 @@ def make_scored_rows(tokenizer, n: int = 8, k: int = 2, *, seed: int = 0, wrpo: 
             src = [-rng.uniform(0.5, 3.0) * n_tok for _ in range(k)]
             src_n = [n_tok + rng.randrange(3) for _ in range(k)]
             row.update({f"ref_{r}_logps": ref, f"ref_mean_{r}_logps": ref / n_tok,
-                        f"fuse_{r}_logps": src, f"fuse_mean_{r}_logps": [s / m for s, m in zip(src, src_n, strict=True)]})
+                        f"fuse_{r}_logps": src,
+                        f"fuse_mean_{r}_logps": [s / m for s, m in zip(src, src_n, strict=True)]})
             if counts:
                 row.update({f"ref_{r}_num_tokens": n_tok, f"fuse_{r}_num_tokens": src_n})
         rows.append(row)

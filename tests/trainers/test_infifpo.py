@@ -37,8 +37,8 @@ def _batch(trainer, n):
     (False, "sigmoid", "sigmoid", 0.1), (True, "sigmoid", "sigmoid_norm", 0.5), (True, "ipo", "ipo", 0.5)])
 def test_single_source_equal_to_reference_is_trl_dpo(tiny_llama, tiny_llama_b, tiny_tok, tmp_path, length_normalize,
                                                      loss_type, trl_loss_type, beta):
-    """docs/methods.md sanity identity: one source whose values equal the frozen pivot's → f = r, and the InfiFPO loss and
-    gradients equal TRL's DPO on the same reference: ``sigmoid`` with LN off; with LN on TRL's per-token forms
+    """docs/methods.md sanity identity: one source whose values equal the frozen pivot's → f = r, and the InfiFPO loss
+    and gradients equal TRL's DPO on the same reference: ``sigmoid`` with LN off; with LN on TRL's per-token forms
     (``sigmoid_norm``; ``ipo``, which TRL computes on per-token means). The policy (tiny_llama_b) differs from the
     reference (tiny_llama), so the DPO logits are not zero."""
     rows = make_scored_rows(tiny_tok, 4, k=1)
@@ -65,7 +65,8 @@ def test_single_source_equal_to_reference_is_trl_dpo(tiny_llama, tiny_llama_b, t
 def _policy_mean_logps(model_path, tok, row):
     """Plain forward: mean per-token log-prob (nats/token) of chosen and rejected over their completion tokens."""
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    prompt_ids, spans = response_spans(tok, row["prompt"], [row["chosen"][0]["content"], row["rejected"][0]["content"]])
+    prompt_ids, spans = response_spans(tok, row["prompt"],
+                                       [row["chosen"][0]["content"], row["rejected"][0]["content"]])
     out = []
     for span in spans:
         ids = torch.tensor([prompt_ids + span])
@@ -83,7 +84,8 @@ def test_max_margin_with_clip_matches_hand_computation(tiny_llama, tiny_tok, tmp
     4 of 8 source values clipped; fused margins 1.2 and 0.9.
     """
     rows = make_scored_rows(tiny_tok, 2, k=2, sources=("m0", "m1"))
-    hand = [(-1.0, [-0.8, -1.5], -1.2, [-1.0, -2.0], -0.8, -2.0), (-0.9, [-0.5, -1.3], -1.1, [-1.4, -1.05], -0.5, -1.4)]
+    hand = [(-1.0, [-0.8, -1.5], -1.2, [-1.0, -2.0], -0.8, -2.0),
+            (-0.9, [-0.5, -1.3], -1.1, [-1.4, -1.05], -0.5, -1.4)]
     for row, (rc, sc, rr, sr, _, _) in zip(rows, hand, strict=True):
         row.update(ref_mean_chosen_logps=rc, fuse_mean_chosen_logps=sc, ref_mean_rejected_logps=rr,
                    fuse_mean_rejected_logps=sr)
@@ -169,7 +171,8 @@ def test_config_defaults_and_run_script_aliases(tmp_path):
     assert (alias.fusion_method, alias.length_normalize, alias.beta) == ("mean", False, 0.1)
     assert InfiFPOConfig(beta=0.7, **base).beta == 0.7
     assert cfg.max_length == 4096  # the paper's, not TRL's inherited 1024
-    # docs/methods.md §Fusion (choice): mean/confidence weight the N sources only unless asked; max-margin keeps the pivot
+    # docs/methods.md §Fusion (choice): mean/confidence weight the N sources only unless asked; max-margin keeps the
+    # pivot
     assert [InfiFPOConfig(fusion_method=m, **base).include_pivot for m in ("mean", "confidence", "max_margin_pair")] \
         == [False, False, True]
     assert InfiFPOConfig(fusion_method="mean", include_pivot=True, **base).include_pivot is True

@@ -26,11 +26,13 @@ def test_launch_flags_become_an_accelerate_launch_command_accelerate_accepts():
     assert args.multi_gpu and args.num_processes == 2 and args.main_process_port == 0 and args.mixed_precision == "no"
     assert args.module and args.training_script == "infifpo.cli" and args.training_script_args == ["train", *rest]
 
-    launch, rest = launcher.split_launch_args(["--accelerate_config", "ddp", "--method", "infifpo", "--num_processes", "3"])
+    launch, rest = launcher.split_launch_args(["--accelerate_config", "ddp", "--method", "infifpo",
+                                               "--num_processes", "3"])
     cmd = launcher.accelerate_launch_command(launch, rest, mixed_precision="bf16")
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
     assert args.config_file == str(launcher.ACCELERATE_CONFIG_DIR / "ddp.yaml") and "--multi_gpu" not in cmd
-    assert args.multi_gpu and args.num_processes == 3 and args.mixed_precision == "bf16"  # the train config's, not 'no'
+    assert (args.multi_gpu and args.num_processes == 3
+            and args.mixed_precision == "bf16")  # the train config's, not 'no'
 
 
 @pytest.mark.parametrize(("argv", "match"), [

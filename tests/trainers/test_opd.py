@@ -4,7 +4,8 @@ shared fusion functions, metrics, the token-level term's vocabulary check, and `
 Pool (all offline, tiny, character tokenizers with the same chat template): a Llama student; teacher "good" (Qwen2,
 tokenizer with 2 extra characters and every character's id reversed) that always answers "x"; teacher "weak" (Llama,
 3 other extra characters, random weights). Three vocabulary sizes and different ids for the same character, so only
-sequence-level fusion on the completion text can combine them (docs/bad-inputs.md T8: student ids fed to a teacher would fail).
+sequence-level fusion on the completion text can combine them (docs/bad-inputs.md T8: student ids fed to a teacher
+would fail).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _config(tmp_path, pool, **kw) -> FusedDistillationConfig:
 
 
 def _trainer(tmp_path, pool, n_prompts: int = 8, **kw) -> FusedDistillationTrainer:
-    return FusedDistillationTrainer(pool["student"], args=_config(tmp_path, pool, **kw), train_dataset=_prompts(n_prompts),
+    return FusedDistillationTrainer(pool["student"], args=_config(tmp_path, pool, **kw),
+                                    train_dataset=_prompts(n_prompts),
                                     processing_class=AutoTokenizer.from_pretrained(pool["student"]))
 
 
@@ -277,9 +279,10 @@ def test_metrics_are_logged_and_consistent(pool, tmp_path):
 
 def test_clipping_against_the_initial_student(pool, tmp_path, caplog):
     """clip=True floors f at v_r; with only the weak teacher (always below v_r) f = v_r = v̂_π at the first step, so
-    every advantage is 0 and the trainer says so ("Is my run healthy?"), with the clip rate of the side it uses (1.00: every
-    teacher value raised to v_r; the fusion's own clip_rate also counts the unused mirrored side, 0.50). Without
-    LN the step is a no-op; with LN the 1/n length term of ∇ E[v_π] still moves the student, and the warning says so."""
+    every advantage is 0 and the trainer says so ("Is my run healthy?"), with the clip rate of the side it uses (1.00:
+    every teacher value raised to v_r; the fusion's own clip_rate also counts the unused mirrored side, 0.50). Without
+    LN the step is a no-op; with LN the 1/n length term of ∇ E[v_π] still moves the student, and the warning says
+    so."""
     trainer = _trainer(tmp_path, pool, clip=True, max_steps=2)
     trainer.train()
     for h in (h for h in trainer.state.log_history if "loss" in h):
@@ -317,7 +320,8 @@ def test_lora_reference_is_the_adapter_disabled_student(pool, tmp_path):
 def test_token_level_term_needs_a_shared_vocabulary(pool, tmp_path, tiny_llama, tiny_qwen):
     with pytest.raises(ConfigError, match="teacher 'good' has"):
         _trainer(tmp_path, pool, token_level_weight=0.5, token_level_teachers=["good"])
-    # docs/bad-inputs.md T6: the same tokenizer but a padded head (vocab_size 128 != len(tokenizer)) is not the same vocabulary
+    # docs/bad-inputs.md T6: the same tokenizer but a padded head (vocab_size 128 != len(tokenizer)) is not the same
+    # vocabulary
     args = _config(tmp_path, pool, teacher_models=[tiny_qwen], teacher_names=["padded"], token_level_weight=0.5)
     with pytest.raises(ConfigError, match="teacher 'padded' has .* head size 128"):
         FusedDistillationTrainer(tiny_llama, args=args, train_dataset=_prompts(8))
