@@ -2,7 +2,7 @@
 
 Owns: the list of TRL 1.16 ``DPOConfig`` fields whose non-default value would change TRL's own DPO loss or batch
 layout but is not honoured by ``InfiFPOTrainer`` / ``WRPOTrainer`` (their loss is ``fusion.infifpo_loss`` /
-``fusion.wrpo_loss``, their collator ``collate.ScoredPreferenceCollator``), and the check that raises ConfigError
+``fusion.wrpo_loss``, their collator ``forward.ScoredPreferenceCollator``), and the check that raises ConfigError
 instead of training silently on a loss the user did not ask for. Does not own: the configs themselves.
 """
 

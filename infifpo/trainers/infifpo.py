@@ -2,7 +2,7 @@
 
 Owns: the InfiFPO options (docs/methods.md, every "(choice)" with its default), reading the frozen pivot's and the
 sources' log-probs from the dataset (no reference model is ever loaded), and the per-step fusion metrics.
-Does not own: the math (``infifpo.fusion``), row validation (``trainers.data``) or batch layout (``trainers.collate``).
+Does not own: the math (``infifpo.fusion``), row validation (``trainers.data``) or batch layout (``trainers.forward``).
 Departures from TRL's DPOTrainer: the reference comes from dataset columns (``precompute_ref_log_probs`` is forced on
 and ``_precompute_ref_logps`` returns the dataset unchanged), and ``_compute_loss`` calls ``fusion.*``.
 """
@@ -245,7 +245,7 @@ class InfiFPOTrainer(DPOTrainer):
         """TRL's rewards/* and logps/* keys (rewards = β(v_π − f)) plus fusion/* diagnostics, gathered over ranks.
 
         Across ranks: every per-pair tensor (B,) is all-gathered in one ``gather_for_metrics`` call per micro-step
-        (``collate.gather_means``) and averaged, so each rank appends the mean over the global micro-batch, not its
+        (``forward.gather_means``) and averaged, so each rank appends the mean over the global micro-batch, not its
         own; TRL's ``log`` then averages the micro-steps of the logging window. With equal micro-batches the logged
         value equals one process's on the same global batch (tests/trainers/test_distributed.py).
         """

@@ -345,7 +345,7 @@ class FusedDistillationTrainer(DistillationTrainer):
     def _log_scores(self, policy: torch.Tensor, ref: torch.Tensor, src: torch.Tensor, fused: torch.Tensor,
                     info: fusion.FusionInfo, advantages: torch.Tensor, num_tokens: torch.Tensor,
                     clipped: torch.Tensor) -> None:
-        """Per-sample opd/* metrics, averaged over all processes (collate.gather_means, as InfiFPO's fusion/*).
+        """Per-sample opd/* metrics, averaged over all processes (forward.gather_means, as InfiFPO's fusion/*).
 
         ``clipped`` [N]: per sample, the fraction of teacher values clipping raised to v_r (0 with clip off)."""
         mode = "train" if self.model.training else "eval"

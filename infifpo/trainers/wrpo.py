@@ -5,7 +5,7 @@ Owns: the WRPO options (docs/methods.md §WRPO), the α schedule over the traine
 official code), and the reference for the three responses: dataset columns (``ref_source_chosen_logps``,
 ``ref_chosen_logps``, ``ref_rejected_logps``; no reference model is loaded) or a live frozen reference (TRL's
 ``ref_model``, or the adapter-disabled model under PEFT). Does not own: the loss (``fusion.wrpo_loss``) or the batch
-layout (``collate``). Rows: prompt, source_chosen (y_ws), chosen (the target's best, y_wt), rejected (y_l); α = 0 is
+layout (``forward``). Rows: prompt, source_chosen (y_ws), chosen (the target's best, y_wt), rejected (y_l); α = 0 is
 DPO on (chosen, rejected).
 """
 
@@ -182,7 +182,7 @@ class WRPOTrainer(DPOTrainer):
         """α, TRL's rewards/* keys for the target pair, and rewards for the source chosen, gathered over ranks.
 
         Across ranks: every per-pair tensor (B,) is all-gathered in one ``gather_for_metrics`` call per micro-step
-        (``collate.gather_means``) and averaged, so each rank appends the mean over the global micro-batch, not its
+        (``forward.gather_means``) and averaged, so each rank appends the mean over the global micro-batch, not its
         own; TRL's ``log`` then averages the micro-steps of the logging window. With equal micro-batches the logged
         value equals one process's on the same global batch (tests/trainers/test_distributed.py).
         """

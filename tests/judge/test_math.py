@@ -13,7 +13,7 @@ import pytest
 from infifpo.judge import check_math, judge_math
 from infifpo.judge.math import extract_answer
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "infifpo" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = Path(__file__).resolve().parents[2] / "data_prep" / "gsm8k" / "test.jsonl"
 
 
 @pytest.mark.parametrize(

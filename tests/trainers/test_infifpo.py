@@ -26,7 +26,7 @@ from tests.trainers.conftest import (
     sgd_args,
 )
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "official_format_row.jsonl"
+EXAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "official_format_row.jsonl"
 
 
 def _batch(trainer, n):
