@@ -260,3 +260,18 @@ def test_missing_run_dir_and_corrupt_score_stats_name_the_stage(run_dir, tmp_pat
     stats.write_text(json.dumps({"models": [{"model": "x", "seconds": "slow"}]}))
     with pytest.raises(DataFormatError, match=r"score_stats\.json.*pipeline stage score"):
         report.build_report(run_dir)
+
+
+def test_an_lm_eval_entry_without_a_standard_error_renders_without_an_interval(run_dir):
+    # lm-eval tasks that report no stderr (bootstrap_iters=0) give ci95 null and ci_method "none" (lm_eval_adapter)
+    for key in ("pivot", "infifpo"):
+        path = run_dir.parents[1] / _outputs(run_dir)["evals"][key] / "scores.json"
+        scores = json.loads(path.read_text())
+        scores["benchmarks"]["gsm8k"].update(ci95=None, ci_method="none")
+        path.write_text(json.dumps(scores))
+    rep = report.build_report(run_dir)
+    rows = {r["key"]: r for r in rep["table"]["rows"]}
+    assert rows["infifpo"]["benchmarks"]["gsm8k"]["ci95"] is None
+    assert rows["infifpo"]["benchmarks"]["gsm8k"]["accuracy"] == pytest.approx(50.0)
+    md = report_markdown.render_markdown(rep)
+    assert "| InfiFPO | 50.0 |" in md

@@ -190,10 +190,13 @@ class Evals:
                              + f": re-run {stage}.")
             return None
         bench = scores.get("benchmarks")
-        if not isinstance(bench, dict) or any(not isinstance(b, dict) or "accuracy" not in b
-                                              or len(b.get("ci95") or ()) != 2 for b in bench.values()):
+        # ci95 is null where there is no interval (an lm-eval task that reports no standard error)
+        if not isinstance(bench, dict) or any(not isinstance(b, dict) or "accuracy" not in b or "ci95" not in b
+                                              or (b["ci95"] is not None and len(b["ci95"]) != 2)
+                                              for b in bench.values()):
             raise DataFormatError(f"{run.path(d) / 'scores.json'}: 'benchmarks' must map each benchmark to an object "
-                                  f"with 'accuracy' and 'ci95' (docs/formats.md, 'Eval outputs'). Re-run {stage}.")
+                                  f"with 'accuracy' and 'ci95' (a pair, or null) (docs/formats.md, 'Eval outputs'). "
+                                  f"Re-run {stage}.")
         return scores
 
     def rows(self, label: str) -> list[dict[str, Any]] | None:
