@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from infifpo.provenance import output_digest
-from infifpo.schema import ConfigError
+from infifpo.schema import ConfigError, StageFailedError
 from infifpo.store import RESULT_FILE_ENV, StageOutput, fingerprint, read_output, read_recorded_outputs
 from infifpo.trainers import packaged_config
 
@@ -196,6 +196,7 @@ def run_stage(name: str, args: list[str], log_dir: Path, timings: Timings | None
     result_file = log_dir / f".{name}.{os.getpid()}.{time.monotonic_ns()}.result.jsonl"
     logger.info("stage %s: %s", label or name, " ".join(cmd[3:]))
     start = time.time()
+    offset = log_path.stat().st_size if log_path.exists() else 0
     try:
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
@@ -203,7 +204,9 @@ def run_stage(name: str, args: list[str], log_dir: Path, timings: Timings | None
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                                   env={**os.environ, RESULT_FILE_ENV: str(result_file)})
         if proc.returncode != 0:
-            raise RuntimeError(f"stage {name!r} failed (exit {proc.returncode}); see {log_path}")
+            raise StageFailedError(f"stage {name!r} failed (exit {proc.returncode}): "
+                                   f"{_stage_error(log_path, offset, name)} Log: {log_path}. Fix that and run the "
+                                   "same pipeline command again: finished stages are reused.")
         outputs = read_recorded_outputs(result_file)
     finally:
         result_file.unlink(missing_ok=True)
@@ -212,6 +215,16 @@ def run_stage(name: str, args: list[str], log_dir: Path, timings: Timings | None
     if timings is not None:
         timings.record(label or name, name, model, seconds, outputs)
     return outputs
+
+
+def _stage_error(log_path: Path, offset: int, name: str) -> str:
+    """The stage's own one-line error (``infifpo <name>: ...``) from what this run appended to its log, or the last
+    non-empty line there."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    own = [x for x in lines if x.startswith(f"infifpo {name}:")]
+    return (own or lines or ["(the stage wrote nothing)"])[-1]
 
 
 def _one(paths: list[Path], stage: str) -> Path:

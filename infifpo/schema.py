@@ -95,6 +95,11 @@ class SandboxUnavailableError(InfiFPOError, RuntimeError):
     """Code execution was requested but OS-level isolation is unavailable; infifpo refuses to run it unsandboxed."""
 
 
+class StageFailedError(InfiFPOError, RuntimeError):
+    """A stage that `infifpo pipeline` ran exited with an error; the message carries the stage's own error line and
+    its log file."""
+
+
 class ConfigError(InfiFPOError, ValueError):
     """A configuration key or value is invalid (unknown key, wrong type, inconsistent options)."""
 

@@ -151,3 +151,17 @@ def test_train_without_chat_template_names_the_key_and_template_path_fixes_it(tm
     assert trainer.processing_class.chat_template == CHAT_TEMPLATE
     with pytest.raises(ConfigError, match="chat_template_path .* does not exist"):
         entry.parse([*argv, "--chat_template_path", str(tmp_path / "missing.jinja")])
+
+
+def test_a_failing_pipeline_stage_is_one_line_with_the_stages_own_error_and_its_log(tmp_path):
+    cfg = {"name": "bad", "run_dir": str(tmp_path / "run"), "pivot": "smollm2-135m-instruct",
+           "sources": ["gemma3-270m"],
+           "prompts": {"sources": [{"source": "jsonl", "path": str(tmp_path / "no.jsonl")}]}}
+    (tmp_path / "bad.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    proc = _infifpo("pipeline", "--config", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("infifpo ")]  # the rest: timestamped progress
+    assert len(errors) == 1 and errors[0].startswith("infifpo pipeline: StageFailedError: "), proc.stderr[-3000:]
+    line = errors[0]
+    assert "stage 'prompts' failed (exit 2): infifpo prompts: ConfigError: jsonl:" in line
+    assert str(tmp_path / "run" / "logs" / "prompts.log") in line and "run the same pipeline command again" in line
