@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITTEN = {"report.md"}  # output file names, not documents
+LINK_TEXT = re.compile(r"\[[^\]]*\]\(")  # a Markdown link's text: its target is the reference
 MD_REF = re.compile(r"(?<![\w/.-])((?:\.\./|[\w-]+/)*[\w-]+\.md)\b")
 ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|home|Users|check)/[\w.-]+")
 
@@ -33,7 +34,7 @@ def test_every_markdown_reference_resolves_to_a_file_in_the_repository():
     missing = []
     for path in _tracked_text_files():
         for i, line in enumerate(path.read_text().splitlines(), 1):
-            for ref in MD_REF.findall(line):
+            for ref in MD_REF.findall(LINK_TEXT.sub("(", line)):
                 if Path(ref).name in WRITTEN:
                     continue
                 if not ((path.parent / ref).is_file() or (ROOT / ref).is_file()):
