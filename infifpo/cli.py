@@ -249,11 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        print(f"infifpo: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        from infifpo.config import suggest
+        print(f"infifpo: unknown command {name!r}.{suggest(name, COMMANDS)}\n\n{_usage()}", file=sys.stderr)
         return 2
     return run_stage(name, rest)
 

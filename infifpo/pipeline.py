@@ -52,13 +52,12 @@ ARM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """The pipeline YAML as a dict; unknown top-level keys are a ConfigError with a did-you-mean."""
-    import difflib
+    from infifpo.config import suggest
 
     cfg = yaml.safe_load(Path(path).read_text()) or {}
     for key in cfg:
         if key not in TOP_KEYS:
-            close = difflib.get_close_matches(key, TOP_KEYS, n=1)
-            raise ConfigError(f"{path}: unknown key {key!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
+            raise ConfigError(f"{path}: unknown key {key!r}.{suggest(key, TOP_KEYS)}")
     for key in ("pivot", "sources", "prompts"):
         if key not in cfg:
             raise ConfigError(f"{path}: missing required key {key!r}")

@@ -37,7 +37,7 @@ def run_config(tmp_path_factory, tiny_llama, tiny_qwen, tiny_llama_b):
         "sources": [tiny_qwen, tiny_llama_b], "backend": "transformers",
         "prompts": {"sources": ["arithmetic:train:40"], "seed": 0},
         "sample": {"max_tokens": 12, "temperature": 1.0, "top_p": 1.0, "seed": 0, "pivot": {"n": 2},
-                   "sources": {"n": 1}},
+                   "sources": {"n": 1}, "batch_prompts": 4},  # several flushes: the kill test lands mid-sampling
         "judge": {"reward_model": rm},
         "pair": {"recipe": "infifpo", "sft_fraction": 0.5, "seed": 0, "allow_truncated_chosen": True},
         "score": {"dtype": "float32", "write_every": 4},

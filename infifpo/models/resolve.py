@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from infifpo.config import suggest
 from infifpo.models.packaged import PACKAGED, convert_gguf, fetch_gguf, refetch_hint
 from infifpo.schema import ModelLoadError
 from infifpo.store import cache_root
@@ -79,8 +79,7 @@ def resolve_model(
         return str(resolve_packaged(ref, force=force))
     if _HUB_ID.match(ref) and not ref.startswith((".", "~")):
         return _resolve_hub(ref, revision=revision, trust_remote_code=trust_remote_code)
-    close = difflib.get_close_matches(ref, PACKAGED, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = suggest(ref, PACKAGED)
     raise ModelLoadError(
         f"unknown model {ref!r}: not an existing directory, not a packaged model and not a hub id (org/name).{hint} "
         f"Packaged models: {', '.join(PACKAGED)} (see `infifpo models list`); or pass a local checkpoint directory."

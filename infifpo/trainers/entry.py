@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+from infifpo.config import check_yaml_keys, config_path, raise_config_error, suggest, unknown_flags_error, yaml_mapping
 from infifpo.schema import ChatTemplateError, ConfigError, InfiFPOError
 from infifpo.trainers import packaged_config
 from infifpo.trainers.launch import in_launched_process, relaunch, split_launch_args
@@ -110,8 +110,8 @@ def _split_method(argv: list[str]) -> tuple[str, list[str]]:
     """(method, the other arguments); the method comes from ``--method`` or the ``method:`` key of the ``--config``
     YAML (both: they must agree). Without ``--config`` the method's packaged YAML is added (``packaged_config``)."""
     argv = list(argv)
-    path = _config_path(argv)
-    in_yaml = _yaml_mapping(path).get("method") if path else None
+    path = config_path(argv, "a train YAML file (see infifpo/trainers/configs/)")
+    in_yaml = yaml_mapping(path).get("method") if path else None
     if "--method" in argv:
         i = argv.index("--method")
         method, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
@@ -129,74 +129,10 @@ def _split_method(argv: list[str]) -> tuple[str, list[str]]:
         raise ConfigError(f"`infifpo train` needs --method, one of {list(METHODS)} (or a `method:` key in its "
                           "--config YAML).")
     if method not in METHODS:
-        close = difflib.get_close_matches(method, METHODS, n=1)
-        raise ConfigError(f"--method {method!r} is not one of {list(METHODS)}."
-                          + (f" Did you mean {close[0]!r}?" if close else ""))
+        raise ConfigError(f"--method {method!r} is not one of {list(METHODS)}.{suggest(method, METHODS)}")
     if path is None:
         argv += ["--config", str(packaged_config(method))]
     return method, argv
-
-
-def _config_path(argv: list[str]) -> Path | None:
-    """The ``--config FILE`` of ``argv`` (None without one); a ConfigError when the value or the file is missing."""
-    if "--config" not in argv:
-        return None
-    i = argv.index("--config")
-    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-        raise ConfigError("--config needs a value: a train YAML file (see infifpo/trainers/configs/).")
-    path = Path(os.path.expanduser(argv[i + 1]))
-    if not path.is_file():
-        raise ConfigError(f"--config {argv[i + 1]}: {'is a directory' if path.is_dir() else 'does not exist'}; "
-                          "give a train YAML file (see infifpo/trainers/configs/).")
-    return path
-
-
-def _yaml_mapping(path: Path) -> dict[str, Any]:
-    """The ``--config`` YAML as a mapping; a ConfigError when it is not valid YAML or not a mapping."""
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping of config keys, got {type(config).__name__}.")
-    return config
-
-
-def check_yaml_keys(argv: list[str], dataclass_types: tuple[type, ...]) -> None:
-    """Raise ConfigError with a did-you-mean for every YAML key that is not a field of the config dataclasses (or
-    ``method`` / ``env``), and for a ``--config`` file that is missing or not a YAML mapping."""
-    path = _config_path(argv)
-    if path is None:
-        return
-    config = _yaml_mapping(path)
-    known = {fl.name for t in dataclass_types for fl in dataclasses.fields(t)} | {"env", "method"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"unknown key(s) in {path}: {', '.join(hints)}. Keys must be "
-                          f"fields of {', '.join(t.__name__ for t in dataclass_types)}.")
-
-
-def unknown_flags_error(parser: Any, remaining: list[str]) -> ConfigError:
-    """A ConfigError naming the command-line arguments no config dataclass takes, each with a did-you-mean."""
-    known = sorted(s for s in parser._option_string_actions if s.startswith("--"))
-    flags = [a.partition("=")[0] for a in remaining if a.startswith("-")]
-    if not flags:
-        return ConfigError(f"unexpected argument(s) {remaining}: every value follows its --flag (infifpo train "
-                           "--method M --config FILE [--key value ...]).")
-    hints = []
-    for flag in flags:
-        close = difflib.get_close_matches(flag.replace("-", "_").lstrip("_"), [k[2:] for k in known], n=1)
-        hints.append(f"{flag}" + (f" (did you mean --{close[0]}?)" if close else ""))
-    return ConfigError(f"unknown flag(s) {', '.join(hints)}; `infifpo train --method M --help` lists them all.")
-
-
-def _raise_config_error(message: str) -> None:
-    """``ArgumentParser.error`` replacement: a bad value / missing value is one ConfigError line, not usage text."""
-    raise ConfigError(" ".join(message.split()))
 
 
 def check_dataset_name(name: str) -> None:
@@ -258,9 +194,9 @@ def parse(argv: list[str]) -> tuple[str, Any, Any, Any]:
     config_class = _config_class(method)
     has_template_key = any(f.name == "chat_template_path" for f in dataclasses.fields(config_class))
     types = (TrainScriptArguments, config_class, ModelConfig, *(() if has_template_key else (ChatTemplateArguments,)))
-    check_yaml_keys(rest, types)
+    check_yaml_keys(rest, types, extra=("env", "method"))
     parser = TrlParser(types)
-    parser.error = _raise_config_error  # argparse's usage-and-exit becomes one ConfigError line
+    parser.error = raise_config_error  # argparse's usage-and-exit becomes one ConfigError line
     if not torch.cuda.is_available():  # defaults only: YAML and CLI values still win
         parser.set_defaults(use_cpu=True, bf16=cpu_supports_bf16())
     try:
@@ -271,7 +207,7 @@ def parse(argv: list[str]) -> tuple[str, Any, Any, Any]:
             raise
         raise ConfigError(" ".join(str(e).split())) from None
     if unknown:
-        raise unknown_flags_error(parser, unknown)
+        raise unknown_flags_error(parser, unknown, "infifpo train --method M --help")
     script, train_args, model_args = parsed[:3]
     script.chat_template_path = (parsed[3] if len(parsed) > 3 else train_args).chat_template_path
     if script.dataset_name is None:
