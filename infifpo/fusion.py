@@ -98,6 +98,18 @@ class FusionInfo:
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
+    def shares(self, side: str, batch_size: int) -> Tensor:
+        """(B, K') weight of each candidate in f(y) of ``side`` ("chosen" | "rejected"), each row summing to 1:
+        one-hot of the selected candidate (max_margin), the normalised weights (confidence), 1/K' each (mean)."""
+        if side not in ("chosen", "rejected"):
+            raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")
+        index = self.chosen_index if side == "chosen" else self.rejected_index
+        if index is not None:
+            return F.one_hot(index, self.num_candidates).float()
+        if self.weights is not None:
+            return self.weights[0 if side == "chosen" else 1].float()
+        return torch.full((batch_size, self.num_candidates), 1.0 / self.num_candidates)
+
 
 def _max_margin_index(cand: Tensor, pivot: Tensor) -> Tensor:
     """argmax_k D_k with D_k = |exp(c_k) − exp(p)|, compared in log space (docs/methods.md §Fusion, max_margin).

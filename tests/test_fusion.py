@@ -559,3 +559,20 @@ def test_full_tie_at_the_pivot_is_credited_to_the_pivot():
     # Without the pivot as a candidate the lowest-index tie-break still applies.
     _, _, info = fuse_reference(ref_w, ref_l, src_w, src_l, method="max_margin", include_pivot=False)
     assert info.chosen_index.tolist() == [0]
+
+
+def test_shares_are_each_candidates_weight_in_f_for_every_method():
+    """FusionInfo.shares: one-hot of the winner (max_margin), the confidence weights, 1/K (mean); hand values."""
+    # Two sources, no clipping: chosen values (-1, -3), rejected (-2, -2); pivot -1.5 / -2.5.
+    src_c, src_r = torch.tensor([[-1.0, -3.0]]), torch.tensor([[-2.0, -2.0]])
+    ref_c, ref_r = torch.tensor([-1.5]), torch.tensor([-2.5])
+    kw = {"clip": False, "include_pivot": False}
+    _, _, info = fuse_reference(ref_c, ref_r, src_c, src_r, method="max_margin", **kw)
+    # |e^-1 - e^-1.5| = 0.145 < |e^-3 - e^-1.5| = 0.173: source 1 wins the chosen side; a tie on rejected -> source 0.
+    assert info.shares("chosen", 1).tolist() == [[0.0, 1.0]] and info.shares("rejected", 1).tolist() == [[1.0, 0.0]]
+    _, _, info = fuse_reference(ref_c, ref_r, src_c, src_r, method="confidence", **kw)
+    # w ∝ 1/1, 1/3 -> 3/4, 1/4; rejected 1/2 each.
+    torch.testing.assert_close(info.shares("chosen", 1), torch.tensor([[0.75, 0.25]]))
+    torch.testing.assert_close(info.shares("rejected", 1), torch.tensor([[0.5, 0.5]]))
+    _, _, info = fuse_reference(ref_c, ref_r, src_c, src_r, method="mean", **kw)
+    assert info.shares("chosen", 1).tolist() == [[0.5, 0.5]]

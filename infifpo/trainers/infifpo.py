@@ -34,6 +34,7 @@ from infifpo.trainers.forward import (
     pop_score_columns,
 )
 from infifpo.trainers.fusion_options import FusionOptions
+from infifpo.trainers.metrics import candidate_names, share_metrics
 
 logger = logging.getLogger(__name__)
 LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
@@ -209,13 +210,14 @@ class InfiFPOTrainer(DPOTrainer):
         return (loss, None) if return_outputs else loss
 
     def _fused_reference(self, scores: dict[str, torch.Tensor], policy: dict[str, torch.Tensor]
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """f(y) [B] per response (docs/methods.md §Fusion), and the diagnostics of the (chosen, rejected) fusion."""
+                         ) -> tuple[dict[str, torch.Tensor], fusion.FusionInfo | None]:
+        """f(y) [B] per response (docs/methods.md §Fusion), and the diagnostics of the (chosen, rejected) fusion
+        (None when ``fuse`` is off: the reference is the pivot's own values)."""
         pick = 1 if self.args.length_normalize else 0
         ref = {r: scores[ref_columns(r)[pick]] for r in self._responses}
         src = {r: scores[fuse_columns(r)[pick]] for r in self._responses}
         if not self.args.fuse:
-            return ref, {}
+            return ref, None
         kw = self.args.fusion_kwargs()
         f_c, f_r, info = fusion.fuse_reference(ref["chosen"], ref["rejected"], src["chosen"], src["rejected"],
                                                policy_chosen=policy["chosen"], policy_rejected=policy["rejected"],
@@ -225,8 +227,7 @@ class InfiFPOTrainer(DPOTrainer):
             fused["source_chosen"] = fusion.fuse_reference(
                 ref["source_chosen"], ref["rejected"], src["source_chosen"], src["rejected"],
                 policy_chosen=policy["source_chosen"], policy_rejected=policy["rejected"], **kw)[0]
-        return fused, {"chosen_index": info.chosen_index, "rejected_index": info.rejected_index,
-                       "clip_rate": info.clip_rate, "num_candidates": info.num_candidates}
+        return fused, info
 
     def _pair_losses(self, policy: dict[str, torch.Tensor], fused: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.args.loss_type[0] == "wrpo":
@@ -241,7 +242,7 @@ class InfiFPOTrainer(DPOTrainer):
 
     # -- metrics --------------------------------------------------------------------------------------------------
     def _log_step(self, mode: str, policy: dict[str, torch.Tensor], fused: dict[str, torch.Tensor],
-                  info: dict[str, Any], num_tokens: dict[str, torch.Tensor]) -> None:
+                  info: fusion.FusionInfo | None, num_tokens: dict[str, torch.Tensor]) -> None:
         """TRL's rewards/* and logps/* keys (rewards = β(v_π − f)) plus fusion/* diagnostics, gathered over ranks.
 
         Across ranks: every per-pair tensor (B,) is all-gathered in one ``gather_for_metrics`` call per micro-step
@@ -257,17 +258,10 @@ class InfiFPOTrainer(DPOTrainer):
             "fusion/margin": fused["chosen"] - fused["rejected"],
             "fusion/chosen_num_tokens": num_tokens["chosen"], "fusion/rejected_num_tokens": num_tokens["rejected"],
         }
-        if "clip_rate" in info:
-            per_pair["fusion/clip_rate"] = info["clip_rate"].expand_as(rw_c)
-        for side in ("chosen", "rejected"):
-            index = info.get(f"{side}_index")
-            if index is not None:
-                for k, name in enumerate(self._candidate_names(info["num_candidates"])):
-                    per_pair[f"fusion/{side}_share/{name}"] = (index == k).float()
+        if info is not None:
+            per_pair["fusion/clip_rate"] = info.clip_rate.expand_as(rw_c)
+            names = candidate_names(self._source_names, self.args.include_pivot, info.num_candidates)
+            per_pair.update(share_metrics(info, names, "fusion", len(rw_c), sides=("chosen", "rejected")))
         for key, value in gather_means(self.accelerator, per_pair).items():
             self._metrics[mode][key].append(value)
 
-    def _candidate_names(self, num_candidates: int) -> list[str]:
-        k = num_candidates - (1 if self.args.include_pivot else 0)
-        names = self._source_names if len(self._source_names) == k else [f"src{i}" for i in range(k)]
-        return names + (["pivot"] if self.args.include_pivot else [])

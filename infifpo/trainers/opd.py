@@ -60,6 +60,7 @@ from infifpo.logprobs import head_token_logprobs, logit_softcap
 from infifpo.schema import ConfigError
 from infifpo.trainers.forward import gather_means
 from infifpo.trainers.fusion_options import FusionOptions
+from infifpo.trainers.metrics import candidate_names, share_metrics
 from infifpo.trainers.teachers import (
     Teacher,
     check_prompts,
@@ -67,7 +68,6 @@ from infifpo.trainers.teachers import (
     freeze,
     load_teachers,
     rowwise_sums,
-    selection_shares,
     softcapped_logits,
     teacher_sequence_logps,
 )
@@ -355,10 +355,8 @@ class FusedDistillationTrainer(DistillationTrainer):
         for k, t in enumerate(self.teachers):
             per_sample[f"opd/teacher_score/{t.name}"] = src[:, k]
         # args.include_pivot is resolved in __post_init__ (fusion.resolve_include_pivot), so names match K'.
-        names = [t.name for t in self.teachers] + (["pivot"] if self.args.include_pivot else [])
-        shares = selection_shares(info, len(ref))
-        for k, name in enumerate(names):
-            per_sample[f"opd/teacher_share/{name}"] = shares[:, k]
+        names = candidate_names([t.name for t in self.teachers], self.args.include_pivot, info.num_candidates)
+        per_sample.update(share_metrics(info, names, "opd/teacher_share", len(ref)))
         for key, value in gather_means(self.accelerator, per_sample).items():
             self._metrics[mode][key].append(value)
         self._metrics[mode]["opd/advantage_std"].append(self.accelerator.gather_for_metrics(advantages).std().item())

@@ -5,7 +5,7 @@ model references through ``infifpo.models.resolve_model``, the sequence-level sc
 samples under one teacher (docs/methods.md §OPD: its own tokenizer and chat template, completion tokens as in
 ``logprobs.response_spans``, chunked teacher-forced log-probs without (B, T, V) logits), and the shared-vocabulary
 check that the optional token-level term needs; the check that prompts are conversational (every teacher renders
-them with its own template) and the per-candidate selection shares of a fusion. Does not own: the student's log-probs,
+them with its own template). Does not own: the student's log-probs,
 fusion or the loss (``trainers.opd``, ``infifpo.fusion``).
 """
 
@@ -21,7 +21,6 @@ import torch
 from datasets import IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from infifpo.fusion import FusionInfo
 from infifpo.logprobs import Messages, encode_prompt, logit_softcap, masked_token_logprobs, response_spans
 from infifpo.models.resolve import resolve_model
 from infifpo.schema import ConfigError, check_messages
@@ -146,16 +145,6 @@ def teacher_sequence_logps(teacher: Teacher, prompts: Sequence[Messages], texts:
         sums.append(rowwise_sums(token_logps, score).cpu())
         counts.append(score.sum(dim=1).cpu())
     return torch.cat(sums), torch.cat(counts)
-
-
-def selection_shares(info: FusionInfo, n: int) -> torch.Tensor:
-    """(N, K') weight of each fusion candidate in f(y): one-hot of the selected index (max_margin), the
-    normalised confidence weights, or 1/K' each (mean)."""
-    if info.chosen_index is not None:
-        return torch.nn.functional.one_hot(info.chosen_index, info.num_candidates).float()
-    if info.weights is not None:
-        return info.weights[0].float()
-    return torch.full((n, info.num_candidates), 1.0 / info.num_candidates)
 
 
 def softcapped_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:

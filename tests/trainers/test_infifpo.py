@@ -112,6 +112,26 @@ def test_max_margin_with_clip_matches_hand_computation(tiny_llama, tiny_tok, tmp
     assert m["fusion/chosen_num_tokens"] == pytest.approx(sum(n_c) / 2)
 
 
+
+def test_confidence_fusion_logs_each_sources_weight_as_its_share(tiny_llama, tiny_tok, tmp_path):
+    """Every fusion method logs fusion/<side>_share/<source> (was max-margin only): with clip off and the sources
+    only, confidence weights ∝ 1/(−c_k) are row 0 chosen (−0.5, −1.5) -> (0.75, 0.25), row 1 (−1, −1) -> (0.5, 0.5)."""
+    rows = make_scored_rows(tiny_tok, 2, k=2, sources=("m0", "m1"))
+    for row, chosen in zip(rows, ([-0.5, -1.5], [-1.0, -1.0]), strict=True):
+        row.update(fuse_mean_chosen_logps=chosen, fuse_mean_rejected_logps=[-2.0, -2.0])
+        for r in ("chosen", "rejected"):  # sums = mean × count, as `infifpo score` writes them
+            row[f"fuse_{r}_logps"] = [m * n for m, n in zip(row[f"fuse_mean_{r}_logps"], row[f"fuse_{r}_num_tokens"],
+                                                            strict=True)]
+    trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                             args=InfiFPOConfig(output_dir=str(tmp_path), fusion_method="confidence", clip=False,
+                                                **cpu_args()))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, _batch(trainer, 2))
+    m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert (m["fusion/chosen_share/m0"], m["fusion/chosen_share/m1"]) == pytest.approx((0.625, 0.375))
+    assert (m["fusion/rejected_share/m0"], m["fusion/rejected_share/m1"]) == pytest.approx((0.5, 0.5))
+    assert "fusion/chosen_share/pivot" not in m
+
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
