@@ -63,6 +63,15 @@ class TrainScriptArguments:
     dataset_name: str | None = field(default=None, metadata={
         "help": "Scored-pairs stage output directory, a .jsonl file, or a hub dataset name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split of a hub dataset to load."})
+    dataset_test_split: str = field(default="test", metadata={
+        "help": "Split of a hub dataset evaluated during training (eval_strategy), when neither eval_dataset_name "
+                "nor eval_fraction is given."})
+    eval_dataset_name: str | None = field(default=None, metadata={
+        "help": "Held-out rows evaluated during training (eval_strategy steps|epoch): a stage output directory or "
+                ".jsonl file in dataset_name's format (the same `split` filter applies)."})
+    eval_fraction: float = field(default=0.0, metadata={
+        "help": "Hold out this fraction (0-1) of the training rows, chosen by a seeded shuffle (seed), and evaluate "
+                "on them during training; they are not trained on."})
     pipeline_split: str | None = field(default=None, metadata={
         "help": "Rows kept by the pipeline's `split` column; default 'sft' for --method sft, else 'po'."})
 
@@ -417,6 +426,37 @@ def load_dataset_checked(script: Any, split: str) -> Any:
                           f"dataset ({why}); give a stage output directory or a .jsonl file.") from e
 
 
+def held_out_rows(script: Any, train_args: Any, raw: Any, split: str) -> tuple[Any, Any]:
+    """(training rows, held-out rows or None): ``eval_dataset_name``, else ``eval_fraction`` of the training rows
+    (removed from them), else a hub dataset's ``dataset_test_split`` when ``eval_strategy`` is set. ConfigError when
+    evaluation is asked for and none of these gives rows."""
+    evaluating = str(getattr(train_args.eval_strategy, "value", train_args.eval_strategy)) != "no"
+    if not 0.0 <= script.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {script.eval_fraction}.")
+    if script.eval_dataset_name:
+        if script.eval_fraction:
+            raise ConfigError("give eval_dataset_name or eval_fraction, not both.")
+        check_dataset_name(script.eval_dataset_name)
+        held = dataclasses.replace(script, dataset_name=script.eval_dataset_name,
+                                   dataset_train_split=script.dataset_test_split)
+        return raw, load_dataset_checked(held, split)
+    if script.eval_fraction:
+        n_eval = max(1, round(len(raw) * script.eval_fraction))
+        if n_eval >= len(raw):
+            raise ConfigError(f"eval_fraction {script.eval_fraction} of {len(raw)} training rows leaves none to train "
+                              "on; lower it or give eval_dataset_name.")
+        parts = raw.train_test_split(test_size=n_eval, shuffle=True, seed=train_args.seed)
+        return parts["train"], parts["test"]
+    if not evaluating:
+        return raw, None
+    if not Path(os.path.expanduser(script.dataset_name)).exists():
+        held = dataclasses.replace(script, dataset_train_split=script.dataset_test_split)
+        return raw, load_dataset_checked(held, split)
+    raise ConfigError(f"eval_strategy {train_args.eval_strategy.value!r} needs held-out rows: give --eval_fraction "
+                      "0.1 (held out from the training rows) or --eval_dataset_name FILE (same format as "
+                      "dataset_name).")
+
+
 def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) -> Any:
     """The TRL (or infifpo) trainer for ``method``, with the model passed as a path so TRL applies quantization.
 
@@ -427,7 +467,9 @@ def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) ->
 
     split = script.pipeline_split or ("sft" if method == "sft" else "po")
     raw = load_dataset_checked(script, split)
+    raw, eval_raw = held_out_rows(script, train_args, raw, split)
     dataset = prepare_rows(method, raw)
+    eval_dataset = prepare_rows(method, eval_raw) if eval_raw is not None else None
     revision = None if model_args.model_revision in (None, "main") else model_args.model_revision
     path = resolve_model_path(model_args.model_name_or_path, revision=revision,
                               trust_remote_code=train_args.trust_remote_code)
@@ -439,7 +481,7 @@ def build_trainer(method: str, script: Any, train_args: Any, model_args: Any) ->
     apply_chat_template_path(tokenizer, script.chat_template_path, method=method)
     require_chat_template(tokenizer, dataset, model=model_args.model_name_or_path, script=script)
     warn_quantised_reference(model_args, dataset, method)
-    kw = dict(args=train_args, train_dataset=dataset, processing_class=tokenizer,
+    kw = dict(args=train_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
               peft_config=get_peft_config(model_args), quantization_config=quantization_config(model_args))
     if method == "sft":
         from trl import SFTTrainer as Trainer

@@ -79,17 +79,21 @@ def test_each_method_trains_from_yaml(tiny_llama, pairs_jsonl, tmp_path, method,
     assert changed and (not lora or all("lora_" in n for n in changed))
 
 
-def test_opd_writes_the_train_log(tiny_llama, tiny_llama_b, tmp_path):
+def test_opd_writes_the_train_log_and_evaluates_held_out_prompts(tiny_llama, tiny_llama_b, tmp_path):
     rows = tmp_path / "prompts.jsonl"
     rows.write_text("".join(json.dumps({"id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}]}) + "\n"
-                            for i in range(4)))
+                            for i in range(6)))
     cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=str(rows), output_dir=str(tmp_path / "o"),
                 teacher_models=[tiny_llama_b], teacher_model_init_kwargs={"dtype": "float32"}, num_generations=2,
                 max_completion_length=3, bf16=False, report_to="none", per_device_train_batch_size=4, max_steps=2,
-                logging_steps=1, save_strategy="no", learning_rate=1e-3, seed=0, disable_tqdm=True)
+                logging_steps=1, save_strategy="no", learning_rate=1e-3, seed=0, disable_tqdm=True,
+                eval_strategy="steps", eval_steps=1, eval_fraction=0.34, per_device_eval_batch_size=2)
     trainer, losses, _ = _train(["--method", "opd", "--config", cfg])
     log = assert_train_log(trainer, "opd")
     assert log["max_steps"] == 2 and any("opd/fused_teacher_score" in h for h in log["log_history"])
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (4, 2)
+    evals = [h for h in log["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2] and all("eval_opd/teacher_share/pivot" in h for h in evals)
 
 
 def test_cli_overrides_yaml_and_writes_resolved_config(tiny_llama, pairs_jsonl, tmp_path):
@@ -148,3 +152,36 @@ def test_a_launched_process_never_relaunches(tiny_llama, pairs_jsonl, tmp_path, 
     assert "already inside a launched process" in caplog.text
     log = json.loads((out / entry.TRAIN_LOG).read_text())
     assert log["world_size"] == 1 and log["max_steps"] == 1  # trained here, in this one process
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "infifpo", "wrpo"])
+def test_in_training_evaluation_on_held_out_rows(tiny_llama, tiny_tok, tmp_path, method):
+    """eval_strategy steps with TRL's own arguments: eval_fraction holds rows out of training (seeded), and every
+    method logs its own metrics on them (InfiFPO: preference accuracy, margins, source shares with the eval_ prefix)."""
+    rows = make_scored_rows(tiny_tok, 8, k=2, wrpo=True)
+    for row in rows[:4]:
+        row["split"] = "sft"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=str(data), output_dir=str(tmp_path / "o"),
+                eval_strategy="steps", eval_steps=1, eval_fraction=0.25, per_device_eval_batch_size=2,
+                **{**FAST, "max_steps": 2})
+    trainer, _, _ = _train(["--method", method, "--config", cfg])
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (3, 1)
+    train_ids = set(trainer.train_dataset["id"]) if "id" in trainer.train_dataset.column_names else None
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2] and all(math.isfinite(h["eval_loss"]) for h in evals)
+    if method == "infifpo":
+        assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_fusion/chosen_share/m0"} <= set(evals[0])
+        assert train_ids is not None and trainer.eval_dataset["id"][0] not in train_ids
+
+
+def test_evaluation_without_held_out_rows_is_a_named_error(tiny_llama, pairs_jsonl, tmp_path):
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(tmp_path / "o"),
+                eval_strategy="steps", eval_steps=1, **FAST)
+    with pytest.raises(ConfigError, match="needs held-out rows: give --eval_fraction"):
+        _train(["--method", "dpo", "--config", cfg])
+    cfg = _yaml(tmp_path, model_name_or_path=tiny_llama, dataset_name=pairs_jsonl, output_dir=str(tmp_path / "o"),
+                eval_fraction=0.99, **FAST)
+    with pytest.raises(ConfigError, match="leaves none to train on"):
+        _train(["--method", "dpo", "--config", cfg])
