@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("infifpo.trainers.entry", "train: sft | dpo | infifpo | wrpo | opd"),
     "eval": ("infifpo.eval.stage", "evaluate a model: GSM8K, arithmetic, HumanEval (+ lm-eval tasks)"),
     "report": ("infifpo.report.stage", "the paper-style table, cost accounting and plots of a pipeline run"),
+    "runs": ("infifpo.runs", "list the stage outputs under a directory: stage, state, rows, what made them"),
     "plan": ("infifpo.plan", "memory and time estimates per stage for a pipeline config"),
     "pipeline": ("infifpo.pipeline", "run every stage in order (what `make fpo` runs)"),
     "env": ("infifpo.env", "print versions of the stack, for bug reports"),
@@ -220,6 +221,9 @@ def run_stage(name: str, rest: list[str]) -> int:
                 return int(module.main(rest) or 0)
             except (InfiFPOError, *PATH_ERRORS) as e:
                 return report_error(name, e)
+            except BrokenPipeError:  # stdout's reader went away (`infifpo runs --json | head`): stop quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 1
             except Stopped as e:
                 print(f"infifpo {name}: {e} after {time.monotonic() - started:.0f} s. Finished work is kept and "
                       "unfinished outputs have no _SUCCESS: run the same command again to resume.", file=sys.stderr)

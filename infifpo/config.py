@@ -7,7 +7,8 @@ TRL's own ``TrlParser``; ``check_yaml_keys`` and ``unknown_flags_error`` are sha
 
 Flags are spelt as the field names (``--max_tokens``, TRL's spelling); the dashed form (``--max-tokens``) is
 accepted too. A ``bool`` field is a switch (``--pivot``) that ``--pivot false`` / ``--no_pivot`` turn off; a
-``list`` field takes several values (``--samples A B``); a ``Literal`` field lists its choices.
+``list`` field takes several values (``--samples A B``, or the flag repeated); a ``Literal`` field lists its
+choices.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hints:
         kwargs.update(choices=choices, type=type(choices[0]))
     elif origin in (list, tuple, Sequence):
         item = (typing.get_args(tp) or (str,))[0]
-        kwargs.update(nargs="+", type=item if item in (int, float, str) else str)
+        kwargs.update(nargs="+", action="extend", type=item if item in (int, float, str) else str)
     elif tp in (int, float, str):
         kwargs["type"] = tp
     parser.add_argument(*names, **kwargs)

@@ -308,6 +308,14 @@ def read_output(path: str | os.PathLike, *, verify: bool = True) -> list[dict[st
     return sorted(rows, key=lambda r: r["id"])
 
 
+def _stage_of(path: Path) -> str | None:
+    """The stage that writes an output, from the start of its directory name (``_COMMANDS``)."""
+    for start in sorted(_COMMANDS, key=len, reverse=True):
+        if path.name.startswith(start):
+            return _COMMANDS[start].split("`")[1].split()[1]
+    return None
+
+
 def _command_of(path: Path) -> str:
     """The command that writes the output directory ``path`` (by its name), in words."""
     return next((cmd for start, cmd in _COMMANDS.items() if path.name.startswith(start)), "the stage that writes it")
@@ -346,6 +354,41 @@ def _live_holders(path: Path) -> list[str]:
         finally:
             os.close(fd)  # closing releases the shared lock if we got it
     return holders
+
+
+def describe_output(path: str | os.PathLike) -> dict[str, Any]:
+    """What one stage output directory holds, without reading its rows: {"path", "name", "stage", "status"
+    ("complete" | "partial" | "writing" | "damaged"), "rows" (the finished count, or complete lines so far),
+    "writer" (the live holder, or None), "modified" (ISO time of the newest file), "key" (the inputs and parameters
+    that made it, from meta.json)}."""
+    path = Path(path)
+    out: dict[str, Any] = {"path": str(path), "name": path.name, "stage": None, "status": "partial", "rows": 0,
+                           "writer": None, "modified": None, "key": None}
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else []
+    if files:
+        newest = max(f.stat().st_mtime for f in files)
+        out["modified"] = datetime.fromtimestamp(newest).astimezone().isoformat(timespec="seconds")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        out["name"], out["key"] = meta["name"], meta["key"]
+        out["stage"] = meta["key"].get("stage") if isinstance(meta["key"], dict) else None
+        out["stage"] = out["stage"] or _stage_of(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        out["status"] = "damaged"
+        return out
+    if (path / SUCCESS).exists():
+        try:
+            out["rows"], out["status"] = int(json.loads((path / SUCCESS).read_text())["num_rows"]), "complete"
+        except (OSError, ValueError, KeyError, TypeError):
+            out["status"] = "damaged"
+        return out
+    for shard in sorted(path.glob("part-*.jsonl")):
+        with open(shard, "rb") as f:
+            out["rows"] += sum(1 for line in f if line.endswith(b"\n"))
+    holders = _live_holders(path)
+    if holders:
+        out["status"], out["writer"] = "writing", "; ".join(holders)
+    return out
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -157,7 +157,7 @@ def test_a_launched_process_never_relaunches(tiny_llama, pairs_jsonl, tmp_path, 
 @pytest.mark.parametrize("method", ["sft", "dpo", "infifpo", "wrpo"])
 def test_in_training_evaluation_on_held_out_rows(tiny_llama, tiny_tok, tmp_path, method):
     """eval_strategy steps with TRL's own arguments: eval_fraction holds rows out of training (seeded), and every
-    method logs its own metrics on them (InfiFPO: preference accuracy, margins, source shares with the eval_ prefix)."""
+    method logs its own metrics on them (InfiFPO: preference accuracy, margins, source shares , eval_ prefix)."""
     rows = make_scored_rows(tiny_tok, 8, k=2, wrpo=True)
     for row in rows[:4]:
         row["split"] = "sft"
