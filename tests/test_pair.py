@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import typing
 from pathlib import Path
 
 import pytest
 
 from infifpo import pair
-from infifpo.pair import build_pairs, split_of
+from infifpo.pair import PairOptions, build_pairs, split_of
 from infifpo.provenance import output_digest
 from infifpo.schema import PAIR_COLUMNS, ConfigError, DataFormatError, sample_id
 from infifpo.store import StageOutput, read_output
+from tests.config_convention import (
+    dashed_flags_parse_alike,
+    help_lists_every_option,
+    imports_light,
+    misspelt_key_is_named,
+    parse_with_yaml,
+)
 
 PIVOT, A, B = "pivot", "srcA", "srcB"
 
@@ -267,6 +276,45 @@ def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == out_dir
     assert pair.main(["--judged", *j_dirs, *argv[:-3], "4", "--out", str(root)]) == 0
     assert capsys.readouterr().out.splitlines()[0] != out_dir
+    config = tmp_path / "pair.yaml"  # the same options from --config, the seed overridden by its flag
+    config.write_text(json.dumps({"judged": j_dirs, "prompts": str(p_dir), "recipe": "wrpo", "pivot": PIVOT,
+                                  "seed": 4, "out": str(root)}))  # fmt: skip
+    assert pair.main(["--config", str(config), "--seed", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == out_dir
+
+
+def test_options_follow_the_config_convention(tmp_path, capsys):
+    help_lists_every_option(pair.main, PairOptions, capsys)
+    misspelt_key_is_named(pair.main, tmp_path, "rnak_by", "rank_by")
+    base = {"judged": ["j1", "j2"], "prompts": "p", "recipe": "infifpo", "pivot": PIVOT}
+    opts = parse_with_yaml(PairOptions, tmp_path, {**base, "rank_by": "reward", "sft_fraction": 1, "sources": [A]},
+                           ["--rank_by", "verifier_first", "--sources", A, B])
+    assert opts == PairOptions(**base, rank_by="verifier_first", sft_fraction=1.0, sources=[A, B])
+    # the pipeline's spelling: dashed flags built from its YAML, a bare switch for a true bool
+    opts = dashed_flags_parse_alike(PairOptions, [
+        "--judged", "j1", "--prompts", "p", "--recipe", "wrpo", "--pivot", PIVOT, "--sft_fraction", "0.5",
+        "--allow_truncated_chosen", "--min_gap", "0.2", "--max_gap", "0.3", "--rank_by", "reward", "--tie_break",
+        "hash", "--sft_chosen", "pivot", "--po_pool", "pivot"])  # fmt: skip
+    assert opts == PairOptions(judged=["j1"], prompts="p", recipe="wrpo", pivot=PIVOT, sft_fraction=0.5,
+                               allow_truncated_chosen=True, min_gap=0.2, max_gap=0.3, rank_by="reward",
+                               tie_break="hash", sft_chosen="pivot", po_pool="pivot")  # fmt: skip
+    assert set(opts.recipe_options()) | {"judged", "prompts", "out"} == {f.name for f in dataclasses.fields(opts)}
+    imports_light("infifpo.pair", "PairOptions")
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--recipe", "dpo"], r"argument --recipe: invalid choice: 'dpo' \(choose from 'fusechat', 'infifpo', 'wrpo'\)"),
+    (["--recipe", "infifpo", "--sft_fraction", "1.5"], r"sft_fraction must be in \[0, 1\], got 1.5"),
+    (["--recipe", "infifpo", "--rank-by", "best"], r"--rank_by/--rank-by: invalid choice: 'best'"),
+    (["--recipe", "infifpo", "--rank_bi", "reward"], r"unknown flag\(s\) --rank_bi \(did you mean --rank_by\?\)"),
+])  # fmt: skip
+def test_bad_options_are_config_errors_before_any_input_is_read(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        pair.main(["--judged", "nope", "--prompts", "nope", "--pivot", PIVOT, *argv])
+
+
+def test_recipe_choices_are_the_recipes():
+    assert set(typing.get_args(pair.Recipe)) == set(pair.RECIPES) == set(pair.DEFAULT_SFT_FRACTION)
 
 
 # -- ranking options --------------------------------------------------------------------------------------------

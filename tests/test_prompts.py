@@ -8,9 +8,11 @@ import re
 import pytest
 
 from data_prep import prompts
-from data_prep.prompts import build_prompts, gsm8k_answer, load_arithmetic, parse_spec
+from data_prep.prompts import PromptsOptions, build_prompts, gsm8k_answer, load_arithmetic, parse_spec
+from infifpo.config import parse_config
 from infifpo.schema import PROMPT_COLUMNS, ConfigError, DataFormatError
 from infifpo.store import read_output
+from tests.config_convention import help_lists_every_option, imports_light, misspelt_key_is_named, parse_with_yaml
 
 
 def _content(row):
@@ -250,3 +252,30 @@ def test_main_writes_a_resumable_stage_output(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == out[0]
     prompts.main(argv[:-3] + ["3", "--out", str(tmp_path)])  # another seed is another output
     assert capsys.readouterr().out.splitlines()[0] != out[0]
+    config = tmp_path / "prompts.yaml"  # the same options from --config, the seed overridden by its flag
+    config.write_text(json.dumps({"source": argv[1:6:2], "seed": 7, "out": str(tmp_path)}))
+    assert prompts.main(["--config", str(config), "--seed", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == out[0]
+
+
+def test_options_follow_the_config_convention(tmp_path, capsys):
+    help_lists_every_option(prompts.main, PromptsOptions, capsys)
+    misspelt_key_is_named(prompts.main, tmp_path, "sed", "seed")
+    mapping = {"source": "arithmetic", "split": "test", "n": 2, "levels": ["add_1d"]}
+    opts = parse_with_yaml(PromptsOptions, tmp_path, {"source": ["gsm8k:test:5", mapping], "seed": 1}, ["--seed", "2"])
+    assert opts == PromptsOptions(source=["gsm8k:test:5", mapping], seed=2)
+    imports_light("data_prep.prompts", "PromptsOptions")
+
+
+def test_source_flag_repeats_and_takes_json_mappings():
+    mapping = {"source": "arithmetic", "split": "test", "n": 2}
+    argv = ["--source", "gsm8k:test:5", "--seed", "1", f"--source={json.dumps(mapping)}", "--source", "humaneval::1",
+            "arithmetic:test:3"]  # fmt: skip
+    opts = parse_config(PromptsOptions, prompts._merge_repeated(argv, "--source"), prog="infifpo prompts")
+    assert opts == PromptsOptions(source=["gsm8k:test:5", mapping, "humaneval::1", "arithmetic:test:3"], seed=1)
+    with pytest.raises(ConfigError, match=r"--source: not a JSON object .*\{\"source\""):
+        prompts.main(["--source", '{"source": "gsm8k",'])
+    with pytest.raises(ConfigError, match="unknown prompt source 'bogus'"):
+        prompts.main(["--source", "gsm8k:test:2", "--source", "bogus:train:3"])
+    with pytest.raises(ConfigError, match="missing required option.* source"):
+        prompts.main(["--seed", "1"])

@@ -13,8 +13,15 @@ import pytest
 from infifpo import cli
 from infifpo.report import markdown as report_markdown
 from infifpo.report import stage as report
-from infifpo.schema import DataFormatError
+from infifpo.schema import ConfigError, DataFormatError
 from infifpo.store import StageOutput, StoreError
+from tests.config_convention import (
+    dashed_flags_parse_alike,
+    help_lists_every_option,
+    imports_light,
+    misspelt_key_is_named,
+    parse_with_yaml,
+)
 
 PIVOT, SOURCES = "org/Pivot-135M", ["org/SrcA-500M", "org/SrcB-270M"]
 # correct counts per row: gsm8k out of 10, arithmetic out of 20
@@ -275,3 +282,14 @@ def test_an_lm_eval_entry_without_a_standard_error_renders_without_an_interval(r
     assert rows["infifpo"]["benchmarks"]["gsm8k"]["accuracy"] == pytest.approx(50.0)
     md = report_markdown.render_markdown(rep)
     assert "| InfiFPO | 50.0 |" in md
+
+
+def test_options_follow_the_config_convention(tmp_path, capsys):
+    help_lists_every_option(report.main, report.ReportOptions, capsys)
+    misspelt_key_is_named(report.main, tmp_path, "run_dri", "run_dir")
+    opts = parse_with_yaml(report.ReportOptions, tmp_path, {"run_dir": "runs/a"}, ["--run_dir", "runs/b"])
+    assert opts == report.ReportOptions(run_dir="runs/b")
+    assert dashed_flags_parse_alike(report.ReportOptions, ["--run_dir", "runs/a"]).run_dir == "runs/a"
+    with pytest.raises(ConfigError, match=r"infifpo report: missing required option\(s\) run_dir"):
+        report.main([])
+    imports_light("infifpo.report.stage", "ReportOptions")

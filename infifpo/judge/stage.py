@@ -3,32 +3,43 @@
 Owns: joining samples to prompts by ``prompt_id`` (refused with ``provenance.InputMismatchError`` unless the samples
 were drawn from exactly these prompts), choosing the verifier by the prompt's domain (math: gold
 ``answer``; code: ``tests`` / ``entry_point`` in the sandbox; general: none), reward-model scoring (with a reward
-model, every sample of every domain gets a reward besides any verdict: ``infifpo pair --rank-by reward``, the paper's
+model, every sample of every domain gets a reward besides any verdict: ``infifpo pair --rank_by reward``, the paper's
 recipe, ranks by it alone), and the resumable ``judged`` stage output (columns ``schema.JUDGED_COLUMNS``, one
 output per samples output, keyed by the inputs' checksums and the judge settings). Does not own: the checks
 themselves (`math`, `code`, `reward_model`) or pairing.
 
-    infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward-model X] [--workers N]
+    infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward_model X] [--workers N]
+
+or the same options as keys of ``--config FILE`` (``JudgeOptions``).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from infifpo.config import parse_config
 from infifpo.judge.code import judge_code
 from infifpo.judge.math import judge_math
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import output_digest, prompt_set_digest, require_built_from
-from infifpo.schema import JUDGED_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, DataFormatError, require_columns, row_label
+from infifpo.schema import (
+    JUDGED_COLUMNS,
+    PROMPT_COLUMNS,
+    SAMPLE_COLUMNS,
+    ConfigError,
+    DataFormatError,
+    require_columns,
+    row_label,
+)
 from infifpo.store import StageOutput, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
@@ -144,29 +155,47 @@ def judged_output(samples_dir: str, prompts_dir: str, out_root: str, settings: d
     return StageOutput(out_root, f"judged-{model_part}" if model_part else "judged", key)
 
 
+def _default_workers() -> int:
+    """Verifier threads when none are asked for: up to 4, at most one per CPU."""
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class JudgeOptions:
+    """The options of `infifpo judge` (``--config FILE`` and flags, ``infifpo.config``)."""
+
+    samples: list[str] = field(metadata={"help": "samples stage output directories"})
+    prompts: str = field(metadata={"help": "the prompts stage output the samples were drawn from"})
+    out: str = field(default="runs", metadata={"help": "root directory of stage outputs"})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "sequence-classification reward model that scores every sample: dir or hub id"})
+    workers: int = field(default_factory=_default_workers, metadata={"help": "verifier threads"})
+    code_timeout: float = field(default=10.0, metadata={"help": "wall seconds per sandboxed code test run"})
+    batch_size: int = field(default=64, metadata={"help": "rows judged (and written) per batch"})
+    rm_batch_size: int = field(default=8, metadata={"help": "reward-model batch size"})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "rm_batch_size", "code_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"infifpo judge: {name} must be positive, got {getattr(self, name)!r}.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward-model X] [--workers N]`."""
-    ap = argparse.ArgumentParser(prog="infifpo judge", description="Label samples: verifiers and reward models.")
-    ap.add_argument("--samples", nargs="+", required=True, help="samples stage output directories")
-    ap.add_argument("--prompts", required=True, help="the prompts stage output the samples were drawn from")
-    ap.add_argument("--out", default="runs", help="root directory of stage outputs")
-    ap.add_argument("--reward-model", default=None, help="sequence-classification reward model: dir or hub id")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="verifier threads")
-    ap.add_argument("--code-timeout", type=float, default=10.0, help="wall seconds per sandboxed code test run")
-    ap.add_argument("--batch-size", type=int, default=64, help="rows judged (and written) per batch")
-    ap.add_argument("--rm-batch-size", type=int, default=8, help="reward-model batch size")
-    args = ap.parse_args(argv)
+    """`infifpo judge --samples DIR [DIR ...] --prompts DIR [--out ROOT] [--reward_model X] [--workers N]
+    [--config FILE]`."""
+    opts = parse_config(JudgeOptions, argv, prog="infifpo judge",
+                        description="Label samples: verifiers and reward models.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    prompts = read_output(args.prompts)
+    prompts = read_output(opts.prompts)
     drawn_from = prompt_set_digest(prompts)
-    for samples_dir in args.samples:  # every input checked before anything is written
-        require_built_from(samples_dir, "prompts", drawn_from, what="prompts", given=f"--prompts {args.prompts}",
+    for samples_dir in opts.samples:  # every input checked before anything is written
+        require_built_from(samples_dir, "prompts", drawn_from, what="prompts", given=f"--prompts {opts.prompts}",
                            fix=f"Pass the prompts output {samples_dir} was sampled from, or sample again from "
-                               f"{args.prompts} (`infifpo sample --prompts {args.prompts}`).")  # fmt: skip
-    settings = {"reward_model": reward_model_key(args.reward_model), "code_timeout": args.code_timeout}
+                               f"{opts.prompts} (`infifpo sample --prompts {opts.prompts}`).")  # fmt: skip
+    settings = {"reward_model": reward_model_key(opts.reward_model), "code_timeout": opts.code_timeout}
     rm = None
-    for samples_dir in args.samples:
-        out = judged_output(samples_dir, args.prompts, args.out, settings).lock()
+    for samples_dir in opts.samples:
+        out = judged_output(samples_dir, opts.prompts, opts.out, settings).lock()
         if out.is_complete():
             logger.info("%s already judged with these settings; reusing %s", samples_dir, out.path)
             print(out.path)
@@ -175,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         done = out.done_ids()
         todo = [s for s in read_output(samples_dir) if s["id"] not in done]
         logger.info("judging %d samples of %s (%d already done)", len(todo), samples_dir, len(done))
-        if args.reward_model and rm is None and todo:
+        if opts.reward_model and rm is None and todo:
             from infifpo.judge.reward_model import load_reward_model  # imports torch: only when asked for
 
-            rm = load_reward_model(args.reward_model)
+            rm = load_reward_model(opts.reward_model)
         with out.open_shard() as writer:
-            rows = judge_rows(todo, prompts, reward_model=rm, workers=args.workers, code_timeout=args.code_timeout,
-                              batch_size=args.batch_size, rm_batch_size=args.rm_batch_size, on_batch=writer.write)
+            rows = judge_rows(todo, prompts, reward_model=rm, workers=opts.workers, code_timeout=opts.code_timeout,
+                              batch_size=opts.batch_size, rm_batch_size=opts.rm_batch_size, on_batch=writer.write)
         out.finalize()
         truncated = sum(r["finish_reason"] == "length" for r in rows)
         verdicts = [r["correct"] for r in rows if r["correct"] is not None]

@@ -1,4 +1,4 @@
-"""`infifpo report --run-dir runs/<name>`: the paper-style results table, cost accounting and training plots of a run.
+"""`infifpo report --run_dir runs/<name>`: the paper-style results table, cost accounting and training plots of a run.
 
 Reads ``<run_dir>/pipeline_outputs.json`` and the files it points to (docs/formats.md: train logs, score_stats.json,
 eval scores.json and per-item rows, sample rows); writes ``report.md``, ``report.json`` and ``plots/*.png`` in the
@@ -53,16 +53,17 @@ Definitions (percent and percentage points throughout):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_prep.prompts import build_prompts, parse_spec
+from infifpo.config import parse_config
 from infifpo.eval.stats import min_detectable_difference, seed_item_bootstrap, survey_metrics
 from infifpo.report import plots
 from infifpo.report.markdown import DASH, render_markdown
@@ -778,14 +779,21 @@ def write_report(run_dir: str | Path) -> Path:
     return md
 
 
+@dataclass
+class ReportOptions:
+    """The options of `infifpo report` (``--config FILE`` and flags, ``infifpo.config``)."""
+
+    run_dir: str = field(metadata={"help": "the run directory holding pipeline_outputs.json"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`infifpo report --run-dir runs/<name>`: prints the report.md path; a bad input exits 1 with its message."""
-    ap = argparse.ArgumentParser(prog="infifpo report", description="Paper-style table, costs and plots of a run.")
-    ap.add_argument("--run-dir", required=True, help="the run directory holding pipeline_outputs.json")
-    args = ap.parse_args(argv)
+    """`infifpo report --run_dir runs/<name>`: prints the report.md path; a bad input exits 1 with its message (a bad
+    option is a ConfigError, as in every stage)."""
+    opts = parse_config(ReportOptions, argv, prog="infifpo report",
+                        description="Paper-style table, costs and plots of a run.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = write_report(args.run_dir)
+        path = write_report(opts.run_dir)
     except InfiFPOError as e:
         print(f"infifpo report: {e}", file=sys.stderr)
         return 1

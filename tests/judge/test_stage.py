@@ -9,11 +9,18 @@ from pathlib import Path
 import pytest
 
 from infifpo.judge.reward_model import score_with_reward_model
-from infifpo.judge.stage import judge_rows, main
+from infifpo.judge.stage import JudgeOptions, judge_rows, main
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import InputMismatchError, prompt_set_digest
-from infifpo.schema import JUDGED_COLUMNS, DataFormatError, sample_id
+from infifpo.schema import JUDGED_COLUMNS, ConfigError, DataFormatError, sample_id
 from infifpo.store import StageOutput, read_output
+from tests.config_convention import (
+    dashed_flags_parse_alike,
+    help_lists_every_option,
+    imports_light,
+    misspelt_key_is_named,
+    parse_with_yaml,
+)
 
 ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 
@@ -104,7 +111,7 @@ def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Pa
     expected_rewards = score_with_reward_model([by_id[r["prompt_id"]]["prompt"] for r in rows],
                                                [r["text"] for r in rows], tiny_rm, progress=False)  # fmt: skip
     assert [r["reward"] for r in rows] == pytest.approx(expected_rewards, abs=1e-5)
-    # Verified samples (math, code) get a reward too: `pair --rank-by reward` ranks every domain by it alone.
+    # Verified samples (math, code) get a reward too: `pair --rank_by reward` ranks every domain by it alone.
     assert {by_id[r["prompt_id"]]["domain"] for r in rows if isinstance(r["reward"], float)} == {"math", "code",
                                                                                                 "general"}
     key = json.loads((out_dir / "meta.json").read_text())["key"]
@@ -148,3 +155,18 @@ def test_samples_that_record_no_prompts_are_refused_before_writing(tmp_path: Pat
                                                  r".*Pass the prompts output .* or sample again"):
         main(["--samples", samples_dir, "--prompts", prompts_dir, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_options_follow_the_config_convention(tmp_path: Path, capsys) -> None:
+    help_lists_every_option(main, JudgeOptions, capsys)
+    misspelt_key_is_named(main, tmp_path, "reward_modle", "reward_model")
+    opts = parse_with_yaml(JudgeOptions, tmp_path, {"samples": ["s1", "s2"], "prompts": "p", "workers": 3,
+                                                    "code_timeout": 5}, ["--workers", "1", "--samples", "s3"])
+    assert (opts.samples, opts.prompts, opts.workers, opts.code_timeout) == (["s3"], "p", 1, 5.0)
+    opts = dashed_flags_parse_alike(JudgeOptions, ["--samples", "s1", "s2", "--prompts", "p", "--reward_model", "rm",
+                                                   "--code_timeout", "5", "--batch_size", "2", "--rm_batch_size", "4"])
+    assert opts == JudgeOptions(samples=["s1", "s2"], prompts="p", reward_model="rm", workers=opts.workers,
+                                code_timeout=5.0, batch_size=2, rm_batch_size=4)
+    with pytest.raises(ConfigError, match="infifpo judge: batch_size must be positive, got 0"):
+        main(["--samples", "s", "--prompts", "p", "--batch_size", "0"])
+    imports_light("infifpo.judge.stage", "JudgeOptions")
