@@ -443,32 +443,9 @@ class PromptsOptions:
             parse_spec(spec)  # a bad spec is refused before anything is read
 
 
-def _merge_repeated(argv: list[str], flag: str) -> list[str]:
-    """``FLAG A --x 1 FLAG B C`` -> ``FLAG A B C --x 1``: every occurrence of a list flag adds its values (argparse
-    would keep the last one only), so ``--source A --source B`` keeps both sources."""
-    out: list[str] = []
-    values: list[str] = []
-    at = None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg != flag and not arg.startswith(f"{flag}="):
-            out.append(arg)
-            continue
-        at = len(out) if at is None else at
-        if "=" in arg:
-            values.append(arg.split("=", 1)[1])
-            continue
-        while i < len(argv) and not argv[i].startswith("-"):
-            values.append(argv[i])
-            i += 1
-    return out if at is None else [*out[:at], flag, *values, *out[at:]]
-
-
 def main(argv: list[str] | None = None) -> int:
     """`infifpo prompts --source gsm8k:train:64 [...] [--seed 0] [--out ROOT] [--config FILE]`."""
-    opts = parse_config(PromptsOptions, _merge_repeated(list(argv or []), "--source"), prog="infifpo prompts",
+    opts = parse_config(PromptsOptions, list(argv or []), prog="infifpo prompts",
                         description="Build a prompt dataset from named sources.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = StageOutput(opts.out, "prompts", prompts_key(opts.source, opts.seed)).lock()

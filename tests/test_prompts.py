@@ -271,7 +271,7 @@ def test_source_flag_repeats_and_takes_json_mappings():
     mapping = {"source": "arithmetic", "split": "test", "n": 2}
     argv = ["--source", "gsm8k:test:5", "--seed", "1", f"--source={json.dumps(mapping)}", "--source", "humaneval::1",
             "arithmetic:test:3"]  # fmt: skip
-    opts = parse_config(PromptsOptions, prompts._merge_repeated(argv, "--source"), prog="infifpo prompts")
+    opts = parse_config(PromptsOptions, argv, prog="infifpo prompts")
     assert opts == PromptsOptions(source=["gsm8k:test:5", mapping, "humaneval::1", "arithmetic:test:3"], seed=1)
     with pytest.raises(ConfigError, match=r"--source: not a JSON object .*\{\"source\""):
         prompts.main(["--source", '{"source": "gsm8k",'])
