@@ -28,7 +28,7 @@ from typing import Any
 
 from infifpo.config import parse_config
 from infifpo.schema import DOMAINS, PROMPT_COLUMNS, ConfigError, DataFormatError, check_messages
-from infifpo.store import StageOutput, file_sha256, fingerprint, read_jsonl, read_output, record_outputs
+from infifpo.store import StageOutput, announce, file_sha256, fingerprint, read_jsonl, read_output
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +456,5 @@ def main(argv: list[str] | None = None) -> int:
         rows = build_prompts(opts.source, seed=opts.seed)
         out.write_all(rows)
     counts = Counter(r["domain"] for r in rows)
-    print(out.path)
-    record_outputs(out.path)
-    print("  ".join(f"{d}={counts[d]}" for d in sorted(counts)) + f"  total={len(rows)}")
+    announce(out.path, summary="  ".join(f"{d}={counts[d]}" for d in sorted(counts)) + f"  total={len(rows)}")
     return 0

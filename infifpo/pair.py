@@ -38,12 +38,13 @@ from infifpo.schema import (
     SPLITS,
     ConfigError,
     DataFormatError,
+    EmptyOutputError,
     check_messages,
     require_columns,
     row_label,
     sample_id,
 )
-from infifpo.store import StageOutput, read_output, record_outputs
+from infifpo.store import StageOutput, announce, read_output
 
 logger = logging.getLogger(__name__)
 
@@ -426,11 +427,15 @@ def main(argv: list[str] | None = None) -> int:
         stats = json.loads((out.path / "stats.json").read_text())
     else:
         rows, stats = build_pairs(judged, prompts, **options)
+        if not rows:
+            raise EmptyOutputError(
+                f"no preference rows: all {stats['prompts_in']} prompts were dropped ({stats['dropped']}); nothing "
+                "was written. docs/formats.md (the pairs' stats.json) says what each reason means; the usual fixes "
+                "are more samples per prompt, a larger max_tokens (truncated responses cannot be chosen), or "
+                "allow_truncated_chosen.")
         out.path.mkdir(parents=True, exist_ok=True)
         (out.path / "stats.json").write_text(json.dumps(stats, indent=1))  # before _SUCCESS: complete => has stats
         out.write_all(rows)
-    print(out.path)
-    record_outputs(out.path)
-    print(f"pairs={stats['prompts_out']} of prompts={stats['prompts_in']}  splits={stats['rows_by_split']}  "
-          f"dropped={stats['dropped']}")  # fmt: skip
+    announce(out.path, summary=f"pairs={stats['prompts_out']} of prompts={stats['prompts_in']}  "
+                               f"splits={stats['rows_by_split']}  dropped={stats['dropped']}")
     return 0

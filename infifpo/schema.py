@@ -100,6 +100,10 @@ class StageFailedError(InfiFPOError, RuntimeError):
     its log file."""
 
 
+class EmptyOutputError(InfiFPOError, ValueError):
+    """A stage's inputs gave no rows at all (nothing to hand on); the message says what dropped them."""
+
+
 class ConfigError(InfiFPOError, ValueError):
     """A configuration key or value is invalid (unknown key, wrong type, inconsistent options)."""
 

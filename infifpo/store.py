@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -466,6 +467,17 @@ def record_outputs(*paths: Path | str | None) -> None:
     outputs = [str(Path(p).resolve()) for p in paths if p is not None]
     with open(target, "a") as f:
         f.write(json.dumps({"outputs": outputs}) + "\n")
+
+
+def announce(*paths: Path | str | None, summary: str | None = None) -> None:
+    """How a stage ends: each finished output directory on its own stdout line (all a script captures:
+    ``P=$(infifpo prompts ...)``), the human summary on stderr, and the directories in the pipeline's result file."""
+    for p in paths:
+        if p is not None:
+            print(p, flush=True)
+    if summary:
+        print(summary, file=sys.stderr, flush=True)
+    record_outputs(*paths)
 
 
 def read_recorded_outputs(result_file: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import pytest
 from infifpo import pair
 from infifpo.pair import PairOptions, build_pairs, split_of
 from infifpo.provenance import output_digest
-from infifpo.schema import PAIR_COLUMNS, ConfigError, DataFormatError, sample_id
+from infifpo.schema import PAIR_COLUMNS, ConfigError, DataFormatError, EmptyOutputError, sample_id
 from infifpo.store import StageOutput, read_output
 from tests.config_convention import (
     dashed_flags_parse_alike,
@@ -266,7 +266,9 @@ def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
         [j for j in judged if j["model"] == m])) for m in (PIVOT, A, B)]  # fmt: skip
     argv = ["--prompts", str(p_dir), "--recipe", "wrpo", "--pivot", PIVOT, "--seed", "3", "--out", str(root)]
     assert pair.main(["--judged", *j_dirs, *argv]) == 0
-    out_dir = capsys.readouterr().out.splitlines()[0]
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1 and "pairs=" in captured.err  # stdout: the path only; summary: stderr
+    out_dir = captured.out.splitlines()[0]
     rows = read_output(out_dir)
     stats = json.loads((Path(out_dir) / "stats.json").read_text())
     expect_rows, expect_stats = build_pairs(judged, prompts, recipe="wrpo", pivot=PIVOT, seed=3)
@@ -392,3 +394,16 @@ def test_po_pool_pivot_draws_po_pairs_from_the_pivots_own_samples():
     assert [r["chosen_model"] for r in sft] == [A, A]  # SFT rows keep the pool's best (that is sft_chosen's job)
     with pytest.raises(ConfigError, match="po_pool"):
         build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, po_pool="sources")
+
+
+def test_a_recipe_that_keeps_no_prompt_is_a_named_error_and_writes_nothing(tmp_path):
+    """Every prompt's samples tie (all wrong, no reward): no pair at all is an EmptyOutputError naming the drop
+    reasons, not an empty output that exits 0."""
+    root = tmp_path / "runs"
+    p_dir = StageOutput(root, "prompts", {"t": 1}).write_all([P("p"), P("q")])
+    rows = [J(p, m, 0, correct=False) for p in ("p", "q") for m in (PIVOT, A)]
+    j_dir = StageOutput(root, "judged", {"prompts": output_digest(p_dir)}).write_all(rows)
+    with pytest.raises(EmptyOutputError, match=r"no preference rows: all 2 prompts were dropped \(\{'"):
+        pair.main(["--judged", str(j_dir), "--prompts", str(p_dir), "--recipe", "infifpo", "--pivot", PIVOT, "--out",
+                   str(root)])
+    assert not list(root.glob("pairs-*/_SUCCESS"))

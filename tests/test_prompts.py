@@ -244,9 +244,10 @@ def test_main_writes_a_resumable_stage_output(tmp_path, capsys):
     argv = ["--source", "gsm8k:test:5", "--source", "arithmetic:test:4", "--source", "humaneval::3",
             "--seed", "2", "--out", str(tmp_path)]  # fmt: skip
     assert prompts.main(argv) == 0
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()  # the path only (P=$(infifpo prompts ...)); the summary goes to stderr
     rows = read_output(out[0])
-    assert out[1] == "code=3  math=9  total=12"
+    assert len(out) == 1 and captured.err.splitlines()[-1] == "code=3  math=9  total=12"
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in build_prompts(argv[1:6:2], seed=2))
     assert prompts.main(argv) == 0  # second run reuses the finished output
     assert capsys.readouterr().out.splitlines()[0] == out[0]

@@ -40,7 +40,7 @@ from infifpo.schema import (
     require_columns,
     row_label,
 )
-from infifpo.store import StageOutput, read_output, record_outputs
+from infifpo.store import StageOutput, announce, read_output
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         out = judged_output(samples_dir, opts.prompts, opts.out, settings).lock()
         if out.is_complete():
             logger.info("%s already judged with these settings; reusing %s", samples_dir, out.path)
-            print(out.path)
-            record_outputs(out.path)
+            announce(out.path)
             continue
         done = out.done_ids()
         todo = [s for s in read_output(samples_dir) if s["id"] not in done]
@@ -214,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         out.finalize()
         truncated = sum(r["finish_reason"] == "length" for r in rows)
         verdicts = [r["correct"] for r in rows if r["correct"] is not None]
-        print(out.path)
-        record_outputs(out.path)
-        print(f"judged={len(rows)} verified={len(verdicts)} correct={sum(verdicts)} truncated={truncated}")
+        announce(out.path, summary=f"{samples_dir}: judged={len(rows)} verified={len(verdicts)} "
+                                   f"correct={sum(verdicts)} truncated={truncated}")
     return 0
