@@ -293,3 +293,30 @@ def test_options_follow_the_config_convention(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"infifpo report: missing required option\(s\) run_dir"):
         report.main([])
     imports_light("infifpo.report.stage", "ReportOptions")
+
+
+def test_report_from_explicit_eval_outputs_without_a_pipeline_run(run_dir, tmp_path, capsys):
+    """`infifpo report --eval LABEL=DIR ... --checkpoint LABEL=DIR`: the same table rows and numbers as the pipeline
+    run those outputs came from, written to a fresh directory; bad labels are named errors."""
+    outputs = _outputs(run_dir)
+    base = run_dir.parents[1]  # the pipeline recorded paths relative to where it ran
+    evals = [f"{label}={base / path}" for label, path in outputs["evals"].items()]
+    ckpts = [f"{label}={base / path}" for label, path in outputs["checkpoints"].items()]
+    target = tmp_path / "adhoc"
+    assert cli.main(["report", "--run_dir", str(target), "--eval", *evals, "--checkpoint", *ckpts]) == 0
+    assert Path(capsys.readouterr().out.strip()) == target / "report.md"
+    ours = json.loads((target / "report.json").read_text())
+    assert cli.main(["report", "--run_dir", str(run_dir)]) == 0
+    theirs = json.loads((run_dir / "report.json").read_text())
+    # Equal but for paths (absolute here), the pivot's name (read from its scores.json) and compute time (no timings).
+    local = {"name", "model", "eval_dir", "per_seed", "compute_seconds", "compute_hours"}
+    assert ([{k: v for k, v in r.items() if k not in local} for r in ours["table"]["rows"]]
+            == [{k: v for k, v in r.items() if k not in local} for r in theirs["table"]["rows"]])
+    named = {"name", "baseline"}  # they carry the pivot's name
+    assert ([{k: v for k, v in c.items() if k not in named} for c in ours["comparisons"]]
+            == [{k: v for k, v in c.items() if k not in named} for c in theirs["comparisons"]])
+    assert [f["shares"] for f in ours["fusion"]] == [f["shares"] for f in theirs["fusion"]] and ours["fusion"]
+    for argv, match in ((["--eval", evals[1]], "needs pivot=DIR"), (["--eval", "pivot"], "expected LABEL=DIR"),
+                        (["--eval", *evals, "--checkpoint", "nope=" + str(tmp_path)], r"\['nope'\]")):
+        with pytest.raises(ConfigError, match=match):
+            report.main(["--run_dir", str(tmp_path / "x"), *argv])

@@ -1,4 +1,5 @@
-"""`infifpo report --run_dir runs/<name>`: the paper-style results table, cost accounting and training plots of a run.
+"""`infifpo report --run_dir runs/<name>`: the paper-style results table, cost accounting and training plots of a run
+(or of eval outputs made without the pipeline: `--eval pivot=DIR --eval infifpo=DIR ...`).
 
 Reads ``<run_dir>/pipeline_outputs.json`` and the files it points to (docs/formats.md: train logs, score_stats.json,
 eval scores.json and per-item rows, sample rows); writes ``report.md``, ``report.json`` and ``plots/*.png`` in the
@@ -67,8 +68,8 @@ from infifpo.config import parse_config
 from infifpo.eval.stats import min_detectable_difference, seed_item_bootstrap, survey_metrics
 from infifpo.report import plots
 from infifpo.report.markdown import DASH, render_markdown
-from infifpo.schema import DataFormatError, InfiFPOError
-from infifpo.store import SUCCESS, StoreError, read_output
+from infifpo.schema import ConfigError, DataFormatError, InfiFPOError
+from infifpo.store import SUCCESS, StoreError, atomic_write, read_output
 
 logger = logging.getLogger("infifpo.report.stage")
 TRAIN_LOG = "infifpo_train_log.json"
@@ -783,7 +784,49 @@ def write_report(run_dir: str | Path) -> Path:
 class ReportOptions:
     """The options of `infifpo report` (``--config FILE`` and flags, ``infifpo.config``)."""
 
-    run_dir: str = field(metadata={"help": "the run directory holding pipeline_outputs.json"})
+    run_dir: str = field(metadata={"help": "the run directory holding pipeline_outputs.json; with --eval, the "
+                                           "directory the report (and the outputs file assembled from --eval and "
+                                           "--checkpoint) is written to"})
+    eval: list[str] = field(default_factory=list, metadata={
+        "help": "LABEL=DIR: report these eval outputs without a pipeline run. Labels as the pipeline's: pivot "
+                "(required), source:<model>, sft, dpo, wrpo, infifpo, infifpo[<arm>], <method>@seed<k>"})
+    checkpoint: list[str] = field(default_factory=list, metadata={
+        "help": "LABEL=DIR: the training output of a labelled row (its infifpo_train_log.json gives the fusion "
+                "diagnostics and training cost); with --eval"})
+
+
+def _labelled(items: list[str], flag: str) -> dict[str, str]:
+    """["infifpo=DIR", ...] -> {"infifpo": absolute DIR}; ConfigError for an item without LABEL= or a missing DIR."""
+    out = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ConfigError(f"--{flag} {item!r}: expected LABEL=DIR, e.g. infifpo=runs/data/eval-infifpo-<fp>.")
+        if not Path(path).is_dir():
+            raise ConfigError(f"--{flag} {item!r}: {path} is not a directory.")
+        out[label] = str(Path(path).resolve())
+    return out
+
+
+def assemble_outputs(run_dir: str | Path, evals: list[str], checkpoints: list[str] = ()) -> Path:
+    """Write ``<run_dir>/pipeline_outputs.json`` for eval (and training) outputs made outside `infifpo pipeline`:
+    the pivot and source models come from the eval outputs' scores.json; no timings or samples. Returns its path."""
+    by_label, ckpts = _labelled(evals, "eval"), _labelled(list(checkpoints), "checkpoint")
+    if "pivot" not in by_label:
+        raise ConfigError("--eval needs pivot=DIR: every row of the table is compared with the pivot.")
+    unknown = sorted(set(ckpts) - set(by_label))
+    if unknown:
+        raise ConfigError(f"--checkpoint {unknown}: no --eval output has that label.")
+    pivot = read_json(Path(by_label["pivot"]) / "scores.json", "`infifpo eval`", required=True).get("model")
+    outputs = {"name": Path(run_dir).resolve().name, "run_dir": str(Path(run_dir).resolve()),
+               "pivot": str(pivot or "pivot"), "sources": [k.removeprefix("source:") for k in by_label
+                                                           if k.startswith("source:")],
+               "evals": by_label, "checkpoints": ckpts, "timings": {}, "samples": {}, "runs": {},
+               "assembled_by": "infifpo report --eval"}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(run_dir) / "pipeline_outputs.json"
+    atomic_write(path, json.dumps(outputs, indent=1))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -792,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_config(ReportOptions, argv, prog="infifpo report",
                         description="Paper-style table, costs and plots of a run.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if opts.checkpoint and not opts.eval:
+        raise ConfigError("--checkpoint goes with --eval (a pipeline run's checkpoints are in its outputs file).")
+    if opts.eval:
+        assemble_outputs(opts.run_dir, opts.eval, opts.checkpoint)
     try:
         path = write_report(opts.run_dir)
     except InfiFPOError as e:
