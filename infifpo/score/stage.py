@@ -2,17 +2,17 @@
 pivot and under every source model, each with its own tokenizer and chat template.
 
 Owns: which rows/columns are scored, bad-input policies (empty, too long), one resumable per-model output (so a
-changed source re-scores only itself), and ``--split`` selection. The files it writes (per-model identity, run
+changed source re-scores only itself), ``--split`` selection, and ``ScoreOptions``, the stage's options (flags, or a
+``--config`` YAML of the same names; ``infifpo.config``). The files it writes (per-model identity, run
 statistics in ``score_stats.json``, the assembled scored-pairs format) are ``infifpo.score.output``'s.
 The tokens of a response are ``logprobs.response_spans`` of the row's prompt and all its responses, which for the
-pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num-shards N`` runs N local worker processes, one per
+pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num_shards N`` runs N local worker processes, one per
 shard (``infifpo.shards``; docs/scaling.md).
 Does not own: running models (``backends``), the token split (``logprobs``), or fusion (``fusion``, trainers).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import gc
 import logging
@@ -21,9 +21,11 @@ import multiprocessing
 import re
 import sys
 import time
+import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -33,6 +35,7 @@ from infifpo import shards, store
 from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
 from infifpo.backends.vllm_engine import one_engine_process
+from infifpo.config import parse_config
 from infifpo.logprobs import Messages, require_chat_template, response_spans
 from infifpo.models.resolve import load_tokenizer, model_identity, resolve_model
 from infifpo.precision import model_dir_shape
@@ -51,7 +54,9 @@ from infifpo.score.output import ShardStats, assemble, finalize_model
 
 logger = logging.getLogger(__name__)
 
-POLICIES = {"on_empty": ("error", "drop"), "on_too_long": ("error", "drop")}
+Policy = Literal["error", "drop"]  # what to do with an empty or a too-long response: stop, or drop the row (counted)
+POLICIES = {"on_empty": typing.get_args(Policy), "on_too_long": typing.get_args(Policy)}
+Split = Literal[(*SPLITS, "all")]
 
 
 # ---------------------------------------------------------------- Python API
@@ -166,7 +171,7 @@ def _check_text(value: Any, index: int, row: dict, field: str) -> None:
     if not value.strip():
         raise DataFormatError(
             f"{row_label(index, row)}, field {field!r}: the response is empty (whitespace only), so it has no "
-            "log-prob. Fix the data, or drop such rows with `--on-empty drop` (they are counted)."
+            "log-prob. Fix the data, or drop such rows with `--on_empty drop` (they are counted)."
         )
 
 
@@ -200,7 +205,7 @@ def _validate_rows(rows: list[dict[str, Any]], on_empty: str) -> dict[str, dict[
                 raise
             dropped.append(row["id"])
     if dropped:
-        logger.warning("score: dropped %d row(s) with an empty response (--on-empty drop): %s", len(dropped),
+        logger.warning("score: dropped %d row(s) with an empty response (--on_empty drop): %s", len(dropped),
                        dropped[:10])
     return texts
 
@@ -292,14 +297,14 @@ def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
             if job["on_too_long"] == "error":
                 raise DataFormatError(
                     f"{row_label(i, row)}, model {ref!r}: prompt + response is {longest} tokens, over the model's "
-                    f"limit of {limit} (max_position_embeddings / --max-length). Shorten or remove the row, or "
-                    "pass `--on-too-long drop` to drop such rows (counted); scores are never truncated silently."
+                    f"limit of {limit} (max_position_embeddings / --max_length). Shorten or remove the row, or "
+                    "pass `--on_too_long drop` to drop such rows (counted); scores are never truncated silently."
                 )
             too_long.append(row["id"])
             continue
         encoded.append((i, row, prompt_ids, dict(zip(columns, completions, strict=True))))
     if too_long:
-        logger.warning("score %s: %d row(s) longer than %s tokens dropped (--on-too-long drop): %s", ref,
+        logger.warning("score %s: %d row(s) longer than %s tokens dropped (--on_too_long drop): %s", ref,
                        len(too_long), limit, too_long[:10])
     return encoded, too_long
 
@@ -342,51 +347,58 @@ def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store
 # ---------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infifpo score", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", required=True, help="pairs stage output directory, or a .jsonl file of pairs rows")
-    p.add_argument("--pivot", required=True, help="pivot model: packaged name, local directory or hub id")
-    p.add_argument("--sources", nargs="+", required=True, help="source models, in fusion order (K of them)")
-    p.add_argument("--split", choices=(*SPLITS, "all"), default=None,
-                   help="rows to score (default: po when rows have a `split` column, else all)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it) | bfloat16 | float32")
-    p.add_argument("--device", default="cpu", help="transformers backend: cpu | cuda")
-    p.add_argument("--shard", default=None, help="I/N: score only rows of shard I (0-based) of N, by id hash")
-    p.add_argument("--out", default="runs", help="root directory of stage outputs")
-    p.add_argument("--on-empty", choices=POLICIES["on_empty"], default="error")
-    p.add_argument("--on-too-long", choices=POLICIES["on_too_long"], default="error")
-    p.add_argument("--max-length", type=int, default=None, help="max prompt+response tokens (default: model context)")
-    p.add_argument("--write-every", type=int, default=64, help="rows per written batch (a kill loses at most one)")
-    p.add_argument("--token-budget", type=int, default=None, help="transformers: tokens per forward, padding "
-                   "included (default: 4096 on CPU; on CUDA what fits a quarter of the memory free after the load, "
-                   "up to 65536)")
-    p.add_argument("--compile-head", action="store_true", help="transformers: torch.compile the chunked log-softmax")
-    p.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (14-24B models need 2-4)")
-    shards.add_arguments(p)
-    return p
+@dataclass
+class ScoreOptions(shards.ShardOptions):
+    """The options of `infifpo score`: flags, or keys of its ``--config`` YAML (``infifpo.config``)."""
+
+    pairs: str = field(metadata={"help": "pairs stage output directory, or a .jsonl file of pairs rows"})
+    pivot: str = field(metadata={"help": "pivot model: packaged name, local directory or hub id"})
+    sources: list[str] = field(metadata={"help": "source models, in fusion order (K of them)"})
+    split: Split | None = field(default=None, metadata={
+        "help": "rows to score; unset: po when rows have a `split` column, else all"})
+    backend: Literal["transformers", "vllm"] = field(default="transformers", metadata={"help": "scoring engine"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware has it) | bfloat16 | float32"})
+    device: str = field(default="cpu", metadata={"help": "transformers backend: cpu | cuda"})
+    out: str = field(default="runs", metadata={"help": "root directory of stage outputs"})
+    on_empty: Policy = field(default="error", metadata={"help": "a row with an empty response: stop, or drop it"})
+    on_too_long: Policy = field(default="error", metadata={
+        "help": "a row longer than the model's limit (--max_length): stop, or drop it"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "max prompt+response tokens; unset: the model's context"})
+    write_every: int = field(default=64, metadata={"help": "rows per written batch (a kill loses at most one)"})
+    token_budget: int | None = field(default=None, metadata={
+        "help": "transformers: tokens per forward, padding included; unset: 4096 on CPU, on CUDA what fits a quarter "
+                "of the memory free after the load, up to 65536"})
+    compile_head: bool = field(default=False, metadata={"help": "transformers: torch.compile the chunked log-softmax"})
+    tensor_parallel_size: int | None = field(default=None, metadata={
+        "help": "vllm: GPUs per engine (14-24B models need 2-4)"})
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Engine constructor arguments of ``backend`` (transformers: device, token_budget, compile_head; vllm:
+        tensor_parallel_size) when set, then ``engine_arg``."""
+        if self.backend == "transformers":
+            named = {"device": self.device, "token_budget": self.token_budget,
+                     "compile_head": self.compile_head or None}
+        else:
+            named = {"tensor_parallel_size": self.tensor_parallel_size}
+        return {k: v for k, v in named.items() if v is not None} | super().engine_kwargs()
 
 
 def main(argv: list[str] | None = None) -> int:
     """``infifpo score --pairs DIR --pivot M --sources M1 M2 ... [--split] [--backend] [--dtype] [--shard I/N |
-    --num-shards N] [--out ROOT]``."""
+    --num_shards N] [--out ROOT]``, or ``--config FILE`` with the same options as YAML keys."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    options = parse_config(ScoreOptions, argv, prog="infifpo score", description=__doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pairs = Path(args.pairs)
+    pairs = Path(options.pairs)
     rows = store.read_jsonl(pairs) if pairs.is_file() else store.read_output(pairs)
-    if args.backend == "transformers":
-        engine_kw = {"device": args.device, "token_budget": args.token_budget,
-                     "compile_head": args.compile_head or None}
-    else:
-        engine_kw = {"tensor_parallel_size": args.tensor_parallel_size}
-    engine_kw = {k: v for k, v in engine_kw.items() if v is not None} | shards.engine_args(args.engine_arg)
-    # --num-shards: the workers score every shard; this process then only assembles (or finds) the scored pairs.
-    launched = shards.launch_from_args("score", argv, args, Path(args.out) / "logs")
-    path = score_pairs(rows, pivot=args.pivot, sources=args.sources, out_root=args.out, backend=args.backend,
-                       dtype=args.dtype, shard=(0, 1) if launched else store.parse_shard(args.shard),
-                       on_empty=args.on_empty, on_too_long=args.on_too_long, max_length=args.max_length,
-                       write_every=args.write_every, split=args.split, **engine_kw)
+    # --num_shards: the workers score every shard; this process then only assembles (or finds) the scored pairs.
+    launched = shards.launch_from_args("score", argv, options, Path(options.out) / "logs")
+    path = score_pairs(rows, pivot=options.pivot, sources=options.sources, out_root=options.out,
+                       backend=options.backend, dtype=options.dtype,
+                       shard=(0, 1) if launched else options.shard_range(), on_empty=options.on_empty,
+                       on_too_long=options.on_too_long, max_length=options.max_length,
+                       write_every=options.write_every, split=options.split, **options.engine_kwargs())
     print(path if path is not None else "shard done; scored pairs are assembled when every shard has run")
     store.record_outputs(path)
     return 0
