@@ -350,6 +350,8 @@ DESCRIPTION = __doc__.splitlines()[0] + "\n\n" + textwrap.fill(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``infifpo sample --prompts P --model M [options]``, or ``--config FILE`` with the same options as YAML keys
+    (and a ``models:`` pool); prints {model name: output directory} as one JSON line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     options = parse_config(SampleOptions, argv, prog="infifpo sample", description=DESCRIPTION)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
