@@ -59,6 +59,24 @@ POLICIES = {"on_empty": typing.get_args(Policy), "on_too_long": typing.get_args(
 Split = Literal[(*SPLITS, "all")]
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """The settings and rows of one ``score_pairs`` call, the same for every model it scores (pickled into a model's
+    own process with the vllm backend)."""
+
+    rows: list[dict[str, Any]]  # the rows scored: the selected split, less rows dropped for an empty response
+    texts: dict[str, dict[str, str]]  # row id -> {response column: its text}
+    pairs_fp: str  # fingerprint of the scored texts, part of every per-model output's key
+    out_root: str
+    backend: str
+    dtype: str  # as asked ("auto" resolves per model)
+    shard: tuple[int, int]
+    on_too_long: str
+    max_length: int | None
+    write_every: int
+    engine_kw: dict[str, Any]
+
+
 # ---------------------------------------------------------------- Python API
 
 
@@ -111,10 +129,9 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
     texts = _validate_rows(rows, on_empty)
     pairs_fp = store.fingerprint(sorted((r["id"], r["prompt"], texts[r["id"]]) for r in rows if r["id"] in texts))
     models = list(dict.fromkeys([pivot, *sources]))
-    job = {"rows": [r for r in rows if r["id"] in texts], "texts": texts, "pairs_fp": pairs_fp,
-           "out_root": str(out_root), "backend": backend, "dtype": dtype, "shard": shard,
-           "on_too_long": on_too_long, "max_length": max_length, "write_every": write_every,
-           "engine_kw": engine_kw}  # fmt: skip
+    job = ScoreJob(rows=[r for r in rows if r["id"] in texts], texts=texts, pairs_fp=pairs_fp, out_root=str(out_root),
+                   backend=backend, dtype=dtype, shard=shard, on_too_long=on_too_long, max_length=max_length,
+                   write_every=write_every, engine_kw=engine_kw)
     for ref in models:  # every model's tokenizer and chat template, before the first model is scored
         require_chat_template(_tokenizer_and_limit(ref, resolve_model(ref), max_length)[0], ref)
     outputs = {}
@@ -129,12 +146,12 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
     if not all(out.is_complete() for out in outputs.values()):
         logger.info("score: shard %d/%d done; run the remaining shards to assemble the scored pairs", *shard)
         return None
-    return assemble(job["rows"], pivot, list(sources), outputs, out_root)
+    return assemble(job.rows, pivot, list(sources), outputs, out_root)
 
 
-def _score_model_alone(ref: str, job: dict[str, Any], role: str) -> store.StageOutput:
+def _score_model_alone(ref: str, job: ScoreJob, role: str) -> store.StageOutput:
     """``score_model`` in a process that holds this one engine (see ``one_engine_process``)."""
-    with one_engine_process(job["backend"]):
+    with one_engine_process(job.backend):
         return score_model(ref, job, role)
 
 
@@ -234,32 +251,31 @@ def _output_name(ref: str) -> str:
     return "score-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ref).name or ref)[:60]
 
 
-def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str, str]:
+def model_output(ref: str, job: ScoreJob) -> tuple[store.StageOutput, str, str]:
     """(the per-model StageOutput, the model's local dir, resolved dtype) for ``ref`` under ``job``'s settings."""
     path = resolve_model(ref)
-    device = job["engine_kw"].get("device",
-                                  "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(job["dtype"], device, model_dir_shape(path))
-    key = {"model": model_identity(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
-           "max_length": job["max_length"], "on_too_long": job["on_too_long"], "spans": "trl-conversational"}
-    return store.StageOutput(job["out_root"], _output_name(ref), key), path, dtype
+    device = job.engine_kw.get("device", "cuda" if job.backend == "vllm" and torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(job.dtype, device, model_dir_shape(path))
+    key = {"model": model_identity(path), "backend": job.backend, "dtype": dtype, "pairs": job.pairs_fp,
+           "max_length": job.max_length, "on_too_long": job.on_too_long, "spans": "trl-conversational"}
+    return store.StageOutput(job.out_root, _output_name(ref), key), path, dtype
 
 
-def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.StageOutput:
+def score_model(ref: str, job: ScoreJob, role: str = "source") -> store.StageOutput:
     """Score the job's rows (this shard, not yet done) under one model; finalize its output (with its
     ``score_stats.json``) once every row of every shard is done. ``role`` ("pivot" | "source") is recorded there."""
     out, path, dtype = model_output(ref, job)
-    out.lock(*job["shard"])  # one writer per (output, shard)
+    out.lock(*job.shard)  # one writer per (output, shard)
     if out.is_complete():
         logger.info("score %s: already complete at %s", ref, out.path)
         return out
-    shard, num_shards = job["shard"]
+    shard, num_shards = job.shard
     done = out.done_ids()
-    todo = [(i, r) for i, r in enumerate(job["rows"])
-            if r["id"] not in done and store.in_shard(r["id"], *job["shard"])]
+    todo = [(i, r) for i, r in enumerate(job.rows)
+            if r["id"] not in done and store.in_shard(r["id"], *job.shard)]
     if todo:
         start = time.perf_counter()
-        tokenizer, limit = _tokenizer_and_limit(ref, path, job["max_length"])
+        tokenizer, limit = _tokenizer_and_limit(ref, path, job.max_length)
         encoded, too_long = _encode(tokenizer, todo, job, ref, limit)
         with out.open_shard(shard, num_shards) as writer:
             stats = ShardStats(out, shard, num_shards)
@@ -268,8 +284,8 @@ def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.St
             stats.save()
             if encoded:
                 _score_encoded(ref, path, dtype, encoded, writer, job, stats)
-    if out.done_ids() >= {r["id"] for r in job["rows"]}:
-        finalize_model(out, {"model": ref, "role": role, "backend": job["backend"], "dtype": dtype})
+    if out.done_ids() >= {r["id"] for r in job.rows}:
+        finalize_model(out, {"model": ref, "role": role, "backend": job.backend, "dtype": dtype})
     return out
 
 
@@ -284,17 +300,17 @@ def _tokenizer_and_limit(ref: str, path: str, max_length: int | None) -> tuple[A
     return tokenizer, (min(limits) if limits else None)
 
 
-def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
+def _encode(tokenizer: Any, todo: list, job: ScoreJob, ref: str, limit: int | None):
     """[(index, row, prompt ids, {column: completion ids})] for rows that fit ``limit``, and ids of rows that do
     not."""
     encoded, too_long = [], []
     for i, row in tqdm(todo, desc=f"tokenize {ref}", unit="row", leave=False):
-        columns = list(job["texts"][row["id"]])
-        prompt_ids, completions = _spans(tokenizer, row["prompt"], [job["texts"][row["id"]][c] for c in columns],
+        columns = list(job.texts[row["id"]])
+        prompt_ids, completions = _spans(tokenizer, row["prompt"], [job.texts[row["id"]][c] for c in columns],
                                          i, row, ref)
         longest = len(prompt_ids) + max(len(c) for c in completions)
         if limit is not None and longest > limit:
-            if job["on_too_long"] == "error":
+            if job.on_too_long == "error":
                 raise DataFormatError(
                     f"{row_label(i, row)}, model {ref!r}: prompt + response is {longest} tokens, over the model's "
                     f"limit of {limit} (max_position_embeddings / --max_length). Shorten or remove the row, or "
@@ -309,18 +325,18 @@ def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
     return encoded, too_long
 
 
-def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: dict,
+def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: ScoreJob,
                    stats: ShardStats) -> None:
     """Run the engine over ``encoded`` rows, longest first, writing ``write_every`` rows at a time."""
     encoded.sort(key=lambda e: -(len(e[2]) + max(len(c) for c in e[3].values())))
     total = sum(len(e[2]) + len(c) for e in encoded for c in e[3].values())
     start = time.perf_counter()
-    engine = load_engine(job["backend"], path, dtype=dtype, **job["engine_kw"])
+    engine = load_engine(job.backend, path, dtype=dtype, **job.engine_kw)
     stats.add(load_seconds=time.perf_counter() - start)
     try:
         with tqdm(total=total, desc=f"score {ref}", unit="tok", unit_scale=True) as bar:
-            for start in range(0, len(encoded), job["write_every"]):
-                batch = encoded[start : start + job["write_every"]]
+            for start in range(0, len(encoded), job.write_every):
+                batch = encoded[start : start + job.write_every]
                 requests = [(e[2], c) for e in batch for c in e[3].values()]
                 counts = {"responses": len(requests), "tokens": sum(len(c) for _, c in requests),
                           "prompt_tokens": sum(len(p) for p, _ in requests)}  # before the engine sees the lists
