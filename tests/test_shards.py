@@ -1,7 +1,7 @@
 """Sharded sampling and scoring (issue 6, docs/bad-inputs.md D13 / S5): shards run in any order merge to the
-single-process output row for row; `--num-shards N` launches N real worker processes and equals one process; a worker
-killed with SIGKILL midway resumes alone on a re-run with no duplicates; the launcher's argv / device / thread
-plumbing.
+single-process output row for row; `--num_shards N` (a flag or a `--config` key) launches N real worker processes
+and equals one process; a worker killed with SIGKILL midway resumes alone on a re-run with no duplicates; the
+launcher's argv / device / thread plumbing.
 
 tests/test_sample.py and tests/test_score.py already cover shards run in index order and in-process kill/resume;
 this file adds arbitrary finishing orders, real subprocess workers and a real SIGKILL.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import time
 import pytest
 
 from infifpo import shards, store
+from infifpo.config import parse_config
+from infifpo.sample import SampleOptions
 from infifpo.sample import main as sample_main
 from infifpo.schema import ConfigError
 from infifpo.score.stage import main as score_main
@@ -78,7 +81,7 @@ def test_score_shards_in_any_order_equal_single_process(tiny_llama, tiny_qwen, t
         assert (a["responses"], a["tokens"], a["prompt_tokens"]) == (b["responses"], b["tokens"], b["prompt_tokens"])
 
 
-# ---------------------------------------------------------------- --num-shards: real worker processes
+# ---------------------------------------------------------------- --num_shards: real worker processes
 
 
 def _write_jsonl(path, rows):
@@ -97,16 +100,23 @@ def _printed_path(capsys) -> str:
 
 
 def test_num_shards_cli_equals_single_process(tiny_llama, tiny_qwen, tmp_path, capsys):
-    """`infifpo sample|score --num-shards 2`: two worker processes, one part file each, a log per worker, and the
-    merged output equal to a single-process run's."""
+    """`infifpo sample --config` with `num_shards: 2` and `infifpo score --num-shards 2`: two worker processes (which
+    launch none of their own), one part file each, a log per worker, and the merged output equal to a single-process
+    run's."""
     prompts_file = _write_jsonl(tmp_path / "prompts.jsonl", prompts(8))
     assert sample_main(_sample_args(prompts_file, tiny_llama, tmp_path / "one")) == 0
     single = store.read_output(_printed_path(capsys))
-    assert sample_main([*_sample_args(prompts_file, tiny_llama, tmp_path / "two"), "--num-shards", "2"]) == 0
+    cfg = tmp_path / "sample.yaml"
+    cfg.write_text("num_shards: 2\n")
+    assert sample_main([*_sample_args(prompts_file, tiny_llama, tmp_path / "two"), "--config", str(cfg)]) == 0
     merged_dir = _printed_path(capsys)
     assert sorted(p.name for p in (tmp_path / "two").glob("*/part-*.jsonl")) == [
         store.shard_name(0, 2), store.shard_name(1, 2)]  # fmt: skip
-    assert len(list((tmp_path / "two" / "logs").glob("sample-shard-*.log"))) == 2
+    logs = sorted((tmp_path / "two" / "logs").glob("sample-shard-*.log"))
+    assert len(logs) == 2
+    for i, log in enumerate(logs):  # each worker ran its one shard and launched no workers of its own
+        assert log.read_text().splitlines()[0].endswith(f"--num_shards 1 --shard {i}/2")
+        assert not re.search(r"shard \d+/\d+: pid \d+", log.read_text())
     assert_same_rows(store.read_output(merged_dir), single)
 
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", make_rows(7))
@@ -183,8 +193,24 @@ def test_sigkilled_shard_resumes_alone_without_duplicates(tiny_llama, hf_tiny, t
 
 
 def test_worker_argv_strips_launcher_flags_and_adds_shard():
+    worker = ["--pairs", "p", "--dtype", "float32", "--num_shards", "1", "--shard", "2/3"]
     argv = ["--pairs", "p", "--num-shards", "3", "--devices=0,1,2", "--threads-per-shard", "2", "--dtype", "float32"]
-    assert shards.worker_argv(argv, 2, 3) == ["--pairs", "p", "--dtype", "float32", "--shard", "2/3"]
+    assert shards.worker_argv(argv, 2, 3) == worker
+    argv = ["--pairs", "p", "--num_shards=3", "--devices", "0,1,2", "--threads_per_shard", "2", "--dtype", "float32"]
+    assert shards.worker_argv(argv, 2, 3) == worker
+
+
+def test_num_shards_from_the_config_yaml_launches_no_worker_in_a_worker(tmp_path):
+    """A worker repeats the launcher's command line, --config included: its own --num_shards 1 wins over the YAML's
+    num_shards, so it runs its shard instead of launching workers again."""
+    cfg = tmp_path / "sample.yaml"
+    cfg.write_text("prompts: p.jsonl\nmodel: m\nnum_shards: 2\ndevices: '0,1'\n")
+    argv = ["--config", str(cfg), "--max_tokens", "4"]
+    assert parse_config(SampleOptions, argv, prog="infifpo sample").num_shards == 2
+    for i in range(2):
+        worker = parse_config(SampleOptions, shards.worker_argv(argv, i, 2), prog="infifpo sample")
+        assert (worker.num_shards, worker.shard_range(), worker.max_tokens) == (1, (i, 2), 4)
+        assert not shards.launch_from_args("sample", argv, worker, tmp_path / "logs")
 
 
 def test_devices_split_into_equal_groups_per_worker():

@@ -2,17 +2,17 @@
 pivot and under every source model, each with its own tokenizer and chat template.
 
 Owns: which rows/columns are scored, bad-input policies (empty, too long), one resumable per-model output (so a
-changed source re-scores only itself), and ``--split`` selection. The files it writes (per-model identity, run
+changed source re-scores only itself), ``--split`` selection, and ``ScoreOptions``, the stage's options (flags, or a
+``--config`` YAML of the same names; ``infifpo.config``). The files it writes (per-model identity, run
 statistics in ``score_stats.json``, the assembled scored-pairs format) are ``infifpo.score.output``'s.
 The tokens of a response are ``logprobs.response_spans`` of the row's prompt and all its responses, which for the
-pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num-shards N`` runs N local worker processes, one per
+pivot are exactly the tokens TRL's DPOTrainer sums over. ``--num_shards N`` runs N local worker processes, one per
 shard (``infifpo.shards``; docs/scaling.md).
 Does not own: running models (``backends``), the token split (``logprobs``), or fusion (``fusion``, trainers).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import gc
 import logging
@@ -21,9 +21,11 @@ import multiprocessing
 import re
 import sys
 import time
+import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -33,6 +35,7 @@ from infifpo import shards, store
 from infifpo.backends import load_engine
 from infifpo.backends.hf_engine import resolve_dtype
 from infifpo.backends.vllm_engine import one_engine_process
+from infifpo.config import parse_config
 from infifpo.logprobs import Messages, require_chat_template, response_spans
 from infifpo.models.resolve import load_tokenizer, model_identity, resolve_model
 from infifpo.precision import model_dir_shape
@@ -51,7 +54,27 @@ from infifpo.score.output import ShardStats, assemble, finalize_model
 
 logger = logging.getLogger(__name__)
 
-POLICIES = {"on_empty": ("error", "drop"), "on_too_long": ("error", "drop")}
+Policy = Literal["error", "drop"]  # what to do with an empty or a too-long response: stop, or drop the row (counted)
+POLICIES = {"on_empty": typing.get_args(Policy), "on_too_long": typing.get_args(Policy)}
+Split = Literal[(*SPLITS, "all")]
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """The settings and rows of one ``score_pairs`` call, the same for every model it scores (pickled into a model's
+    own process with the vllm backend)."""
+
+    rows: list[dict[str, Any]]  # the rows scored: the selected split, less rows dropped for an empty response
+    texts: dict[str, dict[str, str]]  # row id -> {response column: its text}
+    pairs_fp: str  # fingerprint of the scored texts, part of every per-model output's key
+    out_root: str
+    backend: str
+    dtype: str  # as asked ("auto" resolves per model)
+    shard: tuple[int, int]
+    on_too_long: str
+    max_length: int | None
+    write_every: int
+    engine_kw: dict[str, Any]
 
 
 # ---------------------------------------------------------------- Python API
@@ -106,10 +129,9 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
     texts = _validate_rows(rows, on_empty)
     pairs_fp = store.fingerprint(sorted((r["id"], r["prompt"], texts[r["id"]]) for r in rows if r["id"] in texts))
     models = list(dict.fromkeys([pivot, *sources]))
-    job = {"rows": [r for r in rows if r["id"] in texts], "texts": texts, "pairs_fp": pairs_fp,
-           "out_root": str(out_root), "backend": backend, "dtype": dtype, "shard": shard,
-           "on_too_long": on_too_long, "max_length": max_length, "write_every": write_every,
-           "engine_kw": engine_kw}  # fmt: skip
+    job = ScoreJob(rows=[r for r in rows if r["id"] in texts], texts=texts, pairs_fp=pairs_fp, out_root=str(out_root),
+                   backend=backend, dtype=dtype, shard=shard, on_too_long=on_too_long, max_length=max_length,
+                   write_every=write_every, engine_kw=engine_kw)
     for ref in models:  # every model's tokenizer and chat template, before the first model is scored
         require_chat_template(_tokenizer_and_limit(ref, resolve_model(ref), max_length)[0], ref)
     outputs = {}
@@ -124,12 +146,12 @@ def score_pairs(rows: list[dict[str, Any]], *, pivot: str, sources: Sequence[str
     if not all(out.is_complete() for out in outputs.values()):
         logger.info("score: shard %d/%d done; run the remaining shards to assemble the scored pairs", *shard)
         return None
-    return assemble(job["rows"], pivot, list(sources), outputs, out_root)
+    return assemble(job.rows, pivot, list(sources), outputs, out_root)
 
 
-def _score_model_alone(ref: str, job: dict[str, Any], role: str) -> store.StageOutput:
+def _score_model_alone(ref: str, job: ScoreJob, role: str) -> store.StageOutput:
     """``score_model`` in a process that holds this one engine (see ``one_engine_process``)."""
-    with one_engine_process(job["backend"]):
+    with one_engine_process(job.backend):
         return score_model(ref, job, role)
 
 
@@ -166,7 +188,7 @@ def _check_text(value: Any, index: int, row: dict, field: str) -> None:
     if not value.strip():
         raise DataFormatError(
             f"{row_label(index, row)}, field {field!r}: the response is empty (whitespace only), so it has no "
-            "log-prob. Fix the data, or drop such rows with `--on-empty drop` (they are counted)."
+            "log-prob. Fix the data, or drop such rows with `--on_empty drop` (they are counted)."
         )
 
 
@@ -200,7 +222,7 @@ def _validate_rows(rows: list[dict[str, Any]], on_empty: str) -> dict[str, dict[
                 raise
             dropped.append(row["id"])
     if dropped:
-        logger.warning("score: dropped %d row(s) with an empty response (--on-empty drop): %s", len(dropped),
+        logger.warning("score: dropped %d row(s) with an empty response (--on_empty drop): %s", len(dropped),
                        dropped[:10])
     return texts
 
@@ -229,32 +251,31 @@ def _output_name(ref: str) -> str:
     return "score-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ref).name or ref)[:60]
 
 
-def model_output(ref: str, job: dict[str, Any]) -> tuple[store.StageOutput, str, str]:
+def model_output(ref: str, job: ScoreJob) -> tuple[store.StageOutput, str, str]:
     """(the per-model StageOutput, the model's local dir, resolved dtype) for ``ref`` under ``job``'s settings."""
     path = resolve_model(ref)
-    device = job["engine_kw"].get("device",
-                                  "cuda" if job["backend"] == "vllm" and torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(job["dtype"], device, model_dir_shape(path))
-    key = {"model": model_identity(path), "backend": job["backend"], "dtype": dtype, "pairs": job["pairs_fp"],
-           "max_length": job["max_length"], "on_too_long": job["on_too_long"], "spans": "trl-conversational"}
-    return store.StageOutput(job["out_root"], _output_name(ref), key), path, dtype
+    device = job.engine_kw.get("device", "cuda" if job.backend == "vllm" and torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(job.dtype, device, model_dir_shape(path))
+    key = {"model": model_identity(path), "backend": job.backend, "dtype": dtype, "pairs": job.pairs_fp,
+           "max_length": job.max_length, "on_too_long": job.on_too_long, "spans": "trl-conversational"}
+    return store.StageOutput(job.out_root, _output_name(ref), key), path, dtype
 
 
-def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.StageOutput:
+def score_model(ref: str, job: ScoreJob, role: str = "source") -> store.StageOutput:
     """Score the job's rows (this shard, not yet done) under one model; finalize its output (with its
     ``score_stats.json``) once every row of every shard is done. ``role`` ("pivot" | "source") is recorded there."""
     out, path, dtype = model_output(ref, job)
-    out.lock(*job["shard"])  # one writer per (output, shard)
+    out.lock(*job.shard)  # one writer per (output, shard)
     if out.is_complete():
         logger.info("score %s: already complete at %s", ref, out.path)
         return out
-    shard, num_shards = job["shard"]
+    shard, num_shards = job.shard
     done = out.done_ids()
-    todo = [(i, r) for i, r in enumerate(job["rows"])
-            if r["id"] not in done and store.in_shard(r["id"], *job["shard"])]
+    todo = [(i, r) for i, r in enumerate(job.rows)
+            if r["id"] not in done and store.in_shard(r["id"], *job.shard)]
     if todo:
         start = time.perf_counter()
-        tokenizer, limit = _tokenizer_and_limit(ref, path, job["max_length"])
+        tokenizer, limit = _tokenizer_and_limit(ref, path, job.max_length)
         encoded, too_long = _encode(tokenizer, todo, job, ref, limit)
         with out.open_shard(shard, num_shards) as writer:
             stats = ShardStats(out, shard, num_shards)
@@ -263,8 +284,8 @@ def score_model(ref: str, job: dict[str, Any], role: str = "source") -> store.St
             stats.save()
             if encoded:
                 _score_encoded(ref, path, dtype, encoded, writer, job, stats)
-    if out.done_ids() >= {r["id"] for r in job["rows"]}:
-        finalize_model(out, {"model": ref, "role": role, "backend": job["backend"], "dtype": dtype})
+    if out.done_ids() >= {r["id"] for r in job.rows}:
+        finalize_model(out, {"model": ref, "role": role, "backend": job.backend, "dtype": dtype})
     return out
 
 
@@ -279,43 +300,43 @@ def _tokenizer_and_limit(ref: str, path: str, max_length: int | None) -> tuple[A
     return tokenizer, (min(limits) if limits else None)
 
 
-def _encode(tokenizer: Any, todo: list, job: dict, ref: str, limit: int | None):
+def _encode(tokenizer: Any, todo: list, job: ScoreJob, ref: str, limit: int | None):
     """[(index, row, prompt ids, {column: completion ids})] for rows that fit ``limit``, and ids of rows that do
     not."""
     encoded, too_long = [], []
     for i, row in tqdm(todo, desc=f"tokenize {ref}", unit="row", leave=False):
-        columns = list(job["texts"][row["id"]])
-        prompt_ids, completions = _spans(tokenizer, row["prompt"], [job["texts"][row["id"]][c] for c in columns],
+        columns = list(job.texts[row["id"]])
+        prompt_ids, completions = _spans(tokenizer, row["prompt"], [job.texts[row["id"]][c] for c in columns],
                                          i, row, ref)
         longest = len(prompt_ids) + max(len(c) for c in completions)
         if limit is not None and longest > limit:
-            if job["on_too_long"] == "error":
+            if job.on_too_long == "error":
                 raise DataFormatError(
                     f"{row_label(i, row)}, model {ref!r}: prompt + response is {longest} tokens, over the model's "
-                    f"limit of {limit} (max_position_embeddings / --max-length). Shorten or remove the row, or "
-                    "pass `--on-too-long drop` to drop such rows (counted); scores are never truncated silently."
+                    f"limit of {limit} (max_position_embeddings / --max_length). Shorten or remove the row, or "
+                    "pass `--on_too_long drop` to drop such rows (counted); scores are never truncated silently."
                 )
             too_long.append(row["id"])
             continue
         encoded.append((i, row, prompt_ids, dict(zip(columns, completions, strict=True))))
     if too_long:
-        logger.warning("score %s: %d row(s) longer than %s tokens dropped (--on-too-long drop): %s", ref,
+        logger.warning("score %s: %d row(s) longer than %s tokens dropped (--on_too_long drop): %s", ref,
                        len(too_long), limit, too_long[:10])
     return encoded, too_long
 
 
-def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: dict,
+def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store.ShardWriter, job: ScoreJob,
                    stats: ShardStats) -> None:
     """Run the engine over ``encoded`` rows, longest first, writing ``write_every`` rows at a time."""
     encoded.sort(key=lambda e: -(len(e[2]) + max(len(c) for c in e[3].values())))
     total = sum(len(e[2]) + len(c) for e in encoded for c in e[3].values())
     start = time.perf_counter()
-    engine = load_engine(job["backend"], path, dtype=dtype, **job["engine_kw"])
+    engine = load_engine(job.backend, path, dtype=dtype, **job.engine_kw)
     stats.add(load_seconds=time.perf_counter() - start)
     try:
         with tqdm(total=total, desc=f"score {ref}", unit="tok", unit_scale=True) as bar:
-            for start in range(0, len(encoded), job["write_every"]):
-                batch = encoded[start : start + job["write_every"]]
+            for start in range(0, len(encoded), job.write_every):
+                batch = encoded[start : start + job.write_every]
                 requests = [(e[2], c) for e in batch for c in e[3].values()]
                 counts = {"responses": len(requests), "tokens": sum(len(c) for _, c in requests),
                           "prompt_tokens": sum(len(p) for p, _ in requests)}  # before the engine sees the lists
@@ -342,51 +363,58 @@ def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store
 # ---------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infifpo score", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", required=True, help="pairs stage output directory, or a .jsonl file of pairs rows")
-    p.add_argument("--pivot", required=True, help="pivot model: packaged name, local directory or hub id")
-    p.add_argument("--sources", nargs="+", required=True, help="source models, in fusion order (K of them)")
-    p.add_argument("--split", choices=(*SPLITS, "all"), default=None,
-                   help="rows to score (default: po when rows have a `split` column, else all)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it) | bfloat16 | float32")
-    p.add_argument("--device", default="cpu", help="transformers backend: cpu | cuda")
-    p.add_argument("--shard", default=None, help="I/N: score only rows of shard I (0-based) of N, by id hash")
-    p.add_argument("--out", default="runs", help="root directory of stage outputs")
-    p.add_argument("--on-empty", choices=POLICIES["on_empty"], default="error")
-    p.add_argument("--on-too-long", choices=POLICIES["on_too_long"], default="error")
-    p.add_argument("--max-length", type=int, default=None, help="max prompt+response tokens (default: model context)")
-    p.add_argument("--write-every", type=int, default=64, help="rows per written batch (a kill loses at most one)")
-    p.add_argument("--token-budget", type=int, default=None, help="transformers: tokens per forward, padding "
-                   "included (default: 4096 on CPU; on CUDA what fits a quarter of the memory free after the load, "
-                   "up to 65536)")
-    p.add_argument("--compile-head", action="store_true", help="transformers: torch.compile the chunked log-softmax")
-    p.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (14-24B models need 2-4)")
-    shards.add_arguments(p)
-    return p
+@dataclass
+class ScoreOptions(shards.ShardOptions):
+    """The options of `infifpo score`: flags, or keys of its ``--config`` YAML (``infifpo.config``)."""
+
+    pairs: str = field(metadata={"help": "pairs stage output directory, or a .jsonl file of pairs rows"})
+    pivot: str = field(metadata={"help": "pivot model: packaged name, local directory or hub id"})
+    sources: list[str] = field(metadata={"help": "source models, in fusion order (K of them)"})
+    split: Split | None = field(default=None, metadata={
+        "help": "rows to score; unset: po when rows have a `split` column, else all"})
+    backend: Literal["transformers", "vllm"] = field(default="transformers", metadata={"help": "scoring engine"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware has it) | bfloat16 | float32"})
+    device: str = field(default="cpu", metadata={"help": "transformers backend: cpu | cuda"})
+    out: str = field(default="runs", metadata={"help": "root directory of stage outputs"})
+    on_empty: Policy = field(default="error", metadata={"help": "a row with an empty response: stop, or drop it"})
+    on_too_long: Policy = field(default="error", metadata={
+        "help": "a row longer than the model's limit (--max_length): stop, or drop it"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "max prompt+response tokens; unset: the model's context"})
+    write_every: int = field(default=64, metadata={"help": "rows per written batch (a kill loses at most one)"})
+    token_budget: int | None = field(default=None, metadata={
+        "help": "transformers: tokens per forward, padding included; unset: 4096 on CPU, on CUDA what fits a quarter "
+                "of the memory free after the load, up to 65536"})
+    compile_head: bool = field(default=False, metadata={"help": "transformers: torch.compile the chunked log-softmax"})
+    tensor_parallel_size: int | None = field(default=None, metadata={
+        "help": "vllm: GPUs per engine (14-24B models need 2-4)"})
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Engine constructor arguments of ``backend`` (transformers: device, token_budget, compile_head; vllm:
+        tensor_parallel_size) when set, then ``engine_arg``."""
+        if self.backend == "transformers":
+            named = {"device": self.device, "token_budget": self.token_budget,
+                     "compile_head": self.compile_head or None}
+        else:
+            named = {"tensor_parallel_size": self.tensor_parallel_size}
+        return {k: v for k, v in named.items() if v is not None} | super().engine_kwargs()
 
 
 def main(argv: list[str] | None = None) -> int:
     """``infifpo score --pairs DIR --pivot M --sources M1 M2 ... [--split] [--backend] [--dtype] [--shard I/N |
-    --num-shards N] [--out ROOT]``."""
+    --num_shards N] [--out ROOT]``, or ``--config FILE`` with the same options as YAML keys."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    options = parse_config(ScoreOptions, argv, prog="infifpo score", description=__doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pairs = Path(args.pairs)
+    pairs = Path(options.pairs)
     rows = store.read_jsonl(pairs) if pairs.is_file() else store.read_output(pairs)
-    if args.backend == "transformers":
-        engine_kw = {"device": args.device, "token_budget": args.token_budget,
-                     "compile_head": args.compile_head or None}
-    else:
-        engine_kw = {"tensor_parallel_size": args.tensor_parallel_size}
-    engine_kw = {k: v for k, v in engine_kw.items() if v is not None} | shards.engine_args(args.engine_arg)
-    # --num-shards: the workers score every shard; this process then only assembles (or finds) the scored pairs.
-    launched = shards.launch_from_args("score", argv, args, Path(args.out) / "logs")
-    path = score_pairs(rows, pivot=args.pivot, sources=args.sources, out_root=args.out, backend=args.backend,
-                       dtype=args.dtype, shard=(0, 1) if launched else store.parse_shard(args.shard),
-                       on_empty=args.on_empty, on_too_long=args.on_too_long, max_length=args.max_length,
-                       write_every=args.write_every, split=args.split, **engine_kw)
+    # --num_shards: the workers score every shard; this process then only assembles (or finds) the scored pairs.
+    launched = shards.launch_from_args("score", argv, options, Path(options.out) / "logs")
+    path = score_pairs(rows, pivot=options.pivot, sources=options.sources, out_root=options.out,
+                       backend=options.backend, dtype=options.dtype,
+                       shard=(0, 1) if launched else options.shard_range(), on_empty=options.on_empty,
+                       on_too_long=options.on_too_long, max_length=options.max_length,
+                       write_every=options.write_every, split=options.split, **options.engine_kwargs())
     print(path if path is not None else "shard done; scored pairs are assembled when every shard has run")
     store.record_outputs(path)
     return 0
