@@ -45,7 +45,7 @@ from infifpo.logprobs import encode_prompt
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
-from infifpo.store import StageOutput, in_shard, read_jsonl, read_output, record_outputs
+from infifpo.store import StageOutput, announce, in_shard, read_jsonl, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +308,8 @@ class SampleOptions(shards.ShardOptions):
         "help": f"prompts per engine call; unset: {BATCH_SEQUENCES} // n. Rows are written (and a kill loses at most) "
                 "one batch at a time"})
     out: str = field(default="runs", metadata={"help": "output root directory"})
+    json: bool = field(default=False, metadata={
+        "help": "print {model name: output directory} as one JSON line instead of one directory per line"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -351,7 +353,8 @@ DESCRIPTION = __doc__.splitlines()[0] + "\n\n" + textwrap.fill(
 
 def main(argv: list[str] | None = None) -> int:
     """``infifpo sample --prompts P --model M [options]``, or ``--config FILE`` with the same options as YAML keys
-    (and a ``models:`` pool); prints {model name: output directory} as one JSON line."""
+    (and a ``models:`` pool); prints each model's output directory on its own line, in pool order (``--json``: one
+    JSON line {model name: output directory})."""
     argv = list(sys.argv[1:] if argv is None else argv)
     options = parse_config(SampleOptions, argv, prog="infifpo sample", description=DESCRIPTION)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -365,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         with one_engine_process(options.backend):
             paths = {specs[0].name: Path(_sample_one_model(options.prompts, specs[0], options.backend, options.out,
                                                            shard, options.batch_prompts))}
-    print(json.dumps({k: str(v) for k, v in paths.items()}))  # one line: model name -> output directory
-    record_outputs(*paths.values())
+    if options.json:
+        print(json.dumps({k: str(v) for k, v in paths.items()}))
+        record_outputs(*paths.values())
+    else:
+        announce(*paths.values())
     return 0

@@ -72,7 +72,7 @@ def test_judging_samples_against_edited_prompts_is_refused(tiny_llama, tmp_path,
     assert sample_main(["--prompts", p1, "--model", tiny_llama, "--name", "m", "--backend", "transformers", "--n", "1",
                         "--temperature", "0", "--top-p", "1", "--max-tokens", "4", "--dtype", "float32",
                         "--out", str(root)]) == 0  # fmt: skip
-    samples_dir = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["m"]
+    samples_dir = capsys.readouterr().out.strip().splitlines()[-1]
     items, new_ids = EDITS[edit](QUESTIONS)
     dst = src if where == "same file" else tmp_path / "elsewhere" / "prompts.jsonl"
     p2 = _build_prompts(_write_prompts_file(dst, items, new_ids), root, capsys)

@@ -285,3 +285,16 @@ def test_models_list_takes_the_options_as_defaults(tmp_path):
         options(["--model", "m"])
     with pytest.raises(ConfigError, match=r"models\[0\]: no `name`"):
         options(["--config", write_yaml(tmp_path / "bad.yaml", "prompts: p\nmodels: [{ref: x}]\n")])
+
+
+def test_stdout_is_the_output_directory_alone_or_json_when_asked(tiny_llama, tmp_path, capsys):
+    """`P=$(infifpo sample ...)` captures the output directory (one line per model); --json gives {model: dir}."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompts(2)))
+    argv = ["--prompts", str(path), "--model", tiny_llama, "--name", "m", "--backend", "transformers", "--n", "1",
+            "--temperature", "0", "--max_tokens", "2", "--dtype", "float32", "--out", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and len(read_output(out[0])) == 2
+    assert main([*argv, "--json"]) == 0  # the finished output again
+    assert json.loads(capsys.readouterr().out) == {"m": out[0]}

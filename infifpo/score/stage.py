@@ -415,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                        shard=(0, 1) if launched else options.shard_range(), on_empty=options.on_empty,
                        on_too_long=options.on_too_long, max_length=options.max_length,
                        write_every=options.write_every, split=options.split, **options.engine_kwargs())
-    print(path if path is not None else "shard done; scored pairs are assembled when every shard has run")
-    store.record_outputs(path)
+    if path is None:
+        store.announce(summary="shard done; scored pairs are assembled when every shard has run")
+    else:
+        store.announce(path)
     return 0
