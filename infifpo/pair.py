@@ -32,17 +32,13 @@ from typing import Any, Literal, get_args
 from infifpo.config import parse_config
 from infifpo.provenance import output_digest, require_built_from
 from infifpo.schema import (
-    FINISH_REASONS,
-    JUDGED_COLUMNS,
-    PROMPT_COLUMNS,
     SPLITS,
     ConfigError,
     DataFormatError,
     EmptyOutputError,
-    check_messages,
-    require_columns,
     row_label,
-    sample_id,
+    validate_prompts,
+    validate_samples,
 )
 from infifpo.store import StageOutput, announce, read_output
 
@@ -203,42 +199,6 @@ RECIPES = {"infifpo": pair_infifpo, "wrpo": pair_wrpo, "fusechat": pair_fusechat
 
 
 # -- validation -------------------------------------------------------------------------------------------------
-def index_prompts(prompt_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Prompt rows by id; DataFormatError naming the row for a missing column, bad messages or a duplicate id."""
-    out: dict[str, dict[str, Any]] = {}
-    for i, row in enumerate(prompt_rows):
-        require_columns(row, PROMPT_COLUMNS, i, "prompts")
-        check_messages(row["prompt"], i, row, "prompt")
-        if row["id"] in out:
-            raise DataFormatError(f"{row_label(i, row)}: prompt id appears twice in the prompts dataset.")
-        out[row["id"]] = row
-    return out
-
-
-def check_judged(row: dict[str, Any], i: int, prompts: dict[str, Any]) -> None:
-    """Raise DataFormatError naming the row and field if a judged row is unusable for pairing."""
-    require_columns(row, JUDGED_COLUMNS, i, "judged")
-    where = row_label(i, row)
-    if row["prompt_id"] not in prompts:
-        raise DataFormatError(
-            f"{where}: prompt_id {row['prompt_id']!r} is not in the prompts dataset ({len(prompts)} prompts). "
-            "Pass the --prompts output these samples were drawn from."
-        )
-    expected_id = sample_id(row["prompt_id"], row["model"], row["sample_index"])
-    if row["id"] != expected_id:
-        raise DataFormatError(f"{where}: id should be {expected_id!r} (prompt_id|model|sample_index); the row may "
-                              "be attached to the wrong prompt.")  # fmt: skip
-    if not isinstance(row["text"], str):
-        raise DataFormatError(f"{where}, field 'text': expected a string, got {type(row['text']).__name__}.")
-    if row["finish_reason"] not in FINISH_REASONS:
-        raise DataFormatError(f"{where}, field 'finish_reason': {row['finish_reason']!r} not in {FINISH_REASONS}.")
-    if not (row["correct"] is None or isinstance(row["correct"], bool)):
-        raise DataFormatError(f"{where}, field 'correct': expected true, false or null, got {row['correct']!r}.")
-    r = row["reward"]
-    if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r)):
-        raise DataFormatError(f"{where}, field 'reward': expected a finite number or null, got {r!r}.")
-
-
 def _resolve_options(models: set[str], recipe: str, pivot: str, sources: list[str] | None,
                      **kw: Any) -> RecipeOptions:
     if recipe not in RECIPES:
@@ -307,18 +267,14 @@ def build_pairs(
     ``rank_by`` and ``tie_break``: see the module docstring. ``rank_by="reward"`` refuses a sample without a reward.
     ``sft_chosen``: see ``SFT_CHOSEN``; ``po_pool``: see ``PO_POOL``.
     """
-    prompts = index_prompts(prompt_rows)
+    prompts = validate_prompts(prompt_rows)
+    validate_samples(judged_rows, prompts, judged=True)
     by_prompt: dict[str, list[Sample]] = defaultdict(list)
-    seen: set[str] = set()
     for i, row in enumerate(judged_rows):
-        check_judged(row, i, prompts)
-        if row["id"] in seen:
-            raise DataFormatError(f"{row_label(i, row)}: sample id appears twice (shards or seeds merged twice?).")
         if rank_by == "reward" and row["reward"] is None:
             raise DataFormatError(f"{row_label(i, row)}, field 'reward': null, but rank_by='reward' ranks by the "
                                   "reward alone. Judge with a reward model (judge: reward_model) or use rank_by "
                                   "'verifier_first'.")
-        seen.add(row["id"])
         by_prompt[row["prompt_id"]].append(row)
     opts = _resolve_options({r["model"] for r in judged_rows}, recipe, pivot, sources, seed=seed, min_gap=min_gap,
                             max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen, rank_by=rank_by,

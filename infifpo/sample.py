@@ -44,7 +44,7 @@ from infifpo.config import check_keys, parse_config
 from infifpo.logprobs import encode_prompt
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
-from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, check_messages, require_columns, sample_id
+from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, sample_id, validate_prompts
 from infifpo.store import StageOutput, announce, in_shard, read_jsonl, read_output, record_outputs
 
 logger = logging.getLogger(__name__)
@@ -113,16 +113,6 @@ def output_for(prompt_rows: Sequence[dict], model_name: str, model_dir: str, spe
     return StageOutput(out_root, f"samples-{safe}", key)
 
 
-def _check_prompts(prompt_rows: Sequence[dict]) -> None:
-    seen: set[str] = set()
-    for i, row in enumerate(prompt_rows):
-        require_columns(row, ("id", "prompt"), i, "prompts")
-        check_messages(row["prompt"], i, row, "prompt")
-        if row["id"] in seen:
-            raise ConfigError(f"prompt id {row['id']!r} appears twice (row {i}); prompt ids must be unique")
-        seen.add(row["id"])
-
-
 def _context_limit(engine: Engine) -> int | None:
     """Longest prompt (tokens) the engine can extend by one token, or None if it does not say."""
     for attr in ("max_model_len", "max_length"):
@@ -183,7 +173,7 @@ def sample_prompts(prompt_rows: Sequence[dict], *, model: str, spec: SamplingSpe
     sample ids already on disk, so a killed run loses at most the batch in flight. The output is finalized when
     every prompt of every shard is present. ``engine`` (tests, benchmarks) reuses an already built engine.
     """
-    _check_prompts(prompt_rows)
+    validate_prompts(prompt_rows, columns=("id", "prompt"))  # sampling renders the prompt only
     name = name or model
     model_dir = resolve(model)
     output = output_for(prompt_rows, name, model_dir, spec, backend, out_root, engine_kwargs).lock(*shard)

@@ -1,7 +1,9 @@
 """The hand-off formats between pipeline stages, and the named errors raised when data breaks them.
 
-Owns: the column names of every on-disk dataset (prompts, samples, judged, pairs, scored pairs), small
-row checks shared by several stages, and the exception hierarchy. Does not own: reading/writing files
+Owns: the column names of every on-disk dataset (prompts, samples, judged, pairs, scored pairs), the one check of
+each hand-off every stage runs on its input (``validate_prompts``, ``validate_samples`` for samples and judged rows;
+scored pairs: ``trainers.data.validate_preference_rows``, which also needs the tokenizer), and the exception
+hierarchy. Does not own: reading/writing files
 (`store`), or any model/tokenizer logic (`logprobs`, `models`).
 
 Every stage output is a list of JSON rows keyed by a stable ``id``; stages join by id, never by order.
@@ -137,6 +139,60 @@ def check_messages(value: Any, index: int, row: dict[str, Any], field: str) -> N
                 f"{where}: message {j} content must be a string, got {type(m['content']).__name__} "
                 "(nested dicts such as {{'answer':..., 'score':...}} are not responses)."
             )
+
+
+def validate_prompts(rows: Sequence[Any], *, columns: Sequence[str] = PROMPT_COLUMNS) -> dict[str, dict[str, Any]]:
+    """{id: row} of a prompts dataset, checked: every row an object with ``columns`` (a stage that only renders
+    prompts, `sample`, needs ``id`` and ``prompt``), ``prompt`` a list of chat messages, ``domain`` one of DOMAINS
+    when present, no id twice. DataFormatError naming the row and field otherwise."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataFormatError(f"row {i}: expected a JSON object (a prompt row), got {type(row).__name__}.")
+        require_columns(row, columns, i, "prompts")
+        check_messages(row["prompt"], i, row, "prompt")
+        if row.get("domain") is not None and row["domain"] not in DOMAINS:
+            raise DataFormatError(f"{row_label(i, row)}, field 'domain': {row['domain']!r} is not one of {DOMAINS}.")
+        if row["id"] in by_id:
+            raise DataFormatError(f"{row_label(i, row)}: prompt id appears twice; prompt ids must be unique.")
+        by_id[row["id"]] = row
+    return by_id
+
+
+def validate_samples(rows: Sequence[Any], prompts: dict[str, Any], *, judged: bool = False) -> None:
+    """Check a samples (``judged``: judged) dataset against the prompts it was drawn from ({id: prompt row}): the
+    format's columns, ``id`` = prompt_id|model|sample_index, a ``prompt_id`` the prompts hold, ``text`` a string,
+    ``finish_reason`` one of FINISH_REASONS, no id twice; judged rows also ``correct`` true/false/null and ``reward``
+    a finite number or null. DataFormatError naming the row and field."""
+    fmt, columns = ("judged", JUDGED_COLUMNS) if judged else ("samples", SAMPLE_COLUMNS)
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataFormatError(f"row {i}: expected a JSON object (a {fmt} row), got {type(row).__name__}.")
+        require_columns(row, columns, i, fmt)
+        where = row_label(i, row)
+        if row["prompt_id"] not in prompts:
+            raise DataFormatError(f"{where}: prompt_id {row['prompt_id']!r} is not in the prompts ({len(prompts)} "
+                                  "prompts). Pass the --prompts output these samples were drawn from.")
+        expected = sample_id(row["prompt_id"], row["model"], row["sample_index"])
+        if row["id"] != expected:
+            raise DataFormatError(f"{where}: id should be {expected!r} (prompt_id|model|sample_index); the row may "
+                                  "be attached to the wrong prompt.")
+        if not isinstance(row["text"], str):
+            raise DataFormatError(f"{where}, field 'text': expected a string, got {type(row['text']).__name__}.")
+        if row["finish_reason"] not in FINISH_REASONS:
+            raise DataFormatError(f"{where}, field 'finish_reason': {row['finish_reason']!r} not in "
+                                  f"{FINISH_REASONS}.")
+        if judged:
+            if not (row["correct"] is None or isinstance(row["correct"], bool)):
+                raise DataFormatError(f"{where}, field 'correct': expected true, false or null, got "
+                                      f"{row['correct']!r}.")
+            r = row["reward"]
+            if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r)):
+                raise DataFormatError(f"{where}, field 'reward': expected a finite number or null, got {r!r}.")
+        if row["id"] in seen:
+            raise DataFormatError(f"{where}: sample id appears twice (shards or seeds merged twice?).")
+        seen.add(row["id"])
 
 
 # torch.finfo(torch.float32).max: the trainers' collator carries score columns as float32 tensors.

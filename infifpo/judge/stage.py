@@ -31,15 +31,7 @@ from infifpo.judge.code import judge_code
 from infifpo.judge.math import judge_math
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import output_digest, prompt_set_digest, require_built_from
-from infifpo.schema import (
-    JUDGED_COLUMNS,
-    PROMPT_COLUMNS,
-    SAMPLE_COLUMNS,
-    ConfigError,
-    DataFormatError,
-    require_columns,
-    row_label,
-)
+from infifpo.schema import JUDGED_COLUMNS, SAMPLE_COLUMNS, ConfigError, validate_prompts, validate_samples
 from infifpo.store import StageOutput, announce, read_output
 
 logger = logging.getLogger(__name__)
@@ -73,29 +65,6 @@ def verify_sample(sample: Row, prompt: Row, *, code_timeout: float = 10.0) -> tu
     return correct, reason
 
 
-def _index_prompts(prompts: Sequence[Row]) -> dict[str, Row]:
-    by_id: dict[str, Row] = {}
-    for i, p in enumerate(prompts):
-        require_columns(p, PROMPT_COLUMNS, i, "prompts")
-        if p["id"] in by_id:
-            raise DataFormatError(f"{row_label(i, p)}: prompt id appears twice; prompt ids must be unique.")
-        by_id[p["id"]] = p
-    return by_id
-
-
-def _check_samples(samples: Sequence[Row], by_id: dict[str, Row]) -> None:
-    for i, s in enumerate(samples):
-        require_columns(s, SAMPLE_COLUMNS, i, "samples")
-        if s["prompt_id"] not in by_id:
-            raise DataFormatError(
-                f"{row_label(i, s)}: prompt_id {s['prompt_id']!r} is not in the prompts; pass the prompts output "
-                "these samples were drawn from (--prompts)."
-            )
-        if not isinstance(s["text"], str):
-            raise DataFormatError(f"{row_label(i, s)}, field 'text': expected a string, "
-                                  f"got {type(s['text']).__name__}.")
-
-
 def judge_rows(
     samples: Sequence[Row], prompts: Sequence[Row], *, reward_model: str | tuple[Any, Any] | None = None,
     workers: int = 1, code_timeout: float = 10.0, batch_size: int = 64, rm_batch_size: int = 8,
@@ -108,8 +77,8 @@ def judge_rows(
     verifiers (code runs in separate sandboxed processes).
     ``on_batch`` receives every finished batch of ``batch_size`` rows (the stage appends them to its output).
     """
-    by_id = _index_prompts(prompts)
-    _check_samples(samples, by_id)
+    by_id = validate_prompts(prompts)
+    validate_samples(samples, by_id)
     rm = None
     if reward_model is not None and samples:
         from infifpo.judge.reward_model import load_reward_model, score_with_reward_model  # imports torch
