@@ -38,7 +38,7 @@ import yaml
 
 from infifpo.provenance import output_digest
 from infifpo.schema import ConfigError, StageFailedError
-from infifpo.store import RESULT_FILE_ENV, StageOutput, fingerprint, read_output, read_recorded_outputs
+from infifpo.store import RESULT_FILE_ENV, StageOutput, fingerprint, read_output, read_recorded_outputs, safe_name
 from infifpo.trainers import packaged_config
 
 logger = logging.getLogger("infifpo.pipeline")
@@ -245,7 +245,7 @@ def train(label: str, run: dict[str, Any], cfg: dict[str, Any], model: str, data
     config_file = str(overrides.pop("config", None) or packaged_config(method))
     key = {"method": method, "model": model, "dataset": str(dataset), "config": Path(config_file).read_text(),
            "overrides": overrides}
-    out = Path(cfg["run_dir"]) / "checkpoints" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}-{fingerprint(key)}"
+    out = Path(cfg["run_dir"]) / "checkpoints" / f"{safe_name(label)}-{fingerprint(key)}"
     if (out / TRAIN_DONE).exists():
         logger.info("train %s: already done in %s", label, out)
         return out

@@ -26,7 +26,6 @@ import inspect
 import json
 import logging
 import multiprocessing
-import re
 import sys
 import textwrap
 import time
@@ -45,7 +44,7 @@ from infifpo.logprobs import encode_prompt
 from infifpo.models.resolve import model_identity
 from infifpo.provenance import prompt_set_digest
 from infifpo.schema import ChatTemplateError, ConfigError, ModelLoadError, sample_id, validate_prompts
-from infifpo.store import StageOutput, announce, in_shard, read_jsonl, read_output, record_outputs
+from infifpo.store import StageOutput, announce, in_shard, read_jsonl, read_output, record_outputs, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +108,7 @@ def output_for(prompt_rows: Sequence[dict], model_name: str, model_dir: str, spe
         "sampling": asdict(spec), "backend": backend, "engine": dict(sorted((engine_kwargs or {}).items())),
         "prompts": prompt_set_digest(prompt_rows),
     }  # fmt: skip
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:60]
-    return StageOutput(out_root, f"samples-{safe}", key)
+    return StageOutput(out_root, f"samples-{safe_name(model_name)}", key)
 
 
 def _context_limit(engine: Engine) -> int | None:

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -63,6 +64,12 @@ def cache_root() -> Path:
     """infifpo's cache directory (materialised models, machine measurements): ``$INFIFPO_CACHE`` or
     ``~/.cache/infifpo``."""
     return Path(os.environ.get("INFIFPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "infifpo"))
+
+
+def safe_name(text: str, length: int = 60) -> str:
+    """``text`` as a directory-name part: every run of characters outside ``A-Za-z0-9._-`` becomes "_", cut to
+    ``length`` characters (model paths, hub ids and run labels in output and checkpoint directory names)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:length]
 
 
 def fingerprint(key: Any, length: int = 12) -> str:

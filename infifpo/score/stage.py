@@ -18,7 +18,6 @@ import gc
 import logging
 import math
 import multiprocessing
-import re
 import sys
 import time
 import typing
@@ -248,7 +247,7 @@ def _summary(logps: list[float], index: int, row: dict, field: str, model: str) 
 
 
 def _output_name(ref: str) -> str:
-    return "score-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ref).name or ref)[:60]
+    return "score-" + store.safe_name(Path(ref).name or ref)
 
 
 def model_output(ref: str, job: ScoreJob) -> tuple[store.StageOutput, str, str]:
