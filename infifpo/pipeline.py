@@ -24,6 +24,7 @@ Does not own: any stage's logic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +39,15 @@ import yaml
 
 from infifpo.provenance import output_digest
 from infifpo.schema import ConfigError, StageFailedError
-from infifpo.store import RESULT_FILE_ENV, StageOutput, fingerprint, read_output, read_recorded_outputs, safe_name
+from infifpo.store import (
+    RESULT_FILE_ENV,
+    StageOutput,
+    atomic_write,
+    fingerprint,
+    read_output,
+    read_recorded_outputs,
+    safe_name,
+)
 from infifpo.trainers import packaged_config
 
 logger = logging.getLogger("infifpo.pipeline")
@@ -63,8 +72,56 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{path}: missing required key {key!r}")
     cfg.setdefault("name", Path(path).stem)
     cfg.setdefault("run_dir", f"runs/{cfg['name']}")
+    check_stage_sections(cfg, path)  # a stage option the stage does not take fails here, not hours in
     planned_runs(cfg)  # train.seeds / train.ablations errors before any stage runs
     return cfg
+
+
+# What the pipeline sets itself in each stage's options (inputs, outputs, the model); a stage section holds the rest.
+PIPELINE_SETS = {"sample": ("prompts", "model", "name", "models", "out", "json", "pivot"),
+                 "judge": ("samples", "prompts", "out"), "pair": ("judged", "prompts", "pivot", "out"),
+                 "score": ("pairs", "pivot", "sources", "out")}
+PIPELINE_ONLY = {"pair": ("wrpo_sft_fraction",)}  # section keys that are the pipeline's, not the stage's
+
+
+def stage_options_classes() -> dict[str, type]:
+    """The options dataclass of each stage a pipeline config section configures (``infifpo.config``)."""
+    from infifpo.judge.stage import JudgeOptions
+    from infifpo.pair import PairOptions
+    from infifpo.sample import SampleOptions
+    from infifpo.score.stage import ScoreOptions
+
+    return {"sample": SampleOptions, "judge": JudgeOptions, "pair": PairOptions, "score": ScoreOptions}
+
+
+def check_stage_sections(cfg: dict[str, Any], path: str | os.PathLike) -> None:
+    """ConfigError (with a did-you-mean) for a key of the prompts / sample / judge / pair / score section that the
+    stage does not take or the pipeline sets itself, and for a ``pair.recipe`` other than infifpo (the pipeline
+    builds the infifpo pairs, and WRPO's when ``train.methods`` has wrpo)."""
+    from infifpo.config import check_keys
+
+    prompts = cfg.get("prompts")
+    if not isinstance(prompts, dict) or not isinstance(prompts.get("sources"), list):
+        raise ConfigError(f"{path}: prompts must be a mapping with a `sources:` list (and an optional seed).")
+    check_keys(prompts, ("sources", "seed"), f"{path}, section prompts", "The section takes sources and seed.")
+    for stage, cls in stage_options_classes().items():
+        section = cfg.get(stage) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {stage} must be a mapping of `infifpo {stage}` options.")
+        known = [f.name for f in dataclasses.fields(cls) if f.name not in PIPELINE_SETS[stage]]
+        known += PIPELINE_ONLY.get(stage, ())
+        fix = (f"Keys are the options `infifpo {stage} --help` lists, less those the pipeline sets "
+               f"({', '.join(PIPELINE_SETS[stage])}).")
+        parts = {stage: section}
+        if stage == "sample":  # per-role options under sample.pivot / sample.sources
+            parts = {"sample": {k: v for k, v in section.items() if k not in ("pivot", "sources")},
+                     **{f"sample.{r}": section[r] for r in ("pivot", "sources") if isinstance(section.get(r), dict)}}
+        if stage == "pair" and section.get("recipe", "infifpo") != "infifpo":
+            raise ConfigError(f"{path}: pair.recipe {section['recipe']!r}: the pipeline builds the infifpo pairs "
+                              "(SFT, DPO, InfiFPO) and WRPO's own when train.methods has wrpo; leave pair.recipe out "
+                              "or set it to infifpo.")
+        for where, keys in parts.items():
+            check_keys(keys, known, f"{path}, section {where}", fix)
 
 
 def methods_of(cfg: dict[str, Any]) -> list[str]:
@@ -147,6 +204,27 @@ def _flags(options: dict[str, Any]) -> list[str]:
         elif value not in (None, False):
             out += [flag, *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
     return out
+
+
+def stage_config(log_dir: Path, label: str, options: dict[str, Any]) -> list[str]:
+    """Write one stage invocation's options (the stage's own option names, ``infifpo.config``) to
+    ``<run_dir>/configs/<label>.yaml`` and return ``["--config", that file]``: what every stage ran with stays
+    beside its log. Paths become strings, None values are left out (the stage's default applies)."""
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+    path = log_dir.parent / "configs" / f"{safe_name(label.replace('/', '.').replace(':', '-'))}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, yaml.safe_dump({k: plain(v) for k, v in options.items() if v is not None}, sort_keys=False))
+    return ["--config", str(path)]
+
+
+def judge(cfg: dict[str, Any], samples: list[Path], prompts: Path, dirs: tuple[Path, Path], timings: Timings,
+          label: str) -> list[Path]:
+    """One `infifpo judge` process over ``samples`` (the ``judge`` section's options); its judged outputs."""
+    data, logs = dirs
+    opts = {"samples": samples, "prompts": prompts, "out": data, **cfg.get("judge", {})}
+    return run_stage("judge", stage_config(logs, label, opts), logs, timings, label)
 
 
 def _source_arg(spec: str | dict[str, Any]) -> str:
@@ -277,9 +355,9 @@ def pair(cfg: dict[str, Any], recipe: str, judged: list[Path], prompts: Path, di
     opts["recipe"] = recipe
     if recipe == "wrpo":
         opts.update(sft_fraction=wrpo_fraction, sources=opts.get("sources") or list(cfg["sources"]))
-    args = ["--judged", *map(str, judged), "--prompts", str(prompts), "--pivot", pivot or cfg["pivot"],
-            "--out", str(data), *_flags(opts)]
-    return _one(run_stage("pair", args, logs, timings, label or f"pair/{recipe}"), "pair")
+    label = label or f"pair/{recipe}"
+    opts = {"judged": judged, "prompts": prompts, "pivot": pivot or cfg["pivot"], "out": data, **opts}
+    return _one(run_stage("pair", stage_config(logs, label, opts), logs, timings, label), "pair")
 
 
 def wrpo_sft_rows(first_pass: Path, data: Path) -> Path:
@@ -308,8 +386,7 @@ def wrpo_pairs(cfg: dict[str, Any], prompts: Path, judged: list[Path], dirs: tup
     sft_rows = wrpo_sft_rows(first, data)
     checkpoint = train("sft_wrpo", run, cfg, cfg["pivot"], sft_rows, logs, timings)
     samples = sample_model(cfg, str(checkpoint), prompts, dirs, timings, pivot=True, label="sample/sft_wrpo")
-    judged_own = _one(run_stage("judge", ["--samples", str(samples), "--prompts", str(prompts), "--out", str(data),
-                                          *_flags(cfg.get("judge", {}))], logs, timings, "judge/sft_wrpo"), "judge")
+    judged_own = _one(judge(cfg, [samples], prompts, dirs, timings, "judge/sft_wrpo"), "judge")
     final = pair(cfg, "wrpo", [*judged, judged_own], prompts, dirs, timings, pivot=str(checkpoint))
     return {"wrpo_first_pass": first, "sft_wrpo": sft_rows, "wrpo": final}, checkpoint, samples
 
@@ -336,10 +413,10 @@ def sample_model(cfg: dict[str, Any], model: str, prompts: Path, dirs: tuple[Pat
     data, logs = dirs
     s = cfg.get("sample", {})
     common = {k: v for k, v in s.items() if k not in ("pivot", "sources")}
-    opts = {**common, **s.get("pivot" if pivot else "sources", {}), "pivot": pivot}
-    args = ["--prompts", str(prompts), "--model", model, "--backend", cfg.get("backend", "transformers"),
-            "--out", str(data), *_flags(opts)]
-    return _one(run_stage("sample", args, logs, timings, label or f"sample/{model}", model), "sample")
+    label = label or f"sample/{model}"
+    opts = {"prompts": prompts, "model": model, "backend": cfg.get("backend", "transformers"), "out": data, **common,
+            **s.get("pivot" if pivot else "sources", {}), "pivot": pivot}
+    return _one(run_stage("sample", stage_config(logs, label, opts), logs, timings, label, model), "sample")
 
 
 def sample_all(cfg: dict[str, Any], prompts: Path, dirs: tuple[Path, Path], timings: Timings) -> dict[str, Path]:
@@ -356,22 +433,19 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     pivot, sources = cfg["pivot"], list(cfg["sources"])
     runs = planned_runs(cfg)
     p = cfg["prompts"]
-    prompts = _one(run_stage("prompts", [*[x for s in p["sources"] for x in ("--source", _source_arg(s))],
-                                         "--seed", str(p.get("seed", 0)), "--out", str(data)], logs, timings),
-                   "prompts")
+    prompt_opts = {"source": p["sources"], "seed": p.get("seed", 0), "out": data}
+    prompts = _one(run_stage("prompts", stage_config(logs, "prompts", prompt_opts), logs, timings), "prompts")
     samples = sample_all(cfg, prompts, dirs, timings)
-    judged = run_stage("judge", ["--samples", *map(str, samples.values()), "--prompts", str(prompts),
-                                 "--out", str(data), *_flags(cfg.get("judge", {}))], logs, timings)
+    judged = judge(cfg, list(samples.values()), prompts, dirs, timings, "judge")
     pairs = {"infifpo": pair(cfg, "infifpo", judged, prompts, dirs, timings)}
     checkpoints = {"sft": train("sft", runs["sft"], cfg, pivot, pairs["infifpo"], logs, timings)}
     if "sft_wrpo" in runs:
         wrpo_data, checkpoint, own_samples = wrpo_pairs(cfg, prompts, judged, dirs, timings, runs["sft_wrpo"])
         pairs.update(wrpo_data)
         checkpoints["sft_wrpo"], samples[str(checkpoint)] = checkpoint, own_samples
-    score_opts = {"backend": cfg.get("backend", "transformers"), **cfg.get("score", {})}
-    scored = _one(run_stage("score", ["--pairs", str(pairs["infifpo"]), "--pivot", str(checkpoints["sft"]),
-                                      "--sources", *sources, "--out", str(data), *_flags(score_opts)], logs, timings),
-                  "score")
+    score_opts = {"pairs": pairs["infifpo"], "pivot": checkpoints["sft"], "sources": sources, "out": data,
+                  "backend": cfg.get("backend", "transformers"), **cfg.get("score", {})}
+    scored = _one(run_stage("score", stage_config(logs, "score", score_opts), logs, timings), "score")
     for label, spec in runs.items():  # WRPO: its own quadruples and SFT, a live frozen reference (official setting)
         if label not in checkpoints:
             wrpo = spec["method"] == "wrpo"
@@ -384,7 +458,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
               "checkpoints": checkpoints, "evals": evals, "runs": runs, "timings": timings.summary()}
     (run_dir / "pipeline_outputs.json").write_text(json.dumps(result, indent=1, default=str))
     if cfg.get("report", True):
-        run_stage("report", ["--run-dir", str(run_dir)], logs)
+        run_stage("report", stage_config(logs, "report", {"run_dir": run_dir}), logs)
     return result
 
 
