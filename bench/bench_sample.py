@@ -64,7 +64,7 @@ def worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
     tokens = sum(len(g.token_ids) for gs in gens for g in gs)
     engine.close()
     return {"backend": backend, "mode": mode, "dtype": args.dtype, "start_s": round(start_s, 1),
-            "generate_s": round(gen_s, 2), "tokens": tokens, "tok_per_s": round(tokens / gen_s, 1)}  # fmt: skip
+            "generate_s": round(gen_s, 2), "tokens": tokens, "tok_per_s": round(tokens / gen_s, 1)}
 
 
 def run_child(backend: str, mode: str, args: argparse.Namespace) -> dict:

@@ -154,7 +154,7 @@ def worker(args: argparse.Namespace) -> dict:
         "naive_keep_previous": args.naive_keep_previous, "naive_pad": args.naive_pad,
         "token_budget": args.token_budget, "gemm_ceiling_flops": ceiling,
         "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-    }  # fmt: skip
+    }
 
 
 def attention_flops(config, batch: int, width: int) -> float:

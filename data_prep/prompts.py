@@ -49,9 +49,9 @@ ARITHMETIC_LEVELS: dict[str, tuple[str, tuple[int, int], tuple[int, int]]] = {
 ARITHMETIC_POOL = {"train": 1000, "test": 200}  # problems per level and split
 ARITHMETIC_TEST_SHARE = 5  # one core problem (a, op, b) in 5 is held out for test
 _NAMES = [("Tom", "He"), ("Anna", "She"), ("Ben", "He"), ("Mia", "She"), ("Sam", "He"), ("Lily", "She"),
-          ("Omar", "He"), ("Zoe", "She")]  # fmt: skip
+          ("Omar", "He"), ("Zoe", "She")]
 _OBJECTS = [("apple", "apples"), ("book", "books"), ("marble", "marbles"), ("pencil", "pencils"),
-            ("cookie", "cookies"), ("stamp", "stamps"), ("shell", "shells"), ("card", "cards")]  # fmt: skip
+            ("cookie", "cookies"), ("stamp", "stamps"), ("shell", "shells"), ("card", "cards")]
 _TEMPLATES = {
     "+": ["{name} has {A}. {pron} gets {b} more. How many {objs} does {name} have now?",
           "There are {A} in a box. {name} puts {b} more {bn} in the box. How many {objs} are in the box now?"],
@@ -59,15 +59,15 @@ _TEMPLATES = {
           "There are {A} on a table. {name} takes {B} away. How many {objs} are on the table now?"],
     "*": ["{name} has {a} {bags} with {B} in each bag. How many {objs} does {name} have in total?",
           "There are {a} {rows} with {B} in each row. How many {objs} are there in total?"],
-}  # fmt: skip
+}
 SPEC_KEYS = {"source", "split", "n", "levels", "name", "config", "path", "question_field", "answer_field", "domain"}
 
 
 # -- sources: each returns strata (lists of rows); a subset takes from every stratum in turn ---------------------
 def _row(rid: str, content: str, domain: str, source: str, answer: str | None = None, tests: str | None = None,
-         entry_point: str | None = None) -> dict[str, Any]:  # fmt: skip
+         entry_point: str | None = None) -> dict[str, Any]:
     return {"id": rid, "prompt": [{"role": "user", "content": content}], "domain": domain, "answer": answer,
-            "tests": tests, "entry_point": entry_point, "source": source}  # fmt: skip
+            "tests": tests, "entry_point": entry_point, "source": source}
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -84,7 +84,7 @@ def load_gsm8k(split: str) -> list[list[dict[str, Any]]]:
     path = resources.files("data_prep") / "gsm8k" / f"{split}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [[_row(f"gsm8k-{split}-{i:05d}", f"{r['question']}\n\n{MATH_INSTRUCTION}", "math", "gsm8k",
-                  answer=gsm8k_answer(r["answer"])) for i, r in enumerate(rows)]]  # fmt: skip
+                  answer=gsm8k_answer(r["answer"])) for i, r in enumerate(rows)]]
 
 
 def load_humaneval(split: str) -> list[list[dict[str, Any]]]:
@@ -99,7 +99,7 @@ def load_humaneval(split: str) -> list[list[dict[str, Any]]]:
     for i, p in enumerate(problems):
         content = f"{CODE_INSTRUCTION}\n\n```python\n{p['prompt'].strip()}\n```"
         rows.append(_row(f"humaneval-test-{i:05d}", content, "code", "humaneval", tests=p["test"],
-                         entry_point=p["entry_point"]))  # fmt: skip
+                         entry_point=p["entry_point"]))
     return [rows]
 
 
@@ -126,7 +126,7 @@ def _arithmetic_problem(level: str, rng: random.Random) -> tuple[int, int, str, 
     text = rng.choice(_TEMPLATES[op]).format(
         name=name, pron=pron, a=a, b=b, A=_count(a, obj), B=_count(b, obj), objs=obj[1], bn=obj[b != 1],
         bags="bag" if a == 1 else "bags", rows="row" if a == 1 else "rows",
-    )  # fmt: skip
+    )
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
     return a, b, text, answer
 
@@ -152,7 +152,7 @@ def load_arithmetic(split: str, levels: list[str] | None = None) -> list[list[di
                 continue
             seen.add(text)
             rows.append(_row(f"arithmetic-{level}-{split}-{len(rows):05d}", f"{text}\n\n{MATH_INSTRUCTION}", "math",
-                             "arithmetic", answer=str(answer)))  # fmt: skip
+                             "arithmetic", answer=str(answer)))
             if len(rows) == ARITHMETIC_POOL[split]:
                 break
         strata.append(rows)
@@ -219,7 +219,7 @@ def _hub_row(r: dict[str, Any], i: int, rid: str, source: str, spec: dict[str, A
         return _row(rid, f"{question}\n\n{MATH_INSTRUCTION}" if domain == "math" else question, domain, source, answer)
     if {"question", "answer"} <= r.keys():
         return _row(rid, f"{r['question']}\n\n{MATH_INSTRUCTION}", "math", source, gsm8k_answer(r["answer"])
-                    if "####" in str(r["answer"]) else str(r["answer"]))  # fmt: skip
+                    if "####" in str(r["answer"]) else str(r["answer"]))
     if {"prompt", "test", "entry_point"} <= r.keys():
         content = f"{CODE_INSTRUCTION}\n\n```python\n{r['prompt'].strip()}\n```"
         return _row(rid, content, "code", source, tests=r["test"], entry_point=r["entry_point"])
@@ -254,12 +254,12 @@ def load_jsonl(path: str) -> list[list[dict[str, Any]]]:
         first_keys = first_keys if first_keys is not None else set(r)
         if set(r) != first_keys:
             raise DataFormatError(f"{where}: keys {sorted(r)} differ from line {lines[0]}'s {sorted(first_keys)}; "
-                                  "every line needs the same keys.")  # fmt: skip
+                                  "every line needs the same keys.")
         row = _validate_user_row(r, i, where, stem, p.name)
         if row["id"] in line_of:
             same = "the same prompt as" if "id" not in r else "the same id as"
             raise DataFormatError(f"{where}: {same} line {line_of[row['id']]} (id {row['id']!r}); remove the "
-                                  "duplicate, or give each line a unique 'id'.")  # fmt: skip
+                                  "duplicate, or give each line a unique 'id'.")
         line_of[row["id"]] = lineno
         out.append(row)
     return [out]
@@ -275,7 +275,7 @@ def _validate_user_row(r: dict[str, Any], i: int, where: str, stem: str, fname: 
     if "prompt" not in r or unknown:
         hint = " (rename 'question'/'messages'/'instruction' to 'prompt')" if "prompt" not in r else ""
         raise DataFormatError(f"{where}: found keys {sorted(r)}; need 'prompt'{hint}. Allowed keys: "
-                              f"{list(PROMPT_COLUMNS)}" + (f"; unknown: {unknown}." if unknown else "."))  # fmt: skip
+                              f"{list(PROMPT_COLUMNS)}" + (f"; unknown: {unknown}." if unknown else "."))
     prompt = r["prompt"]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]  # documented: a string prompt is one user message
@@ -325,7 +325,7 @@ def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
             if len(parts) not in (2, 3):
                 raise ConfigError(f"prompt source {spec!r}: expected hf:NAME[:CONFIG]:SPLIT[:N].")
             out = {"source": "hf", "name": parts[0], "config": parts[1] if len(parts) == 3 else None,
-                   "split": parts[-1], "n": n}  # fmt: skip
+                   "split": parts[-1], "n": n}
         elif head == "jsonl":
             out = {"source": "jsonl", "path": ":".join(parts), "n": n}
         else:
@@ -385,7 +385,7 @@ def build_prompts(specs: list[str | dict[str, Any]], *, seed: int = 0) -> list[d
         for row in _select(_load(spec), spec["n"], rng, label):
             if row["id"] in where:
                 raise DataFormatError(f"prompt id {row['id']!r} comes from both {where[row['id']]!r} and {label!r}; "
-                                      "list each source once and give user rows unique ids.")  # fmt: skip
+                                      "list each source once and give user rows unique ids.")
             where[row["id"]] = label
             rows.append(row)
     return rows
@@ -431,7 +431,7 @@ class PromptsOptions:
     source: list[str | dict[str, Any]] = field(metadata={"help": (
         "one or more sources: gsm8k:SPLIT:N | humaneval::N | arithmetic:SPLIT:N | hf:NAME[:CONFIG]:SPLIT[:N] | "
         "jsonl:PATH | a JSON object with the keys of a config mapping, e.g. '{\"source\": \"hf\", \"name\": ...}'; "
-        "--source may be repeated")})  # fmt: skip
+        "--source may be repeated")})
     seed: int = field(default=0, metadata={"help": "seed of the subset choice"})
     out: str = field(default="runs", metadata={"help": "root directory of stage outputs"})
 

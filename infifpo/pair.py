@@ -246,12 +246,12 @@ def pair_row(prompt: dict[str, Any], picked: Picked, split: str, recipe: str) ->
     """One pairs row (schema.PAIR_COLUMNS, TRL conversational) plus provenance columns for every response."""
     row = {"id": prompt["id"], "prompt": prompt["prompt"], "chosen": _message(picked["chosen"]),
            "rejected": _message(picked["rejected"]), "split": split, "domain": prompt["domain"],
-           "recipe": recipe}  # fmt: skip
+           "recipe": recipe}
     for name, s in picked.items():
         if name == "source_chosen":
             row["source_chosen"] = _message(s)
         row.update({f"{name}_model": s["model"], f"{name}_reward": s["reward"], f"{name}_correct": s["correct"],
-                    f"{name}_sample_id": s["id"]})  # fmt: skip
+                    f"{name}_sample_id": s["id"]})
     return row
 
 
@@ -260,7 +260,7 @@ def build_pairs(
     sources: list[str] | None = None, seed: int = 0, sft_fraction: float | None = None,
     allow_truncated_chosen: bool = False, min_gap: float = 0.01, max_gap: float = 0.1,
     rank_by: str = "verifier_first", tie_break: str = "pivot_first", sft_chosen: str = "any", po_pool: str = "all",
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows (sorted by id) and a stats summary; judged rows join prompts by prompt_id, never by order.
 
     ``sources`` defaults to every judged model except the pivot; ``sft_fraction`` to the recipe's paper value;
@@ -278,7 +278,7 @@ def build_pairs(
         by_prompt[row["prompt_id"]].append(row)
     opts = _resolve_options({r["model"] for r in judged_rows}, recipe, pivot, sources, seed=seed, min_gap=min_gap,
                             max_gap=max_gap, allow_truncated_chosen=allow_truncated_chosen, rank_by=rank_by,
-                            tie_break=tie_break, sft_chosen=sft_chosen, po_pool=po_pool)  # fmt: skip
+                            tie_break=tie_break, sft_chosen=sft_chosen, po_pool=po_pool)
     fraction = check_sft_fraction(DEFAULT_SFT_FRACTION[recipe] if sft_fraction is None else sft_fraction)
     rows, dropped, excluded = [], Counter(), Counter()
     for pid in sorted(prompts):
@@ -304,7 +304,7 @@ def build_pairs(
 
 
 def pair_stats(rows: list[dict[str, Any]], dropped: Counter, excluded: Counter, *, prompts_in: int,
-               samples_in: int) -> dict[str, Any]:  # fmt: skip
+               samples_in: int) -> dict[str, Any]:
     """Counts per domain and split, each model's share of chosen / rejected / source_chosen, and drop reasons."""
     by_domain: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
     for r in rows:
@@ -323,7 +323,7 @@ def pair_stats(rows: list[dict[str, Any]], dropped: Counter, excluded: Counter, 
         "rows_by_split": {sp: sum(d[sp] for d in by_domain.values()) for sp in SPLITS},
         "rows_by_domain": {d: {**c, "total": sum(c.values())} for d, c in sorted(by_domain.items())},
         **shares,
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -373,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     for d in opts.judged:  # every input checked before anything is written
         require_built_from(d, "prompts", prompts_digest, what="prompts", given=f"--prompts {opts.prompts}",
                            fix=f"Pass the prompts output {d} was judged against, or judge its samples again with "
-                               f"`infifpo judge --prompts {opts.prompts}`.")  # fmt: skip
+                               f"`infifpo judge --prompts {opts.prompts}`.")
     options = opts.recipe_options()
     key = {"stage": "pair", "version": PAIR_VERSION, **options, "prompts": prompts_digest,
-           "judged": sorted(output_digest(d) for d in opts.judged)}  # fmt: skip
+           "judged": sorted(output_digest(d) for d in opts.judged)}
     out = StageOutput(opts.out, f"pairs-{opts.recipe}", key).lock()
     if out.is_complete():
         logger.info("pairs already built for these inputs; reusing %s", out.path)

@@ -55,7 +55,7 @@ KNOWN_SIZES: dict[str, dict[str, float]] = {
                                                      head_dim=128, vocab=128256),
     "skywork/skywork-reward-gemma-2-27b-v0.2": dict(params=27.23e9, layers=46, hidden=4608, kv_heads=16,
                                                     head_dim=128, vocab=256000),
-}  # fmt: skip
+}
 # Full test-split sizes for eval benchmarks given without a count.
 BENCHMARK_SIZES = {("gsm8k", "test"): 1319, ("humaneval", "test"): 164}
 # Preference methods: (responses per row, live reference forward?). InfiFPO's reference and sources are scored
@@ -120,7 +120,7 @@ def _from_config_dir(ref: str, path: str, source: str) -> ModelSize:
     heads = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
     return ModelSize(ref, float(params), source, text.num_hidden_layers, text.hidden_size,
-                     getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)  # fmt: skip
+                     getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)
 
 
 def model_size(ref: str, overrides: dict[str, float] | None = None) -> ModelSize:
@@ -138,14 +138,14 @@ def model_size(ref: str, overrides: dict[str, float] | None = None) -> ModelSize
             models.check_cache_entry(ref, models.cache_dir() / ref)
         except ModelLoadError:
             return ModelSize(ref, float(models.PACKAGED[ref]["params"]),
-                             f"packaged table (not materialised: `infifpo models fetch {ref}`)")  # fmt: skip
+                             f"packaged table (not materialised: `infifpo models fetch {ref}`)")
         return _from_config_dir(ref, models.resolve_model(ref), "config.json (materialised)")
     cached = _hub_cache_config(ref)
     if cached:
         return _from_config_dir(ref, str(Path(cached).parent), "config.json (HF cache)")
     if known:
         return ModelSize(ref, known["params"], "known sizes table (not in the local cache)",
-                         **{k: int(v) for k, v in known.items() if k != "params"})  # fmt: skip
+                         **{k: int(v) for k, v in known.items() if k != "params"})
     raise ConfigError(f"model {ref!r}: no local config.json, not a materialised packaged model and not in the known "
                       f"sizes table; give its size with --params {ref}=7.6e9")
 
@@ -206,7 +206,7 @@ def _inference_row(stage: str, size: ModelSize, hw: Hardware, *, prefill: float,
     return {"stage": stage, "model": size.ref, "params": size.params, "tokens": prefill + decode,
             "flops": 2 * size.params * (prefill + decode), "device_hours": seconds / 3600,
             "wall_hours": seconds / 3600 / hw.devices, "mem_gb": mem, "fits": mem <= 0.9 * hw.mem_gb,
-            "parallel": f"TP={tp}", "note": note}  # fmt: skip
+            "parallel": f"TP={tp}", "note": note}
 
 
 def _train_row(stage: str, size: ModelSize, hw: Hardware, *, tokens: float, live_ref: bool, micro_tokens: int,
@@ -224,7 +224,7 @@ def _train_row(stage: str, size: ModelSize, hw: Hardware, *, tokens: float, live
     note = ("live reference; " if live_ref else "") + ("grad. checkpointing" if checkpointing else "no checkpointing")
     return {"stage": stage, "model": size.ref, "params": size.params, "tokens": tokens, "flops": flops,
             "device_hours": seconds / 3600, "wall_hours": seconds / 3600 / w, "mem_gb": mem,
-            "fits": mem <= hw.mem_gb, "parallel": f"ZeRO-3 W={w}", "note": note}  # fmt: skip
+            "fits": mem <= hw.mem_gb, "parallel": f"ZeRO-3 W={w}", "note": note}
 
 
 def estimate(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, *, prompts: int, prompt_tokens: int = 128,
@@ -244,7 +244,7 @@ def estimate(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, *, 
         n = int({**s, **(s.get("pivot" if m == pivot else "sources") or {})}.get("n") or (8 if m == pivot else 4))
         responses_sampled += prompts * n
         rows.append(_inference_row("sample", sizes[m], hw, prefill=prompts * p, decode=prompts * n * a,
-                                   seq_len=p + a, concurrent=concurrent, note=f"n={n}"))  # fmt: skip
+                                   seq_len=p + a, concurrent=concurrent, note=f"n={n}"))
     reward_model = (cfg.get("judge") or {}).get("reward_model")
     if reward_model:  # `infifpo judge` scores every sample of every domain with it (verifiers add verdicts)
         rows.append(_inference_row("judge", sizes[reward_model], hw, prefill=responses_sampled * (p + a), decode=0,
@@ -255,7 +255,7 @@ def estimate(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, *, 
     sft_rows, po_rows = prompts * fraction, prompts * (1 - fraction)
     for m in [pivot, *sources]:
         rows.append(_inference_row("score", sizes[m], hw, prefill=po_rows * 2 * (p + a), decode=0, seq_len=p + a,
-                                   concurrent=concurrent, note="SFT checkpoint" if m == pivot else ""))  # fmt: skip
+                                   concurrent=concurrent, note="SFT checkpoint" if m == pivot else ""))
     methods = list((cfg.get("train") or {}).get("methods", ["dpo", "infifpo"]))
     for method in ["sft", *methods]:
         opts = _train_options(cfg, method, config_dir)
@@ -287,7 +287,7 @@ def _eval_rows(cfg: dict[str, Any], sizes: dict[str, ModelSize], hw: Hardware, m
     if ecfg.get("lm_eval"):
         note = "; ".join(x for x in (note, "lm-eval tasks not estimated") if x)
     labels = [("pivot", cfg["pivot"]), *(("source", m) for m in cfg["sources"]),
-              *((k, cfg["pivot"]) for k in ["sft", *methods])]  # fmt: skip
+              *((k, cfg["pivot"]) for k in ["sft", *methods])]
     return [_inference_row(f"eval/{label}", sizes[m], hw, prefill=items * p, decode=items * a, seq_len=p + a,
                            concurrent=concurrent, note=note) for label, m in labels]
 
@@ -309,10 +309,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [[r["stage"], r["model"], _si(r["params"]).replace("G", "B"), _si(r["tokens"]), _si(r["flops"]),
               f"{r['device_hours']:.3g}", f"{r['wall_hours']:.3g}", f"{r['mem_gb']:.1f}", "yes" if r["fits"] else "NO",
               r["parallel"], r["note"]]
-             for r in rows]  # fmt: skip
+             for r in rows]
     lines.append(["total", "", "", _si(sum(r["tokens"] for r in rows)), _si(sum(r["flops"] for r in rows)),
                   f"{sum(r['device_hours'] for r in rows):.3g}", f"{sum(r['wall_hours'] for r in rows):.3g}", "", "",
-                  "", ""])  # fmt: skip
+                  "", ""])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *map(fmt, lines)])
@@ -354,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     hw = replace(hw, **{k: v for k, v in (("devices", args.gpus), ("tflops", args.gpu_tflops),
                                            ("mem_gb", args.gpu_mem_gb), ("mfu_train", args.mfu_train),
                                            ("mfu_prefill", args.mfu_prefill), ("mfu_decode", args.mfu_decode))
-                        if v is not None})  # fmt: skip
+                        if v is not None})
     overrides = _parse_params(args.params)
     refs = [cfg["pivot"], *cfg["sources"], *([cfg["judge"]["reward_model"]] if (cfg.get("judge") or {}).get(
-        "reward_model") else [])]  # fmt: skip
+        "reward_model") else [])]
     sizes = {ref: model_size(ref, overrides) for ref in dict.fromkeys(refs)}
     counted, general = num_prompts(cfg) if not args.num_prompts else (args.num_prompts, None)
     if general is None:  # --num-prompts: the domain mix still comes from the sources' sizes when they have them
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = counted
     rows = estimate(cfg, sizes, hw, prompts=prompts, prompt_tokens=args.prompt_tokens,
                     response_tokens=args.response_tokens, concurrent=args.concurrent_seqs,
-                    config_dir=Path(args.config).parent, general_fraction=general)  # fmt: skip
+                    config_dir=Path(args.config).parent, general_fraction=general)
     if args.json:
         print(json.dumps({"hardware": asdict(hw), "models": {k: asdict(v) for k, v in sizes.items()}, "rows": rows},
                          indent=1))

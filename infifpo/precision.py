@@ -65,7 +65,7 @@ def matmul_rates(shape: tuple[int, int, int] = DEFAULT_SHAPE, *, rounds: int = R
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     mats = {dt: (torch.randn(m, k, generator=gen).to(getattr(torch, dt)),
-                 torch.randn(k, n, generator=gen).to(getattr(torch, dt))) for dt in DTYPES}  # fmt: skip
+                 torch.randn(k, n, generator=gen).to(getattr(torch, dt))) for dt in DTYPES}
     rates: dict[str, list[float]] = {dt: [] for dt in DTYPES}
     for a, b in mats.values():  # warm-up: oneDNN picks and caches its kernels on the first call
         torch.matmul(a, b)

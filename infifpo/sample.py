@@ -107,7 +107,7 @@ def output_for(prompt_rows: Sequence[dict], model_name: str, model_dir: str, spe
         "stage": "sample", "version": SAMPLE_VERSION, "model": model_name, "checkpoint": model_identity(model_dir),
         "sampling": asdict(spec), "backend": backend, "engine": dict(sorted((engine_kwargs or {}).items())),
         "prompts": prompt_set_digest(prompt_rows),
-    }  # fmt: skip
+    }
     return StageOutput(out_root, f"samples-{safe_name(model_name)}", key)
 
 
@@ -123,7 +123,7 @@ def _context_limit(engine: Engine) -> int | None:
 def _error_row(pid: str, model: str, i: int, seed: int, reason: str) -> dict[str, Any]:
     return {"id": sample_id(pid, model, i), "prompt_id": pid, "model": model, "sample_index": i,
             "completion_ids": [], "text": "", "finish_reason": "error", "gen_logp": None, "num_tokens": 0,
-            "seed": seed, "error": reason}  # fmt: skip
+            "seed": seed, "error": reason}
 
 
 def _sample_batch(engine: Engine, tokenizer: Any, rows: list[dict], model: str, spec: SamplingSpec,
@@ -131,7 +131,7 @@ def _sample_batch(engine: Engine, tokenizer: Any, rows: list[dict], model: str, 
     """Sample every row of one batch; rows that cannot be sampled become error rows (docs/bad-inputs.md D9)."""
     per_sample_seeds = "seeds" in inspect.signature(engine.generate).parameters
     seeds = {r["id"]: [sample_seed(spec.seed, r["id"], model, i) if per_sample_seeds else spec.seed
-                       for i in range(spec.n)] for r in rows}  # fmt: skip
+                       for i in range(spec.n)] for r in rows}
     out: dict[str, list[dict[str, Any]]] = {}
     ok_rows, ok_ids = [], []
     for r in rows:
@@ -155,7 +155,7 @@ def _sample_batch(engine: Engine, tokenizer: Any, rows: list[dict], model: str, 
                  "completion_ids": list(g.token_ids), "text": g.text, "finish_reason": g.finish_reason,
                  "gen_logp": float(g.logp), "num_tokens": len(g.token_ids), "seed": seeds[r["id"]][i]}
                 for i, g in enumerate(gens)
-            ]  # fmt: skip
+            ]
     return [s for r in rows for s in out[r["id"]]]
 
 
@@ -180,7 +180,7 @@ def sample_prompts(prompt_rows: Sequence[dict], *, model: str, spec: SamplingSpe
         return output.path
     done = output.done_ids()
     todo = [r for r in prompt_rows if in_shard(r["id"], *shard)
-            and any(sample_id(r["id"], name, i) not in done for i in range(spec.n))]  # fmt: skip
+            and any(sample_id(r["id"], name, i) not in done for i in range(spec.n))]
     if todo:
         _run_shard(todo, done, output, model_dir, name, spec, backend, shard, engine, engine_kwargs, batch_prompts)
     expected = {sample_id(r["id"], name, i) for r in prompt_rows for i in range(spec.n)}
@@ -252,7 +252,7 @@ def run(prompts_dir: str | Path, models: Sequence[ModelSpec], backend: str = "vl
     for spec in models:
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(child, str(prompts_dir), spec, backend, str(out_root), shard,
-                                                batch_prompts))  # fmt: skip
+                                                batch_prompts))
         proc.start()
         child.close()
         try:

@@ -50,12 +50,12 @@ PROMPT_COLUMNS = ("id", "prompt", "domain", "answer", "tests", "entry_point", "s
 SAMPLE_COLUMNS = (
     "id", "prompt_id", "model", "sample_index", "completion_ids", "text", "finish_reason", "gen_logp",
     "num_tokens", "seed",
-)  # fmt: skip
+)
 JUDGED_COLUMNS = SAMPLE_COLUMNS + ("correct", "reward", "judge_reason")
 PAIR_COLUMNS = (
     "id", "prompt", "chosen", "rejected", "split", "domain", "chosen_model", "rejected_model", "chosen_reward",
     "rejected_reward",
-)  # fmt: skip
+)
 
 
 def sample_id(prompt_id: str, model: str, sample_index: int) -> str:

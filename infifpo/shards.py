@@ -193,7 +193,7 @@ def launch(stage: str, argv: Sequence[str], num_shards: int, *, log_dir: str | P
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        env=worker_env(i, num_shards, devices, threads))  # fmt: skip
+                                        env=worker_env(i, num_shards, devices, threads))
             logger.info("%s shard %d/%d: pid %d, log %s", stage, i, num_shards, proc.pid, path)
             procs.append((i, proc, path))
         codes = [(i, proc.wait(), path) for i, proc, path in procs]

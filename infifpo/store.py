@@ -161,7 +161,7 @@ class StageOutput:
                     f"{lock_file})."
                 ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
+                "since": datetime.now().astimezone().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         _HELD[key] = fd

@@ -98,7 +98,7 @@ def tiny_gemma(tmp_path_factory) -> str:
         vocab_size=len(tok) + 29, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, max_position_embeddings=256, final_logit_softcapping=3.0,
         sliding_window=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
+    )
     torch.manual_seed(3)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
@@ -196,7 +196,7 @@ def live_of_this_run() -> dict[tuple[int, int], str]:
 
 def _unexpected(procs: dict[tuple[int, int], str], before: dict | set, owned: set) -> dict[tuple[int, int], str]:
     return {k: cmd for k, cmd in procs.items()
-            if k not in before and k not in owned and not any(m in cmd for m in LONG_LIVED)}  # fmt: skip
+            if k not in before and k not in owned and not any(m in cmd for m in LONG_LIVED)}
 
 
 def _wait_gone(procs: dict[tuple[int, int], str], wait_s: float = LEFTOVER_WAIT_S) -> dict[tuple[int, int], str]:

@@ -332,7 +332,7 @@ def test_single_source_equal_to_reference_is_dpo(method, clip, include_pivot, re
     f_w, f_l, _ = fuse_reference(
         r_w, r_l, r_w[:, None].clone(), r_l[:, None].clone(), method=method, clip=clip,
         include_pivot=include_pivot, ref_offset=ref_offset,
-    )  # fmt: skip
+    )
     loss = infifpo_loss(pi_w, pi_l, f_w, f_l, beta=0.1)
     grad = torch.autograd.grad(loss.sum(), (pi_w, pi_l))
     pi_w2, pi_l2 = pi_w.detach().clone().requires_grad_(), pi_l.detach().clone().requires_grad_()

@@ -37,7 +37,7 @@ QUESTIONS = [("What is 2+2?", "4"), ("What is 3+5?", "8")]
 def _write_prompts_file(path: Path, items: list[tuple], ids: list[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [{**({"id": ids[i]} if ids else {}), "prompt": q, "domain": "math", "answer": a}
-             for i, (q, a) in enumerate(items)]  # fmt: skip
+             for i, (q, a) in enumerate(items)]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -71,7 +71,7 @@ def test_judging_samples_against_edited_prompts_is_refused(tiny_llama, tmp_path,
     p1 = _build_prompts(src, root, capsys)
     assert sample_main(["--prompts", p1, "--model", tiny_llama, "--name", "m", "--backend", "transformers", "--n", "1",
                         "--temperature", "0", "--top-p", "1", "--max-tokens", "4", "--dtype", "float32",
-                        "--out", str(root)]) == 0  # fmt: skip
+                        "--out", str(root)]) == 0
     samples_dir = capsys.readouterr().out.strip().splitlines()[-1]
     items, new_ids = EDITS[edit](QUESTIONS)
     dst = src if where == "same file" else tmp_path / "elsewhere" / "prompts.jsonl"
@@ -160,7 +160,7 @@ def test_a_model_retrained_in_place_is_sampled_again(tmp_path):
     make_tiny_model(str(ckpt), "llama", seed=0)
     rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Count to {i}."}]} for i in range(3)]
     kw = {"model": str(ckpt), "name": "sft", "spec": GREEDY, "backend": "transformers", "out_root": tmp_path / "runs",
-          "engine_kwargs": {"dtype": "float32"}}  # fmt: skip
+          "engine_kwargs": {"dtype": "float32"}}
     first = sample_prompts(rows, **kw)
     old = read_output(first)
     _retrain(ckpt)
@@ -177,7 +177,7 @@ def test_a_model_retrained_in_place_is_evaluated_again(tmp_path):
     ckpt = tmp_path / "checkpoints" / "sft"
     make_tiny_model(str(ckpt), "llama", seed=0)
     kw = {"label": "sft", "backend": "transformers", "max_tokens": 4, "out_root": tmp_path / "runs",
-          "engine_kwargs": {"dtype": "float32"}}  # fmt: skip
+          "engine_kwargs": {"dtype": "float32"}}
     first = run_eval(str(ckpt), ["arithmetic:test:2"], **kw)
     _retrain(ckpt)
     second = run_eval(str(ckpt), ["arithmetic:test:2"], **kw)
@@ -247,7 +247,7 @@ def test_scored_pairs_follow_the_pairs_rows_not_only_their_texts(tiny_llama, tmp
     rows = [{"id": f"r{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
              "chosen": [{"role": "assistant", "content": f"{2 * i}."}],
              "rejected": [{"role": "assistant", "content": f"{2 * i + 1}."}], "split": "po", "domain": "math",
-             "chosen_model": "a"} for i in range(2)]  # fmt: skip
+             "chosen_model": "a"} for i in range(2)]
     kw = {"pivot": tiny_llama, "sources": [tiny_llama], "out_root": tmp_path, "dtype": "float32"}
     first = score_pairs(rows, **kw)
     relabelled = [{**r, "chosen_model": "b"} for r in rows]

@@ -197,7 +197,7 @@ def test_models_list_uses_real_metadata_when_not_cached(tmp_path, monkeypatch, c
     assert models.main(["list"]) == 0
     out = capsys.readouterr().out
     for name, vocab in [("smollm2-135m-instruct", "49,152"), ("qwen2.5-coder-0.5b-instruct", "151,936"),
-                        ("gemma3-270m", "262,144")]:  # fmt: skip
+                        ("gemma3-270m", "262,144")]:
         line = next(ln for ln in out.splitlines() if ln.startswith(name))
         assert vocab in line and line.rstrip().endswith("no")
 

@@ -29,14 +29,14 @@ PIVOT, A, B = "pivot", "srcA", "srcB"
 def P(pid, domain="math"):  # noqa: N802 - a row constructor, read like a literal
     return {"id": pid, "prompt": [{"role": "user", "content": f"question {pid}"}], "domain": domain,
             "answer": "1" if domain == "math" else None, "tests": None, "entry_point": None,
-            "source": "t"}  # fmt: skip
+            "source": "t"}
 
 
 def J(pid, model, idx, text=None, correct=None, reward=None, finish="stop"):  # noqa: N802
     return {"id": sample_id(pid, model, idx), "prompt_id": pid, "model": model, "sample_index": idx,
             "completion_ids": [1, 2], "text": f"{model} answer {idx} to {pid}" if text is None else text,
             "finish_reason": finish, "gen_logp": -1.0, "num_tokens": 2, "seed": 0, "correct": correct,
-            "reward": reward, "judge_reason": "test"}  # fmt: skip
+            "reward": reward, "judge_reason": "test"}
 
 
 def _one(judged, prompts, **kw):
@@ -50,7 +50,7 @@ def test_infifpo_correctness_first_then_reward_over_all_samples():
     # D5: five responses from three models; all are kept and ranked, not just two.
     judged = [J("p1", PIVOT, 0, correct=True, reward=0.1), J("p1", PIVOT, 1, correct=False, reward=0.9),
               J("p1", A, 0, correct=True, reward=0.5), J("p1", B, 0, correct=False, reward=0.2),
-              J("p1", B, 1, correct=None, reward=0.95)]  # fmt: skip
+              J("p1", B, 1, correct=None, reward=0.95)]
     row, stats = _one(judged, [P("p1")], recipe="infifpo", pivot=PIVOT)
     assert set(PAIR_COLUMNS) <= set(row)
     assert row["chosen"] == [{"role": "assistant", "content": "srcA answer 0 to p1"}]
@@ -72,7 +72,7 @@ def test_infifpo_reward_decides_without_a_verifier_and_none_reward_ranks_lowest(
 def test_truncated_and_errored_responses_are_not_chosen_by_default():
     judged = [J("p", A, 0, correct=True, reward=0.9, finish="length"),
               J("p", B, 0, correct=True, reward=0.8, finish="error"),
-              J("p", PIVOT, 0, correct=True, reward=0.2), J("p", PIVOT, 1, correct=False)]  # fmt: skip
+              J("p", PIVOT, 0, correct=True, reward=0.2), J("p", PIVOT, 1, correct=False)]
     row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT)
     assert row["chosen_sample_id"] == "p|pivot|0" and row["rejected_sample_id"] == "p|pivot|1"
     row, _ = _one(judged, [P("p")], recipe="infifpo", pivot=PIVOT, allow_truncated_chosen=True)
@@ -87,12 +87,12 @@ def test_drops_are_counted_with_their_reasons():
         J("trunc", PIVOT, 0, correct=False, reward=0.1), J("trunc", A, 0, correct=True, finish="length"),
         J("ok", PIVOT, 0, correct=True), J("ok", A, 0, correct=False),
         J("allcut", PIVOT, 0, finish="length", reward=1.0), J("allcut", A, 0, finish="error"),
-    ]  # fmt: skip
+    ]
     prompts = [P(p) for p in ("tie", "empty", "same", "trunc", "ok", "allcut", "nosamples")]
     rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT)
     assert [r["id"] for r in rows] == ["ok"]
     assert stats["dropped"] == {"best_ineligible": 1, "identical": 1, "no_eligible_chosen": 1, "no_samples": 1,
-                                "tie": 1, "too_few_responses": 1}  # fmt: skip
+                                "tie": 1, "too_few_responses": 1}
     assert stats["samples_excluded"] == {"empty_response": 2}
     assert stats["prompts_in"] == 7 == stats["prompts_out"] + sum(stats["dropped"].values())
 
@@ -101,7 +101,7 @@ def test_drops_are_counted_with_their_reasons():
 def test_wrpo_quadruple():
     judged = [J("w", A, 0, correct=True, reward=0.4), J("w", A, 1, correct=False, reward=0.9),
               J("w", B, 0, correct=True, reward=0.8), J("w", PIVOT, 0, correct=True, reward=0.1),
-              J("w", PIVOT, 1, correct=False, reward=0.3), J("w", PIVOT, 2, correct=False, reward=0.2)]  # fmt: skip
+              J("w", PIVOT, 1, correct=False, reward=0.3), J("w", PIVOT, 2, correct=False, reward=0.2)]
     row, stats = _one(judged, [P("w")], recipe="wrpo", pivot=PIVOT)
     assert row["source_chosen"] == [{"role": "assistant", "content": "srcB answer 0 to w"}]
     assert row["source_chosen_model"] == B and row["source_chosen_reward"] == 0.8
@@ -117,7 +117,7 @@ def test_wrpo_drops():
         J("s", A, 0, correct=False, reward=0.0), J("s", PIVOT, 0, correct=True),
         J("s", PIVOT, 1, correct=False, reward=0.5),  # y_l outranks the best source response
         J("n", A, 0, correct=True, finish="length"), J("n", PIVOT, 0, correct=True), J("n", PIVOT, 1, correct=False),
-    ]  # fmt: skip
+    ]
     rows, stats = build_pairs(judged, [P("t"), P("s"), P("n")], recipe="wrpo", pivot=PIVOT)
     assert rows == []
     assert stats["dropped"] == {"no_source_chosen": 1, "source_not_better": 1, "target_tie": 1}
@@ -129,7 +129,7 @@ def test_wrpo_drops():
 def test_fusechat_same_source_pair_inside_the_reward_window():
     judged = [J("f", B, 0, reward=0.9), J("f", B, 1, reward=0.1),  # best model, but gap 0.8 > 0.1
               J("f", A, 0, reward=0.50), J("f", A, 1, reward=0.45), J("f", A, 2, reward=0.47),
-              J("f", PIVOT, 0, reward=5.0), J("f", PIVOT, 1, reward=-5.0)]  # fmt: skip
+              J("f", PIVOT, 0, reward=5.0), J("f", PIVOT, 1, reward=-5.0)]
     row, stats = _one(judged, [P("f", "general")], recipe="fusechat", pivot=PIVOT)
     assert (row["chosen_sample_id"], row["rejected_sample_id"]) == ("f|srcA|0", "f|srcA|1")
     assert stats["sft_fraction"] == 0.0 and row["split"] == "po" and stats["sources"] == [A, B]
@@ -144,13 +144,13 @@ def test_fusechat_uses_the_verifier_for_math_and_the_window_otherwise():
         J("norew", A, 0, reward=None, text="x"), J("norew", A, 1, reward=0.2),
         J("one", A, 0, reward=0.3), J("one", B, 0, reward=0.25),  # different models never pair
         J("one", PIVOT, 0, reward=0.29), J("one", PIVOT, 1, reward=0.3),  # the pivot is not a FuseChat source
-    ]  # fmt: skip
+    ]
     prompts = [P("m"), P("both"), P("low", "general"), P("high", "general"), P("norew", "general"),
-               P("one", "general")]  # fmt: skip
+               P("one", "general")]
     rows, stats = build_pairs(judged, prompts, recipe="fusechat", pivot=PIVOT, sources=[A, B])
     assert [(r["id"], r["chosen_sample_id"]) for r in rows] == [("m", "m|srcA|0")]
     assert stats["dropped"] == {"gap_above_window": 1, "gap_below_window": 1, "no_reward": 1, "same_correctness": 1,
-                                "too_few_responses": 1}  # fmt: skip
+                                "too_few_responses": 1}
     rows, _ = build_pairs(judged, prompts, recipe="fusechat", pivot=PIVOT, sources=[A, B], max_gap=1.0)
     assert [r["id"] for r in rows] == ["high", "m"]
 
@@ -192,7 +192,7 @@ def test_split_fraction_per_recipe_and_independent_of_other_rows():
     assert {r["id"]: r["split"] for r in sub}.items() <= {r["id"]: r["split"] for r in rows}.items()
     for f, split in ((0.0, "po"), (1.0, "sft")):
         assert {r["split"] for r in build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=f)[0]} \
-            == {split}  # fmt: skip
+            == {split}
     with pytest.raises(ConfigError, match="sft_fraction"):
         build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sft_fraction=1.5)
 
@@ -203,7 +203,7 @@ def test_stats_numbers():
               J("c", A, 0, correct=True), J("c", PIVOT, 0, correct=False),
               J("d", A, 0, correct=True), J("d", B, 0, correct=True),
               J("e", PIVOT, 0, correct=True), J("e", A, 0, correct=False),
-              J("e", "outsider", 0, correct=True)]  # fmt: skip
+              J("e", "outsider", 0, correct=True)]
     prompts = [P("a"), P("b", "code"), P("c"), P("d"), P("e", "general")]
     rows, stats = build_pairs(judged, prompts, recipe="infifpo", pivot=PIVOT, sources=[A, B], sft_fraction=0.5)
     splits = {r["id"]: r["split"] for r in rows}
@@ -263,7 +263,7 @@ def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
     p_dir = StageOutput(root, "prompts", {"t": 1}).write_all(prompts)
     judged_against = {"prompts": output_digest(p_dir)}  # recorded as `infifpo judge` records it
     j_dirs = [str(StageOutput(root, f"judged-{m}", {"m": m, **judged_against}).write_all(
-        [j for j in judged if j["model"] == m])) for m in (PIVOT, A, B)]  # fmt: skip
+        [j for j in judged if j["model"] == m])) for m in (PIVOT, A, B)]
     argv = ["--prompts", str(p_dir), "--recipe", "wrpo", "--pivot", PIVOT, "--seed", "3", "--out", str(root)]
     assert pair.main(["--judged", *j_dirs, *argv]) == 0
     captured = capsys.readouterr()
@@ -280,7 +280,7 @@ def test_main_writes_pairs_and_stats_keyed_by_inputs(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] != out_dir
     config = tmp_path / "pair.yaml"  # the same options from --config, the seed overridden by its flag
     config.write_text(json.dumps({"judged": j_dirs, "prompts": str(p_dir), "recipe": "wrpo", "pivot": PIVOT,
-                                  "seed": 4, "out": str(root)}))  # fmt: skip
+                                  "seed": 4, "out": str(root)}))
     assert pair.main(["--config", str(config), "--seed", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == out_dir
 
@@ -296,10 +296,10 @@ def test_options_follow_the_config_convention(tmp_path, capsys):
     opts = dashed_flags_parse_alike(PairOptions, [
         "--judged", "j1", "--prompts", "p", "--recipe", "wrpo", "--pivot", PIVOT, "--sft_fraction", "0.5",
         "--allow_truncated_chosen", "--min_gap", "0.2", "--max_gap", "0.3", "--rank_by", "reward", "--tie_break",
-        "hash", "--sft_chosen", "pivot", "--po_pool", "pivot"])  # fmt: skip
+        "hash", "--sft_chosen", "pivot", "--po_pool", "pivot"])
     assert opts == PairOptions(judged=["j1"], prompts="p", recipe="wrpo", pivot=PIVOT, sft_fraction=0.5,
                                allow_truncated_chosen=True, min_gap=0.2, max_gap=0.3, rank_by="reward",
-                               tie_break="hash", sft_chosen="pivot", po_pool="pivot")  # fmt: skip
+                               tie_break="hash", sft_chosen="pivot", po_pool="pivot")
     assert set(opts.recipe_options()) | {"judged", "prompts", "out"} == {f.name for f in dataclasses.fields(opts)}
     imports_light("infifpo.pair", "PairOptions")
 
@@ -309,7 +309,7 @@ def test_options_follow_the_config_convention(tmp_path, capsys):
     (["--recipe", "infifpo", "--sft_fraction", "1.5"], r"sft_fraction must be in \[0, 1\], got 1.5"),
     (["--recipe", "infifpo", "--rank-by", "best"], r"--rank_by/--rank-by: invalid choice: 'best'"),
     (["--recipe", "infifpo", "--rank_bi", "reward"], r"unknown flag\(s\) --rank_bi \(did you mean --rank_by\?\)"),
-])  # fmt: skip
+])
 def test_bad_options_are_config_errors_before_any_input_is_read(argv, match):
     with pytest.raises(ConfigError, match=match):
         pair.main(["--judged", "nope", "--prompts", "nope", "--pivot", PIVOT, *argv])
@@ -323,7 +323,7 @@ def test_recipe_choices_are_the_recipes():
 def _tied_pool(pid: str) -> list[dict]:
     """Verifier ties with no rewards: two correct and two incorrect answers, one of each from the pivot."""
     return [J(pid, PIVOT, 0, correct=True), J(pid, PIVOT, 1, correct=False),
-            J(pid, A, 0, correct=True), J(pid, A, 1, correct=False)]  # fmt: skip
+            J(pid, A, 0, correct=True), J(pid, A, 1, correct=False)]
 
 
 def test_pivot_first_takes_the_pivots_own_sample_among_equally_ranked_ones():

@@ -57,13 +57,13 @@ def test_sizes_of_models_not_on_disk(tmp_path, monkeypatch):
 
 def made_up_config(pivot: str, source: str) -> dict:
     common = {"per_device_train_batch_size": 2, "max_length": 1000, "num_train_epochs": 1,
-              "gradient_checkpointing": True}  # fmt: skip
+              "gradient_checkpointing": True}
     return {"name": "made-up", "pivot": pivot, "sources": [source],
             "prompts": {"sources": ["arithmetic:train:30", "gsm8k:train:10"]},
             "sample": {"max_tokens": 100, "pivot": {"n": 4}, "sources": {"n": 2}},
             "pair": {"recipe": "infifpo", "sft_fraction": 0.25},
             "train": {"methods": ["dpo", "infifpo"], "common": common},
-            "eval": {"benchmarks": ["gsm8k:test:20", "arithmetic:test:10"], "max_tokens": 64}}  # fmt: skip
+            "eval": {"benchmarks": ["gsm8k:test:20", "arithmetic:test:10"], "max_tokens": 64}}
 
 
 def test_estimates_equal_hand_computation(tiny_llama, tiny_qwen):
@@ -112,7 +112,7 @@ def test_tensor_parallel_is_the_smallest_power_of_two_that_fits(tiny_llama, tiny
     need = 2 * sizes[tiny_llama].params + 512 * 8 * 150
     small = Hardware("small", 4, 100.0, mem_gb=need / 3 / 0.9 / 1e9, mfu_train=0.5, mfu_prefill=0.5, mfu_decode=0.25)
     r = next(r for r in estimate(cfg, sizes, small, prompts=40, prompt_tokens=50, concurrent=8)
-             if r["stage"] == "sample" and r["model"] == tiny_llama)  # fmt: skip
+             if r["stage"] == "sample" and r["model"] == tiny_llama)
     assert r["parallel"] == "TP=4" and r["mem_gb"] == pytest.approx(need / 4 / 1e9) and r["fits"]
 
 
@@ -125,7 +125,7 @@ def test_cli_prints_table_and_json(tiny_llama, tiny_qwen, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     sizes = {m: model_size(m) for m in (tiny_llama, tiny_qwen)}
     assert out["rows"] == estimate(made_up_config(tiny_llama, tiny_qwen), sizes, HW, prompts=40, prompt_tokens=50,
-                                   concurrent=8)  # fmt: skip
+                                   concurrent=8)
     assert plan.main(args) == 0
     table = capsys.readouterr().out
     assert "train/infifpo" in table and "ZeRO-3 W=4" in table and table.splitlines()[-1].startswith("total")

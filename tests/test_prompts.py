@@ -123,11 +123,11 @@ def test_spec_parsing():
     assert parse_spec("humaneval::32") == {"source": "humaneval", "split": "test", "n": 32}
     assert parse_spec("gsm8k") == {"source": "gsm8k", "split": "train", "n": None}
     assert parse_spec("hf:openai/gsm8k:main:train:64") == {
-        "source": "hf", "name": "openai/gsm8k", "config": "main", "split": "train", "n": 64}  # fmt: skip
+        "source": "hf", "name": "openai/gsm8k", "config": "main", "split": "train", "n": 64}
     assert parse_spec("hf:openai/gsm8k:test")["config"] is None
     assert parse_spec("jsonl:/tmp/a.jsonl:5") == {"source": "jsonl", "path": "/tmp/a.jsonl", "split": None, "n": 5}
     for bad, msg in [("mmlu:train:3", "unknown prompt source"), ("gsm8k:train:x", "not an integer"),
-                     ("gsm8k:train:0", "positive"), ("gsm8k:train:5:9", "expected NAME")]:  # fmt: skip
+                     ("gsm8k:train:0", "positive"), ("gsm8k:train:5:9", "expected NAME")]:
         with pytest.raises(ConfigError, match=msg):
             parse_spec(bad)
     with pytest.raises(ConfigError, match="asked for 200 rows, the source has 164"):
@@ -208,7 +208,7 @@ def test_user_jsonl_prompts_load(tmp_path):
         "",
         json.dumps({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                     "domain": "general", "answer": None}),
-    ])  # fmt: skip
+    ])
     rows = build_prompts([spec])
     # Ids from content (file stem + a hash of the messages), not from the line: tests/test_identity.py
     assert [r["id"] for r in rows] == [prompts.content_id("my-prompts", r["prompt"]) for r in rows]
@@ -242,7 +242,7 @@ def test_bad_user_jsonl_names_the_line_and_field(tmp_path, lines, match):
 
 def test_main_writes_a_resumable_stage_output(tmp_path, capsys):
     argv = ["--source", "gsm8k:test:5", "--source", "arithmetic:test:4", "--source", "humaneval::3",
-            "--seed", "2", "--out", str(tmp_path)]  # fmt: skip
+            "--seed", "2", "--out", str(tmp_path)]
     assert prompts.main(argv) == 0
     captured = capsys.readouterr()
     out = captured.out.splitlines()  # the path only (P=$(infifpo prompts ...)); the summary goes to stderr
@@ -271,7 +271,7 @@ def test_options_follow_the_config_convention(tmp_path, capsys):
 def test_source_flag_repeats_and_takes_json_mappings():
     mapping = {"source": "arithmetic", "split": "test", "n": 2}
     argv = ["--source", "gsm8k:test:5", "--seed", "1", f"--source={json.dumps(mapping)}", "--source", "humaneval::1",
-            "arithmetic:test:3"]  # fmt: skip
+            "arithmetic:test:3"]
     opts = parse_config(PromptsOptions, argv, prog="infifpo prompts")
     assert opts == PromptsOptions(source=["gsm8k:test:5", mapping, "humaneval::1", "arithmetic:test:3"], seed=1)
     with pytest.raises(ConfigError, match=r"--source: not a JSON object .*\{\"source\""):

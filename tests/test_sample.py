@@ -32,7 +32,7 @@ BACKENDS = ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)]
 def prompts(k: int = 7) -> list[dict]:
     words = ["apples", "seven", "blue sky", "hello there", "2 + 2", "a cat", "why?", "ok", "zebra", "fine"]
     return [{"id": f"p{i:02d}", "prompt": [{"role": "user", "content": f"{words[i % len(words)]} {i}"}]}
-            for i in range(k)]  # fmt: skip
+            for i in range(k)]
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +263,7 @@ def test_dashed_flags_as_the_pipeline_passes_them():
     assert opts.model_specs() == [ModelSpec(name="m", ref="m", pivot=True, n=2, temperature=1.0, top_p=0.5,
                                             max_tokens=12, seed=3, engine_kwargs={
                                                 "dtype": "float32", "max_model_len": 512, "tensor_parallel_size": 1,
-                                                "enforce_eager": True})]  # fmt: skip
+                                                "enforce_eager": True})]
     assert (opts.batch_prompts, opts.out, opts.threads_per_shard) == (4, "o", 1)
     assert not options(["--prompts", "p", "--model", "m", "--pivot", "false"]).pivot
 
@@ -276,7 +276,7 @@ def test_models_list_takes_the_options_as_defaults(tmp_path):
     specs = options(["--config", cfg, "--seed", "5"]).model_specs()
     assert [(s.name, s.ref, s.pivot, s.max_tokens, s.seed, s.engine_kwargs) for s in specs] == [
         ("piv", "/m/p", True, 7, 5, {"dtype": "bfloat16"}), ("src", None, False, 4, 5, {"dtype": "float32"}),
-        ("plain", None, False, 7, 5, {"dtype": "float32"})]  # fmt: skip
+        ("plain", None, False, 7, 5, {"dtype": "float32"})]
     with pytest.raises(ConfigError, match="not both"):
         options(["--config", cfg, "--model", "m"])
     with pytest.raises(ConfigError, match=r"give --prompts and --model, or a `models:` list"):

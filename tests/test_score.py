@@ -42,7 +42,7 @@ def make_rows(n: int = 6, wrpo: bool = False) -> list[dict]:
             "rejected": [{"role": "assistant", "content": f"It is {2 * i + 1}" + "!" * i}],
             "split": "po", "domain": "math", "chosen_model": "a", "rejected_model": "b", "chosen_reward": 1.0,
             "rejected_reward": 0.0,
-        }  # fmt: skip
+        }
         if wrpo:
             row["source_chosen"] = [{"role": "assistant", "content": f"The answer is {2 * i}"}]
         rows.append(row)
@@ -268,7 +268,7 @@ def test_cli_scores_a_pairs_file(tiny_llama, tiny_qwen, tmp_path, capsys):
     # The same options as a --config YAML (a flag overriding one of its keys): the same output, found finished.
     cfg = write_yaml(tmp_path / "score.yaml", json.dumps({"pairs": str(pairs), "pivot": tiny_llama,
                                                           "sources": [tiny_qwen], "dtype": "bfloat16",
-                                                          "token_budget": 64}))  # fmt: skip
+                                                          "token_budget": 64}))
     assert main(["--config", cfg, "--out", str(tmp_path / "o"), "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == out_dir
 
@@ -297,7 +297,7 @@ def test_dashed_flags_as_the_pipeline_passes_them():
                     "--dtype", "float32", "--write-every", "4", "--on-empty", "drop", "--on-too-long", "drop",
                     "--max-length", "100", "--token-budget", "64", "--compile-head", "--engine-arg", "x=1"])
     assert (opts.sources, opts.write_every, opts.on_empty, opts.on_too_long, opts.max_length) == (
-        ["a", "b"], 4, "drop", "drop", 100)  # fmt: skip
+        ["a", "b"], 4, "drop", "drop", 100)
     assert opts.engine_kwargs() == {"device": "cpu", "token_budget": 64, "compile_head": True, "x": 1}
     vllm = options(["--pairs", "p", "--pivot", "m", "--sources", "a", "--backend", "vllm",
                     "--tensor-parallel-size", "2"])
@@ -397,13 +397,13 @@ def test_score_stats_per_model_and_assembled(tiny_llama, tiny_qwen, tiny_llama_b
     scored = store.read_output(path)
     stats = json.loads((path / "score_stats.json").read_text())
     assert stats["rows"] == 5 and [(m["model"], m["role"]) for m in stats["models"]] == [
-        (tiny_llama, "pivot"), (tiny_qwen, "source")]  # fmt: skip
+        (tiny_llama, "pivot"), (tiny_qwen, "source")]
     want = {"pivot": ("ref_chosen_num_tokens", "ref_rejected_num_tokens"),
             "source": ("fuse_chosen_num_tokens", "fuse_rejected_num_tokens")}
     for m in stats["models"]:
         tok = load_tokenizer(m["model"])  # the prompt of each row's joint split, forwarded once per response
         prompt_tokens = sum(len(response_spans(tok, r["prompt"], [r[c][0]["content"] for c in ("chosen", "rejected")])
-                                [0]) for r in rows)  # fmt: skip
+                                [0]) for r in rows)
         tokens = sum(r[c] if m["role"] == "pivot" else r[c][0] for r in scored for c in want[m["role"]])
         assert m["responses"] == 10 and m["tokens"] == tokens and m["prompt_tokens"] == 2 * prompt_tokens
         assert m["seconds"] > 0 and m["load_seconds"] > 0 and m["backend"] == "transformers"

@@ -92,7 +92,7 @@ def _write_jsonl(path, rows):
 def _sample_args(prompts_file, model, out, max_tokens=12):
     return ["--prompts", prompts_file, "--model", model, "--name", "tiny", "--backend", "transformers", "--dtype",
             "float32", "--n", "1", "--temperature", "0", "--top-p", "1", "--max-tokens", str(max_tokens), "--out",
-            str(out)]  # fmt: skip
+            str(out)]
 
 
 def _printed_path(capsys) -> str:
@@ -111,7 +111,7 @@ def test_num_shards_cli_equals_single_process(tiny_llama, tiny_qwen, tmp_path, c
     assert sample_main([*_sample_args(prompts_file, tiny_llama, tmp_path / "two"), "--config", str(cfg)]) == 0
     merged_dir = _printed_path(capsys)
     assert sorted(p.name for p in (tmp_path / "two").glob("*/part-*.jsonl")) == [
-        store.shard_name(0, 2), store.shard_name(1, 2)]  # fmt: skip
+        store.shard_name(0, 2), store.shard_name(1, 2)]
     logs = sorted((tmp_path / "two" / "logs").glob("sample-shard-*.log"))
     assert len(logs) == 2
     for i, log in enumerate(logs):  # each worker ran its one shard and launched no workers of its own
@@ -155,7 +155,7 @@ def test_sigkilled_shard_resumes_alone_without_duplicates(tiny_llama, hf_tiny, t
     out = tmp_path / "runs"
     argv = [*_sample_args(prompts_file, tiny_llama, out, max_tokens=48), "--batch-prompts", "1", "--num-shards", "2"]
     parent = subprocess.Popen([sys.executable, "-m", "infifpo.cli", "sample", *argv], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+                              stderr=subprocess.PIPE, text=True)
 
     def worker0():
         kids = psutil.Process(parent.pid).children()
@@ -185,7 +185,7 @@ def test_sigkilled_shard_resumes_alone_without_duplicates(tiny_llama, hf_tiny, t
     assert len({r["id"] for r in resumed}) == len(resumed) == len(rows)
     spec = type(GREEDY)(**{**GREEDY.__dict__, "max_tokens": 48})
     single = store.read_output(sample(rows, hf_tiny, "transformers", tmp_path / "one", model=tiny_llama, spec=spec,
-                                      batch_prompts=16))  # fmt: skip
+                                      batch_prompts=16))
     assert_same_rows(resumed, single)
 
 

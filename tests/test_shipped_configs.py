@@ -101,7 +101,7 @@ def tiny_models(root: Path, cfg: dict[str, Any]) -> dict[str, str]:
 def _infinity_instruct(i: int) -> dict[str, Any]:
     """BAAI/Infinity-Instruct (7M_core): ShareGPT ``conversations``."""
     topics = ["tides", "volcanoes", "rainbows", "magnets", "seasons", "clouds", "bridges", "batteries", "comets",
-              "glaciers"]  # fmt: skip
+              "glaciers"]
     return {"id": i, "conversations": [{"from": "human", "value": f"Explain in two sentences how {topics[i]} work."},
                                        {"from": "gpt", "value": f"{topics[i].title()} work because of physics."}],
             "label": {"cate_ability_en": ["explanation"]}, "langdetect": "en", "source": "stand-in"}
@@ -244,7 +244,7 @@ def _failed_stage_log(run_dir: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=[pytest.mark.vllm] if _uses_vllm(p) else [])
-                                  for p in SHIPPED])  # fmt: skip
+                                  for p in SHIPPED])
 def test_shipped_config_runs_every_stage_offline(path: Path, tmp_path: Path):
     """The config runs prompts -> sample -> judge -> pair -> train sft -> score -> train every method -> eval of
     every report row -> report, with only models, hub data and hardware options replaced (module docstring)."""

@@ -382,7 +382,7 @@ class HFEngine:
             do_sample=sampled, temperature=spec.temperature if sampled else None,
             top_p=spec.top_p if sampled else None, top_k=0 if sampled else None, max_new_tokens=spec.max_tokens,
             num_return_sequences=spec.n, eos_token_id=stops, pad_token_id=pad_id,
-        )[:, width:].cpu().tolist()  # fmt: skip
+        )[:, width:].cpu().tolist()
         gens = [self._to_generation(s, stops) for s in seqs]
         return [gens[b * spec.n : (b + 1) * spec.n] for b in range(len(prompts))]
 

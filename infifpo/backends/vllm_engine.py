@@ -278,7 +278,7 @@ class VLLMEngine:
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization or (CPU_MEMORY_FRACTION if on_cpu else 0.9),
             logprobs_mode="raw_logprobs",  # C5: log-probs before temperature / top-p, i.e. the model's own at T = 1
-        )  # fmt: skip
+        )
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         if on_cpu:
@@ -339,7 +339,7 @@ class VLLMEngine:
                 f"{len(bad)} {what} request(s) do not fit max_model_len={self.max_model_len} (need length < "
                 f"max_model_len): {shown}{' ...' if len(bad) > 20 else ''}. Raise max_model_len (up to the model's "
                 "context) or drop/truncate those rows.", bad,
-            )  # fmt: skip
+            )
 
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec,
@@ -361,7 +361,7 @@ class VLLMEngine:
                 params.append(self._vllm.SamplingParams(
                     n=1, temperature=spec.temperature, top_p=spec.top_p if spec.temperature > 0 else 1.0,
                     max_tokens=spec.max_tokens, logprobs=0, seed=int(s), stop_token_ids=self.stop_token_ids,
-                ))  # fmt: skip
+                ))
         outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
         gens = [self._to_generation(r, out.outputs[0]) for r, out in enumerate(outputs)]
         return [gens[k * spec.n : (k + 1) * spec.n] for k in range(len(prompt_ids))]

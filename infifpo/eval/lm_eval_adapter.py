@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # The score reported for a task: the first of these present. Accuracy for multiple choice, then GSM8K-style exact
 # match (strict answer format first, as lm-eval's own leaderboard tables list it), then code pass@1.
 METRIC_PREFERENCE = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match,none",
-                     "pass@1,create_test", "pass_at_1,none", "acc_norm,none")  # fmt: skip
+                     "pass@1,create_test", "pass_at_1,none", "acc_norm,none")
 
 
 def require_lm_eval() -> Any:
@@ -73,7 +73,7 @@ def convert_task(results: dict[str, Any], task: str) -> dict[str, Any]:
     metric = next((m for m in METRIC_PREFERENCE if isinstance(block.get(m), int | float)), None)
     if metric is None:
         raise DataFormatError(f"lm-eval task {task!r}: none of the metrics {list(METRIC_PREFERENCE)} in its results "
-                              f"(keys: {sorted(block)}).")  # fmt: skip
+                              f"(keys: {sorted(block)}).")
     value = float(block[metric])
     n = _num_items(results, task)
     name, _, filt = metric.partition(",")
@@ -84,7 +84,7 @@ def convert_task(results: dict[str, Any], task: str) -> dict[str, Any]:
     else:
         ci, method = None, "none"
     return {"n": n, "correct": round(value * n), "accuracy": accuracy, "ci95": ci, "ci_method": method,
-            "metric": metric, "source": "lm-eval"}  # fmt: skip
+            "metric": metric, "source": "lm-eval"}
 
 
 def convert_results(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:

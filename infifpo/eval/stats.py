@@ -62,7 +62,7 @@ def normal_interval(accuracy_pct: float, stderr_pct: float, z: float = Z95) -> t
     error (lm-eval's ``<metric>_stderr``)."""
     if not (math.isfinite(accuracy_pct) and math.isfinite(stderr_pct)) or stderr_pct < 0:
         raise ValueError(f"normal interval: need a finite accuracy and a finite stderr >= 0, got "
-                         f"{accuracy_pct!r} ± {stderr_pct!r}")  # fmt: skip
+                         f"{accuracy_pct!r} ± {stderr_pct!r}")
     return max(0.0, accuracy_pct - z * stderr_pct), min(100.0, accuracy_pct + z * stderr_pct)
 
 
@@ -80,7 +80,7 @@ def paired_bootstrap(correct_a: Sequence[bool], correct_b: Sequence[bool], *, re
     b = np.asarray(correct_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired bootstrap: the two verdict lists must have the same length, got {a.shape} and "
-                         f"{b.shape}; pair the models' verdicts item by item.")  # fmt: skip
+                         f"{b.shape}; pair the models' verdicts item by item.")
     if a.size == 0:
         raise ValueError("paired bootstrap: no items (n = 0); the difference of two empty accuracies is undefined.")
     if not 0 < level < 1 or resamples < 1:
@@ -102,7 +102,7 @@ def paired_by_id(correct_a: Mapping[str, bool], correct_b: Mapping[str, bool], *
     if only_a or only_b:
         raise DataFormatError(f"paired comparison: items differ ({len(only_a)} only in A, e.g. {only_a[:3]}; "
                               f"{len(only_b)} only in B, e.g. {only_b[:3]}). Evaluate both models on the same "
-                              "benchmark specs and seed.")  # fmt: skip
+                              "benchmark specs and seed.")
     ids = sorted(correct_a)
     return paired_bootstrap([bool(correct_a[i]) for i in ids], [bool(correct_b[i]) for i in ids], **kwargs)
 

@@ -173,7 +173,7 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "infifpo.judge.math"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, env=env, bufsize=1,
-        )  # fmt: skip
+        )
 
     def ask(self, request: dict, timeout: float) -> dict | None:
         """Send one request; the reply, or None (and the worker killed) if none came within ``timeout`` seconds."""

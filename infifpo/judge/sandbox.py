@@ -153,7 +153,7 @@ class _CgroupLayout:
     def describe(self) -> str:
         procs = "pids.max = max_procs" if self.pids else "no pids controller: RLIMIT_NPROC per run uid"
         return (f"cgroup v{self.version} under {self.memory}: memory_mb for all the program's processes together "
-                f"(swap and tmpfs included), {procs}")  # fmt: skip
+                f"(swap and tmpfs included), {procs}")
 
 
 _cgroup_lock = threading.Lock()
@@ -347,7 +347,7 @@ def _cgroup_layout() -> _CgroupLayout | None:
                 logger.warning(
                     "sandbox: no usable cgroup (%s); the per-program ceiling is RLIMIT_AS memory_mb per process x "
                     "RLIMIT_NPROC max_procs processes (per run uid), i.e. up to max_procs x memory_mb MiB plus 3 x "
-                    "work_mb MiB of tmpfs, not memory_mb for the whole program", why)  # fmt: skip
+                    "work_mb MiB of tmpfs, not memory_mb for the whole program", why)
         return _cgroup_layouts[key][0]
 
 
@@ -380,7 +380,7 @@ def _command(
         "--unshare-user", "--disable-userns", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try", "--die-with-parent", "--new-session",
         "--clearenv", *env_args, PYTHON, "-I", f"{WORK_DIR}/prog.py",
-    ]  # fmt: skip
+    ]
 
 
 def _failure_reason(returncode: int, stderr: str) -> str:
@@ -429,7 +429,7 @@ def _host_file(outdir: str, name: str, data: str | None, fds: list[int]) -> int:
 def _execute(
     program: str, *, timeout: float, memory_mb: int, max_procs: int, max_file_mb: int, work_mb: int,
     files: Mapping[str, str] | None = None, private_input: str | None = None, report: bool = False,
-) -> SandboxResult:  # fmt: skip
+) -> SandboxResult:
     """Run ``program`` once in the sandbox (no availability checks)."""
     for name in files or {}:
         if not _FILE_NAME_RE.fullmatch(name) or name == "prog.py":
@@ -536,7 +536,7 @@ def ensure_sandbox() -> None:
         isolated = (
             info is not None and info["uid"] in SANDBOX_UIDS and info["pid"] < 10 and info["net"] == "blocked"
             and set(info["ifaces"]) <= {"lo"} and not info["host_visible"]
-        )  # fmt: skip
+        )
         if not isolated:
             detail = "could not start" if res is None else f"{res.reason}; stderr: {res.stderr.strip()[-300:]!r}"
             raise SandboxUnavailableError(
@@ -549,7 +549,7 @@ def ensure_sandbox() -> None:
 def run_sandboxed(
     program: str, *, timeout: float = 10.0, memory_mb: int = 2048, max_procs: int = 64, max_file_mb: int = 64,
     work_mb: int = 64, files: Mapping[str, str] | None = None, private_input: str | None = None, report: bool = False,
-) -> SandboxResult:  # fmt: skip
+) -> SandboxResult:
     """Run the Python source ``program`` (as /sandbox/prog.py) in the sandbox and report how it ended.
 
     timeout: wall-clock seconds before the whole process tree is killed (the CPU-time limit is ceil(timeout) + 1 s).

@@ -86,17 +86,17 @@ def judge_rows(
         rm = load_reward_model(reward_model) if isinstance(reward_model, str) else reward_model
     judged: list[Row] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(samples), desc="judge", unit="sample", disable=not progress) as bar:  # fmt: skip
+            tqdm(total=len(samples), desc="judge", unit="sample", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             batch = list(samples[start : start + batch_size])
             verdicts = list(pool.map(lambda s: verify_sample(s, by_id[s["prompt_id"]], code_timeout=code_timeout),
-                                     batch))  # fmt: skip
+                                     batch))
             rewards: list[float | None] = [None] * len(batch)
             if rm is not None:
                 rewards = score_with_reward_model([by_id[s["prompt_id"]]["prompt"] for s in batch],
                                                   [s["text"] for s in batch], rm, rm_batch_size, progress=False)
             rows = [dict(zip(JUDGED_COLUMNS, [*(s[c] for c in SAMPLE_COLUMNS), ok, r, why], strict=True))
-                    for s, (ok, why), r in zip(batch, verdicts, rewards, strict=True)]  # fmt: skip
+                    for s, (ok, why), r in zip(batch, verdicts, rewards, strict=True)]
             if on_batch is not None:
                 on_batch(rows)
             judged.extend(rows)
@@ -118,7 +118,7 @@ def judged_output(samples_dir: str, prompts_dir: str, out_root: str, settings: d
     ``prompts`` records the digest of the whole prompts output (gold answers and tests included), which `infifpo
     pair` compares with its ``--prompts``."""
     key = {"stage": "judge", "version": JUDGE_VERSION, "samples": output_digest(samples_dir),
-           "prompts": output_digest(prompts_dir), **settings}  # fmt: skip
+           "prompts": output_digest(prompts_dir), **settings}
     base = re.sub(r"-[0-9a-f]{12}$", "", Path(samples_dir).resolve().name)  # drop the samples' own fingerprint
     model_part = re.sub(r"^samples-?", "", base)
     return StageOutput(out_root, f"judged-{model_part}" if model_part else "judged", key)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for samples_dir in opts.samples:  # every input checked before anything is written
         require_built_from(samples_dir, "prompts", drawn_from, what="prompts", given=f"--prompts {opts.prompts}",
                            fix=f"Pass the prompts output {samples_dir} was sampled from, or sample again from "
-                               f"{opts.prompts} (`infifpo sample --prompts {opts.prompts}`).")  # fmt: skip
+                               f"{opts.prompts} (`infifpo sample --prompts {opts.prompts}`).")
     settings = {"reward_model": reward_model_key(opts.reward_model), "code_timeout": opts.code_timeout}
     rm = None
     for samples_dir in opts.samples:

@@ -218,7 +218,7 @@ def _write_marker(name: str, ckpt: Path, *, seconds: float) -> None:
     marker = {
         "version": MARKER_VERSION, "name": name, "wheels": spec["wheels"], "gguf_sha256": spec["gguf_sha256"],
         "seconds": round(seconds, 1), "files": files,
-    }  # fmt: skip
+    }
     (ckpt / MARKER).write_text(json.dumps(marker, indent=1))
 
 
@@ -236,7 +236,7 @@ IDENTITY_FILES = frozenset({
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt",
     "merges.txt",
-})  # fmt: skip
+})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 IDENTITY_CACHE = ".infifpo-identity.json"
 IDENTITY_VERSION = 1
@@ -274,7 +274,7 @@ def model_files(path: str | os.PathLike) -> dict[str, str]:
                 and st.st_mtime_ns < (entry.get("hashed_ns") or 0) - _RACY_NS):
             hashed_ns = time.time_ns()
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "hashed_ns": hashed_ns,
-                     "sha256": _sha256(root / name)}  # fmt: skip
+                     "sha256": _sha256(root / name)}
             if (root / name).stat().st_mtime_ns != st.st_mtime_ns:  # rewritten while we read it: do not cache
                 entry["hashed_ns"] = 0
             changed = True
@@ -329,7 +329,7 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False, **kwargs: Any):
 
 
 def load_model(ref: str, *, dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False,
-               quantization_config: Any = None, **kwargs: Any):  # fmt: skip
+               quantization_config: Any = None, **kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained`` on ``resolve_model(ref)``; ``dtype`` None keeps the stored dtype."""
     from transformers import AutoModelForCausalLM
 
@@ -337,7 +337,7 @@ def load_model(ref: str, *, dtype: Any = None, device_map: Any = None, trust_rem
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype if dtype is not None else "auto", device_map=device_map,
         trust_remote_code=trust_remote_code, quantization_config=quantization_config, **kwargs,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- CLI
@@ -348,7 +348,7 @@ def model_info(name: str) -> dict[str, Any]:
     spec = PACKAGED[name]
     path = cache_dir() / name
     info = {"name": name, "arch": spec["arch"], "vocab_size": spec["vocab_size"], "params": spec["params"],
-            "cached": False, "path": str(path)}  # fmt: skip
+            "cached": False, "path": str(path)}
     try:
         check_cache_entry(name, path)
     except ModelLoadError:
@@ -357,7 +357,7 @@ def model_info(name: str) -> dict[str, Any]:
     config = json.loads((path / "config.json").read_text())
     config = config.get("text_config", config) if "vocab_size" not in config else config
     info.update(arch=config["architectures"][0] if "architectures" in config else spec["arch"],
-                vocab_size=config["vocab_size"], params=_count_params(path), cached=True)  # fmt: skip
+                vocab_size=config["vocab_size"], params=_count_params(path), cached=True)
     return info
 
 
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in PACKAGED]
     if not names or unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(PACKAGED)} or --all" if unknown else
-                     "name a model or pass --all")  # fmt: skip
+                     "name a model or pass --all")
     from tqdm import tqdm
 
     for name in tqdm(names, desc="models", unit="model", disable=len(names) < 2):

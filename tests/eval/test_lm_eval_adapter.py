@@ -34,7 +34,7 @@ RESULTS = {
                   "piqa": {"original": 1838, "effective": 1838}, "mmlu_anatomy": {"original": 135, "effective": 135},
                   "mmlu_astronomy": {"original": 152, "effective": 152}},
     "config": {"model": "hf", "model_args": "pretrained=/ckpt", "batch_size": 8, "limit": None},
-}  # fmt: skip
+}
 
 
 def test_exact_match_task_prefers_strict_match_and_uses_its_stderr() -> None:
@@ -84,7 +84,7 @@ def test_eval_refuses_lm_eval_tasks_before_loading_any_model(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ConfigError, match="pip install lm-eval"):
         main(["--model", str(tmp_path / "no-such-model"), "--benchmarks", "arithmetic:test:2", "--lm-eval", "arc_easy",
-              "--out", str(tmp_path)])  # fmt: skip
+              "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
 
@@ -96,7 +96,7 @@ def test_run_lm_eval_passes_the_checkpoint_and_drops_arguments_an_older_release_
     def simple_evaluate(model, model_args=None, tasks=None, batch_size=None, device=None, limit=None,
                         log_samples=True, random_seed=0):  # an older signature: no numpy/torch/fewshot seeds
         calls.append(dict(model=model, model_args=model_args, tasks=tasks, device=device, limit=limit,
-                          log_samples=log_samples, random_seed=random_seed))  # fmt: skip
+                          log_samples=log_samples, random_seed=random_seed))
         return RESULTS
 
     fake = types.ModuleType("lm_eval")
@@ -106,6 +106,6 @@ def test_run_lm_eval_passes_the_checkpoint_and_drops_arguments_an_older_release_
     assert calls == [{"model": "hf", "model_args": {"pretrained": "/ckpt/sft", "dtype": "auto",
                                                     "trust_remote_code": False},
                       "tasks": ["arc_easy", "gsm8k"], "device": "cpu", "limit": 100, "log_samples": False,
-                      "random_seed": 3}]  # fmt: skip
+                      "random_seed": 3}]
     assert out == convert_results(RESULTS, ["arc_easy", "gsm8k"])
     assert lm_eval_adapter.METRIC_PREFERENCE[0] == "acc,none"

@@ -86,7 +86,7 @@ def test_judge_items_keeps_sample_order_and_counts_error_samples_wrong() -> None
     rows, bench_of = build_benchmarks(["arithmetic:test:3"])
     samples = [{"prompt_id": r["id"], **completion(r["answer"])} for r in rows]
     samples[1] = {"prompt_id": rows[1]["id"], "text": "", "finish_reason": "error", "num_tokens": 0,
-                  "error": "prompt is 2000 tokens"}  # fmt: skip
+                  "error": "prompt is 2000 tokens"}
     items = judge_items(samples, rows, bench_of, workers=2)
     assert [i["prompt_id"] for i in items] == [r["id"] for r in rows]
     assert [i["correct"] for i in items] == [True, False, True]
@@ -159,13 +159,13 @@ def test_injected_completions_are_scored_exactly(tiny_llama: str, tmp_path: Path
         else:
             text = f"The answer is {int(r['answer']) + (0 if r['id'] in right else 1)}."
         samples.append(dict(zip(SAMPLE_COLUMNS, [sample_id(r["id"], name, 0), r["id"], name, 0, [1, 2], text, "stop",
-                                                 -1.0, 2, 0], strict=True)))  # fmt: skip
+                                                 -1.0, 2, 0], strict=True)))
     samples_out.write_all(samples)
     forbid_generation(monkeypatch)
     out = run_eval(tiny_llama, BENCHMARKS, label="injected", backend="transformers", max_tokens=32, out_root=tmp_path)
     scores = scores_match_rows(out)
     assert {b: (e["correct"], e["n"]) for b, e in scores["benchmarks"].items()} == {
-        "arithmetic": (2, 6), "gsm8k": (1, 3), "humaneval": (1, 2)}  # fmt: skip
+        "arithmetic": (2, 6), "gsm8k": (1, 3), "humaneval": (1, 2)}
     assert {r["prompt_id"] for r in read_output(out) if r["correct"]} == right
     assert scores["tokens_generated"] == 2 * len(rows) and scores["resumed"] is True
 
@@ -173,7 +173,7 @@ def test_injected_completions_are_scored_exactly(tiny_llama: str, tmp_path: Path
 def test_eval_end_to_end_transformers_rerun_and_resume(tiny_llama: str, tmp_path: Path, monkeypatch, capsys) -> None:
     long_item = tmp_path / "long.jsonl"  # a prompt longer than the 1024-token context: an error row, scored wrong
     long_item.write_text(json.dumps({"id": "long-0", "prompt": "z" * 1100 + " What is 2+2?", "domain": "math",
-                                     "answer": "4"}) + "\n")  # fmt: skip
+                                     "answer": "4"}) + "\n")
     argv = ["--model", tiny_llama, "--label", "tiny", "--benchmarks", *BENCHMARKS, f"jsonl:{long_item}",
             "--backend", "transformers", "--max-tokens", "8", "--dtype", "float32", "--out", str(tmp_path)]
     assert main(argv) == 0

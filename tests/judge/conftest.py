@@ -17,7 +17,7 @@ def make_tiny_reward_model(path: str, *, seed: int = 0, with_template: bool = Tr
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id, bos_token_id=None, num_labels=1,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     LlamaForSequenceClassification(cfg).save_pretrained(path)
     return path

@@ -53,7 +53,7 @@ def test_scores_do_not_depend_on_batch_size_order_or_padding_side(tiny_rm: str) 
     order = list(range(len(PROMPTS)))
     random.Random(0).shuffle(order)
     shuffled = score_with_reward_model([PROMPTS[i] for i in order], [RESPONSES[i] for i in order], loaded, 2,
-                                       progress=False)  # fmt: skip
+                                       progress=False)
     assert shuffled == pytest.approx([base[i] for i in order], abs=1e-5)
     loaded[1].padding_side = "right"
     assert score_with_reward_model(PROMPTS, RESPONSES, loaded, 5, progress=False) == pytest.approx(base, abs=1e-5)

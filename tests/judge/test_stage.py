@@ -35,7 +35,7 @@ def _prompts() -> list[dict]:
                                          "def add(a: int, b: int) -> int:\n```"}],
          "domain": "code", "tests": ADD_TEST, "entry_point": "add"},
         {**base, "id": "g1", "prompt": [{"role": "user", "content": "Say hi."}], "domain": "general"},
-    ]  # fmt: skip
+    ]
 
 
 TEXTS = {
@@ -56,12 +56,12 @@ def _samples(model: str = "m") -> list[dict]:
         rows.append({"id": sample_id(pid, model, k), "prompt_id": pid, "model": model, "sample_index": k,
                      "completion_ids": [1, 2], "text": text,
                      "finish_reason": "length" if pid == "m2" and k else "stop",
-                     "gen_logp": -1.5, "num_tokens": 2, "seed": 0})  # fmt: skip
+                     "gen_logp": -1.5, "num_tokens": 2, "seed": 0})
     return rows
 
 
 EXPECTED = {("m1", 0): True, ("m1", 1): False, ("m2", 0): True, ("m2", 1): False, ("c1", 0): True, ("c1", 1): False,
-            ("g1", 0): None, ("g1", 1): None}  # fmt: skip
+            ("g1", 0): None, ("g1", 1): None}
 
 
 def _write(root: Path, name: str, rows: list[dict], **key) -> str:
@@ -109,7 +109,7 @@ def test_stage_writes_keyed_output_with_rewards_and_skips_when_done(tmp_path: Pa
     assert verdicts == EXPECTED, {r["id"]: r["judge_reason"] for r in rows}
     by_id = {p["id"]: p for p in _prompts()}
     expected_rewards = score_with_reward_model([by_id[r["prompt_id"]]["prompt"] for r in rows],
-                                               [r["text"] for r in rows], tiny_rm, progress=False)  # fmt: skip
+                                               [r["text"] for r in rows], tiny_rm, progress=False)
     assert [r["reward"] for r in rows] == pytest.approx(expected_rewards, abs=1e-5)
     # Verified samples (math, code) get a reward too: `pair --rank_by reward` ranks every domain by it alone.
     assert {by_id[r["prompt_id"]]["domain"] for r in rows if isinstance(r["reward"], float)} == {"math", "code",
