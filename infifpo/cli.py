@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pair": ("infifpo.pair", "build preference rows by a recipe"),
     "score": ("infifpo.score.stage", "score every response under the pivot and each source"),
     "train": ("infifpo.trainers.entry", "train: sft | dpo | infifpo | wrpo | opd"),
-    "eval": ("infifpo.eval.stage", "evaluate a model: GSM8K, arithmetic, HumanEval (+ lm-eval tasks)"),
+    "eval": ("infifpo.evaluate", "evaluate a model: GSM8K, arithmetic, HumanEval (+ lm-eval tasks)"),
     "report": ("infifpo.report.stage", "the paper-style table, cost accounting and plots of a pipeline run"),
     "runs": ("infifpo.runs", "list the stage outputs under a directory: stage, state, rows, what made them"),
     "plan": ("infifpo.plan", "memory and time estimates per stage for a pipeline config"),

@@ -16,7 +16,8 @@ pairs as InfiFPO (``sources: [...]`` in an arm is the trainer's ``fusion_sources
 ``pipeline_outputs.json`` (``checkpoints`` and ``evals``: {label: path}; ``runs``: {label: {"method", "seed", "arm",
 "overrides"}} for every trained label): "sft", "sft_wrpo", "dpo" / "wrpo" / "infifpo" for the first seed,
 "<method>@seed<k>" for seed k after it, "infifpo[<arm>]" and "infifpo[<arm>]@seed<k>"; timings "train/<label>",
-"eval/<label>".
+"eval/<label>" (the eval of a label is its own sample, judge and eval processes: ``evaluate_model``, also what
+`infifpo eval --model` runs; timings "eval/<label>/sample", "eval/<label>/judge", "eval/<label>").
 Owns: the ordering, the runs and their labels, and the hand-off of output paths (``<run_dir>/pipeline_outputs.json``).
 Does not own: any stage's logic.
 """
@@ -32,11 +33,14 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from infifpo.config import check_keys
+from infifpo.eval.stage import ModelEvalOptions, read_benchmarks, safe_label
 from infifpo.provenance import output_digest
 from infifpo.schema import ConfigError, StageFailedError
 from infifpo.store import (
@@ -57,6 +61,7 @@ TOP_KEYS = {"name", "run_dir", "pivot", "sources", "backend", "prompts", "sample
 SEED_KEYS = ("seed", "data_seed")  # TRL training arguments set per run from train.seeds
 ARM_ALIASES = {"sources": "fusion_sources"}  # an ablation arm's pipeline name -> the InfiFPOConfig field
 ARM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+STAGE_STOP_S = 60.0  # a stopped stage's time to unwind (vLLM's shutdown, its own descendants' grace) before SIGKILL
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -122,6 +127,9 @@ def check_stage_sections(cfg: dict[str, Any], path: str | os.PathLike) -> None:
                               "or set it to infifpo.")
         for where, keys in parts.items():
             check_keys(keys, known, f"{path}, section {where}", fix)
+    if cfg.get("eval"):
+        check_keys(cfg["eval"], EVAL_CONFIG_KEYS, f"{path}, section eval",
+                   "Keys are the options of `infifpo eval --help` but model, label and out.")
 
 
 def methods_of(cfg: dict[str, Any]) -> list[str]:
@@ -194,18 +202,6 @@ def planned_runs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def _flags(options: dict[str, Any]) -> list[str]:
-    """{"max_tokens": 64, "pivot": True} -> ["--max-tokens", "64", "--pivot"] (argparse-style stage flags)."""
-    out: list[str] = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value not in (None, False):
-            out += [flag, *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
-    return out
-
-
 def stage_config(log_dir: Path, label: str, options: dict[str, Any]) -> list[str]:
     """Write one stage invocation's options (the stage's own option names, ``infifpo.config``) to
     ``<run_dir>/configs/<label>.yaml`` and return ``["--config", that file]``: what every stage ran with stays
@@ -219,16 +215,8 @@ def stage_config(log_dir: Path, label: str, options: dict[str, Any]) -> list[str
     return ["--config", str(path)]
 
 
-def judge(cfg: dict[str, Any], samples: list[Path], prompts: Path, dirs: tuple[Path, Path], timings: Timings,
-          label: str) -> list[Path]:
-    """One `infifpo judge` process over ``samples`` (the ``judge`` section's options); its judged outputs."""
-    data, logs = dirs
-    opts = {"samples": samples, "prompts": prompts, "out": data, **cfg.get("judge", {})}
-    return run_stage("judge", stage_config(logs, label, opts), logs, timings, label)
-
-
-def _source_arg(spec: str | dict[str, Any]) -> str:
-    """A config's prompt source as one ``infifpo prompts --source`` value: strings as they are, mappings as JSON."""
+def _spec_label(spec: str | dict[str, Any]) -> str:
+    """A prompt source spec in a timing label: strings as they are, mappings as JSON."""
     return json.dumps(spec, sort_keys=True) if isinstance(spec, dict) else str(spec)
 
 
@@ -278,8 +266,9 @@ def run_stage(name: str, args: list[str], log_dir: Path, timings: Timings | None
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, RESULT_FILE_ENV: str(result_file)})
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, RESULT_FILE_ENV: str(result_file)})
+            _wait_unwound(proc)
         if proc.returncode != 0:
             raise StageFailedError(f"stage {name!r} failed (exit {proc.returncode}): "
                                    f"{_stage_error(log_path, offset, name)} Log: {log_path}. Fix that and run the "
@@ -292,6 +281,21 @@ def run_stage(name: str, args: list[str], log_dir: Path, timings: Timings | None
     if timings is not None:
         timings.record(label or name, name, model, seconds, outputs)
     return outputs
+
+
+def _wait_unwound(proc: subprocess.Popen) -> int:
+    """The exit code of stage process ``proc``. Interrupted while waiting (a stop signal reached this process and,
+    through ``infifpo.cli``, the stage too), the stage gets ``STAGE_STOP_S`` to unwind, stopping its engines, before
+    it is killed: killed at once (as ``subprocess.run`` does), it would leave its engine processes orphaned."""
+    try:
+        return proc.wait()
+    except BaseException:
+        try:
+            proc.wait(timeout=STAGE_STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def _stage_error(log_path: Path, offset: int, name: str) -> str:
@@ -386,25 +390,109 @@ def wrpo_pairs(cfg: dict[str, Any], prompts: Path, judged: list[Path], dirs: tup
     sft_rows = wrpo_sft_rows(first, data)
     checkpoint = train("sft_wrpo", run, cfg, cfg["pivot"], sft_rows, logs, timings)
     samples = sample_model(cfg, str(checkpoint), prompts, dirs, timings, pivot=True, label="sample/sft_wrpo")
-    judged_own = _one(judge(cfg, [samples], prompts, dirs, timings, "judge/sft_wrpo"), "judge")
+    judged_own = _one(judge_samples([samples], prompts, cfg.get("judge", {}), dirs, timings, "judge/sft_wrpo"),
+                      "judge")
     final = pair(cfg, "wrpo", [*judged, judged_own], prompts, dirs, timings, pivot=str(checkpoint))
     return {"wrpo_first_pass": first, "sft_wrpo": sft_rows, "wrpo": final}, checkpoint, samples
 
 
+DEFAULT_EVAL_BENCHMARKS = ("gsm8k:test:30", "arithmetic:test:40", "humaneval:test:10")
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions(ModelEvalOptions):
+    """`infifpo eval --model M --benchmarks SPEC ...`: one model evaluated by the stages composed through files
+    (``evaluate_model``). The pipeline's ``eval`` section takes the same keys but model, label and out."""
+
+    benchmarks: list[str | dict[str, Any]] = field(default_factory=lambda: list(DEFAULT_EVAL_BENCHMARKS), metadata={
+        "help": "prompt source specs, one per benchmark (`infifpo prompts --source`): gsm8k:test:N arithmetic:test:N "
+                "humaneval:test:N jsonl:PATH ..., or a JSON object with the keys of a config mapping"})
+    backend: Literal["vllm", "transformers"] = field(default="vllm", metadata={"help": "generation engine"})
+    max_tokens: int = field(default=256, metadata={"help": "new tokens per completion"})
+    seed: int = field(default=0, metadata={"help": "seed of the benchmark subsets (and of generation)"})
+    dtype: str | None = field(default=None, metadata={"help": "engine dtype (bfloat16 | float32 | auto)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vLLM context length (prompt + completion tokens)"})
+    device: str | None = field(default=None, metadata={"help": "transformers backend device (cpu | cuda)"})
+    code_timeout: float = field(default=10.0, metadata={"help": "wall seconds per sandboxed test run"})
+    workers: int = field(default=2, metadata={"help": "judging threads"})
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ConfigError("infifpo eval: benchmarks is empty; give at least one spec, e.g. gsm8k:test:30.")
+
+
+EVAL_CONFIG_KEYS = [f.name for f in fields(EvaluateOptions) if f.name not in ("model", "label", "out")]
+
+
+def prompts_stage(sources: list[str | dict[str, Any]], seed: int, dirs: tuple[Path, Path], timings: Timings | None,
+                  label: str) -> Path:
+    """One `infifpo prompts` process building ``sources`` with ``seed``; returns its output."""
+    data, logs = dirs
+    opts = {"source": sources, "seed": seed, "out": data}
+    return _one(run_stage("prompts", stage_config(logs, label, opts), logs, timings, label), "prompts")
+
+
+def judge_samples(samples: list[Path], prompts: Path, options: dict[str, Any], dirs: tuple[Path, Path],
+                  timings: Timings | None, label: str | None = None) -> list[Path]:
+    """One `infifpo judge` process over ``samples`` drawn from ``prompts``, with ``options`` (the stage's own option
+    names); returns the judged outputs, one per samples output."""
+    data, logs = dirs
+    label = label or "judge"
+    opts = {"samples": samples, "prompts": prompts, "out": data, **options}
+    return run_stage("judge", stage_config(logs, label, opts), logs, timings, label)
+
+
+def eval_prompts(specs: list[str | dict[str, Any]], seed: int, dirs: tuple[Path, Path],
+                 timings: Timings | None) -> tuple[Path, list[Path]]:
+    """The eval's prompts through `infifpo prompts`: (the output of every spec, which is sampled and judged; one output
+    per spec, the benchmarks `infifpo eval` counts). With one spec both are the same output. The benchmarks are
+    checked (``eval.stage.read_benchmarks``: verifiable items, each benchmark once) before any model is loaded."""
+    benchmarks = [prompts_stage([s], seed, dirs, timings, f"prompts/eval/{_spec_label(s)}") for s in specs]
+    read_benchmarks(benchmarks)
+    union = benchmarks[0] if len(specs) == 1 else prompts_stage(specs, seed, dirs, timings, "prompts/eval")
+    return union, benchmarks
+
+
+def evaluate_model(opts: EvaluateOptions, prompts: Path, benchmarks: list[Path], dirs: tuple[Path, Path],
+                   timings: Timings | None, label: str | None = None) -> Path:
+    """`infifpo eval` of ``opts.model`` composed from the stages (``eval_prompts`` gives ``prompts`` and
+    ``benchmarks``), each in its own process, resumable and content-addressed: greedy `infifpo sample` (n 1,
+    temperature 0, top-p 1, the eval's max_tokens, seed and engine; model column ``eval-<model basename>``),
+    `infifpo judge` (verifiers only), then the `infifpo eval` summary. Returns the eval output; timings
+    ``eval/<label>/sample``, ``eval/<label>/judge`` and ``eval/<label>`` (``label``: default the output's)."""
+    data, logs = dirs
+    label = label or opts.output_label()
+    greedy = {"name": f"eval-{safe_label(Path(opts.model).name)}", "n": 1, "temperature": 0.0, "top_p": 1.0,
+              "max_tokens": opts.max_tokens, "seed": opts.seed, "dtype": opts.dtype,
+              "max_model_len": opts.max_model_len, "engine_arg": [f"device={opts.device}"] if opts.device else None}
+    samples = sample_model({"backend": opts.backend, "sample": greedy}, opts.model, prompts, dirs, timings,
+                           pivot=False, label=f"eval/{label}/sample")
+    judged = _one(judge_samples([samples], prompts, {"code_timeout": opts.code_timeout, "workers": opts.workers},
+                                dirs, timings, f"eval/{label}/judge"), "judge")
+    summary = {"samples": samples, "judged": judged, "prompts": benchmarks, "model": opts.model,
+               "label": opts.output_label(), "out": data, "lm_eval": opts.lm_eval or None,
+               "lm_eval_limit": opts.lm_eval_limit}
+    return _one(run_stage("eval", stage_config(logs, f"eval/{label}", summary), logs, timings, f"eval/{label}",
+                          opts.model), "eval")
+
+
 def evaluate(cfg: dict[str, Any], rows: dict[str, str], dirs: tuple[Path, Path], timings: Timings) -> dict[str, Path]:
-    """`infifpo eval` of every report row (label -> model or checkpoint); {} when the config has no ``eval``."""
+    """`infifpo eval` of every report row (label -> model or checkpoint), composed from the stages
+    (``evaluate_model``) on one set of eval prompts; {} when the config has no ``eval``. Its keys are those of
+    ``EvaluateOptions`` but model, label and out (ConfigError with a did-you-mean else); backend defaults to the
+    config's."""
     ecfg = dict(cfg.get("eval") or {})
     if not ecfg:
         return {}
-    data, logs = dirs
-    benchmarks = ecfg.pop("benchmarks")
+    check_keys(ecfg, EVAL_CONFIG_KEYS, "the config's eval section", "Keys are the options of `infifpo eval --help` "
+               "but model, label and out.")
     ecfg.setdefault("backend", cfg.get("backend", "transformers"))
-    out = {}
-    for label, model in rows.items():
-        args = ["--model", model, "--label", label.replace(":", "-"), "--benchmarks", *map(_source_arg, benchmarks),
-                "--out", str(data), *_flags(ecfg)]
-        out[label] = _one(run_stage("eval", args, logs, timings, f"eval/{label}", model), "eval")
-    return out
+    options = {label: EvaluateOptions(model=model, label=label.replace(":", "-"), out=str(dirs[0]), **ecfg)
+               for label, model in rows.items()}
+    first = next(iter(options.values()))
+    prompts, benchmarks = eval_prompts(first.benchmarks, first.seed, dirs, timings)
+    return {label: evaluate_model(opts, prompts, benchmarks, dirs, timings, label) for label, opts in options.items()}
 
 
 def sample_model(cfg: dict[str, Any], model: str, prompts: Path, dirs: tuple[Path, Path], timings: Timings, *,
@@ -433,10 +521,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     pivot, sources = cfg["pivot"], list(cfg["sources"])
     runs = planned_runs(cfg)
     p = cfg["prompts"]
-    prompt_opts = {"source": p["sources"], "seed": p.get("seed", 0), "out": data}
-    prompts = _one(run_stage("prompts", stage_config(logs, "prompts", prompt_opts), logs, timings), "prompts")
+    prompts = prompts_stage(p["sources"], p.get("seed", 0), dirs, timings, "prompts")
     samples = sample_all(cfg, prompts, dirs, timings)
-    judged = judge(cfg, list(samples.values()), prompts, dirs, timings, "judge")
+    judged = judge_samples(list(samples.values()), prompts, cfg.get("judge", {}), dirs, timings, "judge")
     pairs = {"infifpo": pair(cfg, "infifpo", judged, prompts, dirs, timings)}
     checkpoints = {"sft": train("sft", runs["sft"], cfg, pivot, pairs["infifpo"], logs, timings)}
     if "sft_wrpo" in runs:

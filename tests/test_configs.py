@@ -64,7 +64,11 @@ def test_packaged_train_config_parses_through_infifpo_train(path, tmp_path):
     assert explicit.learning_rate == yaml_keys.get("learning_rate", explicit.learning_rate)
 
 
-STAGE_COMMANDS = ("prompts", "sample", "judge", "pair", "score", "eval", "report")
+# Each stage command's module and its options dataclass (`infifpo eval` with stage inputs is the eval stage).
+STAGE_OPTIONS = {"prompts": ("data_prep.prompts", "PromptsOptions"), "sample": ("infifpo.sample", "SampleOptions"),
+                 "judge": ("infifpo.judge.stage", "JudgeOptions"), "pair": ("infifpo.pair", "PairOptions"),
+                 "score": ("infifpo.score.stage", "ScoreOptions"), "eval": ("infifpo.eval.stage", "EvalOptions"),
+                 "report": ("infifpo.report.stage", "ReportOptions")}
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
@@ -76,7 +80,8 @@ def test_every_stage_invocation_of_a_shipped_config_parses_through_the_stages_ow
     invoked; a key the stage does not take would fail here, not hours into a run."""
     import importlib
 
-    from infifpo import cli, pipeline
+    from data_prep.prompts import prompts_key
+    from infifpo import pipeline
     from infifpo.config import parse_config
     from infifpo.store import StageOutput
 
@@ -87,21 +92,25 @@ def test_every_stage_invocation_of_a_shipped_config_parses_through_the_stages_ow
             out = Path(args[args.index("--output_dir") + 1])
             out.mkdir(parents=True, exist_ok=True)
             return [out]
-        assert name in STAGE_COMMANDS and args[0] == "--config" and len(args) == 2, (name, args)
-        module = importlib.import_module(cli.COMMANDS[name][0])
-        cls = next(v for k, v in vars(module).items() if k.endswith("Options") and k.lower() == f"{name}options")
+        assert name in STAGE_OPTIONS and args[0] == "--config" and len(args) == 2, (name, args)
+        module, cls = STAGE_OPTIONS[name]
+        cls = getattr(importlib.import_module(module), cls)
         parsed.setdefault(name, []).append(parse_config(cls, args, prog=f"infifpo {name}"))
         if name == "report":
             return []
-        return [StageOutput(tmp_path / "outputs", f"{name}-{len(parsed[name])}", {}).write_all([])]
+        opts = parsed[name][-1]  # a prompts output records its specs (the eval reads a benchmark's from there)
+        key = prompts_key(opts.source, opts.seed) if name == "prompts" else {}
+        return [StageOutput(tmp_path / "outputs", f"{name}-{len(parsed[name])}", key).write_all([])]
 
     monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
     cfg = pipeline.load_config(path)
     cfg["run_dir"] = str(tmp_path / "run")
     pipeline.run(cfg)
     methods = cfg["train"].get("methods", ["dpo", "infifpo"])
-    assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods)
-    assert {"prompts", "judge", "pair", "score", "report"} <= set(parsed)
+    report_rows = 1 + len(cfg["sources"]) + len(pipeline.planned_runs(cfg))  # pivot, sources, every training run
+    assert len(parsed["eval"]) == report_rows
+    assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods) + report_rows  # + greedy evals
+    assert set(parsed) == set(STAGE_OPTIONS)
     pairs = parsed["pair"]
     assert pairs[0].recipe == "infifpo" and all(p.recipe in ("infifpo", "wrpo") for p in pairs)
     assert parsed["prompts"][0].source == cfg["prompts"]["sources"]

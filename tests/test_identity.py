@@ -171,19 +171,25 @@ def test_a_model_retrained_in_place_is_sampled_again(tmp_path):
     assert sample_prompts(rows, **kw) == second  # unchanged since: reused
 
 
-def test_a_model_retrained_in_place_is_evaluated_again(tmp_path):
-    from infifpo.eval.stage import read_scores, run_eval
+def test_a_model_retrained_in_place_is_evaluated_again(tmp_path, capsys):
+    from infifpo.eval.stage import read_scores
+    from infifpo.evaluate import main as eval_main
 
     ckpt = tmp_path / "checkpoints" / "sft"
     make_tiny_model(str(ckpt), "llama", seed=0)
-    kw = {"label": "sft", "backend": "transformers", "max_tokens": 4, "out_root": tmp_path / "runs",
-          "engine_kwargs": {"dtype": "float32"}}
-    first = run_eval(str(ckpt), ["arithmetic:test:2"], **kw)
+    argv = ["--model", str(ckpt), "--label", "sft", "--benchmarks", "arithmetic:test:2", "--backend", "transformers",
+            "--max_tokens", "4", "--dtype", "float32", "--out", str(tmp_path / "runs")]
+
+    def evaluated() -> Path:
+        assert eval_main(argv) == 0
+        return Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+    first = evaluated()
     _retrain(ckpt)
-    second = run_eval(str(ckpt), ["arithmetic:test:2"], **kw)
+    second = evaluated()
     assert second != first, "the retrained model got the old model's accuracy"
     assert read_scores(second)["generation"]["samples"] != read_scores(first)["generation"]["samples"]
-    assert run_eval(str(ckpt), ["arithmetic:test:2"], **kw) == second
+    assert evaluated() == second
 
 
 def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
@@ -223,13 +229,16 @@ def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
     assert models.model_identity(copy) == current and reads == []
 
     # The one rule, wherever a stage asks.
-    from infifpo.eval.stage import eval_output
+    from infifpo.eval.stage import sampled_model
+    from infifpo.provenance import InputMismatchError
     from infifpo.score import stage as score
     from infifpo.score.output import model_key
     from infifpo.trainers.data import same_model
 
     assert output_for([], "m", str(model), GREEDY, "transformers", tmp_path).key["checkpoint"] == current
-    assert eval_output(str(model), ["arithmetic:test:1"], 0, {}, "m", tmp_path).key["checkpoint"] == current
+    sampled = output_for([], "m", str(model), GREEDY, "transformers", tmp_path)
+    sampled.write_all([])  # eval takes --model for the model that wrote these samples only
+    assert sampled_model(str(copy), sampled.path) == str(copy)
     job = score.ScoreJob(rows=[], texts={}, pairs_fp="x", out_root=str(tmp_path), backend="transformers",
                          dtype="float32", shard=(0, 1), on_too_long="error", max_length=None, write_every=64,
                          engine_kw={})
@@ -237,6 +246,8 @@ def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
     assert model_key(str(model))["identity"] == current
     other = make_tiny_model(str(tmp_path / "other"), "llama", seed=3)
     assert same_model(str(model), str(copy)) and not same_model(str(model), other)
+    with pytest.raises(InputMismatchError, match="model changed"):
+        sampled_model(other, sampled.path)
 
 
 def test_scored_pairs_follow_the_pairs_rows_not_only_their_texts(tiny_llama, tmp_path):

@@ -127,9 +127,10 @@ def _assert_complete_once(out: Path, pattern: str, prompt_ids: set[str], n: int)
 
 @pytest.mark.vllm
 def test_sigterm_stops_eval_with_its_vllm_engine_core_and_worker_then_rerun_completes(tiny_llama, tmp_path):
-    """The probe: `infifpo eval` stopped by SIGTERM left its vLLM process orphaned at 100 % CPU. Here the engine
-    runs in vLLM's own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1), so the tree is stage -> per-model process ->
-    engine core -> worker."""
+    """The probe: `infifpo eval` stopped by SIGTERM left its vLLM process orphaned at 100 % CPU. `infifpo eval --model
+    M --benchmarks ...` runs the stages in processes of their own; here it is stopped while its `infifpo sample`
+    generates, with the engine in vLLM's own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1), so the tree is eval ->
+    sample -> engine core -> worker. The re-run keeps the rows written before the stop and completes the eval."""
     pytest.importorskip("vllm")
     # More items than one engine call takes (sample.BATCH_SEQUENCES), so rows are on disk while more are generated.
     items = 2 * BATCH_SEQUENCES + 64
@@ -139,21 +140,27 @@ def test_sigterm_stops_eval_with_its_vllm_engine_core_and_worker_then_rerun_comp
     proc = _start(argv, log, _env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     _wait_for_rows(proc, tmp_path, "samples-eval-*", log)
     tree = live_descendants(proc.pid)
+    assert any("infifpo.cli sample" in cmd for cmd in tree.values()), tree  # the sample stage's own process
     assert any("EngineCore" in cmd for cmd in tree.values()), tree  # vLLM's own processes are part of the stop
     _stop(proc, signal.SIGTERM, log)
     written = _rows_on_disk(tmp_path, "samples-eval-*")
     assert 0 < written < items, "the stop must come mid-run for this test to mean anything"
-    # Only the prompts the eval wrote for its sampler are finished; the samples and the eval itself are not.
+    # Only the prompts are finished; the samples, their verdicts and the eval are not.
     assert {p.parent.name.split("-")[0] for p in tmp_path.glob(f"*/{SUCCESS}")} <= {"prompts"}
+    kept = {json.loads(line)["id"]: line for f in tmp_path.glob("samples-eval-*/part-*.jsonl")
+            for line in f.read_text().splitlines() if line.endswith("}")}  # complete lines: rows written before
 
     _rerun(argv)
-    (prompts_dir,) = tmp_path.glob("prompts-*")
+    (prompts_dir,) = tmp_path.glob("prompts-*")  # one benchmark: its prompts output is the one sampled
     prompt_ids = {r["id"] for r in read_output(prompts_dir)}
     assert len(prompt_ids) == items
     _assert_complete_once(tmp_path, "samples-eval-*", prompt_ids, 1)
+    (samples_dir,) = tmp_path.glob("samples-eval-*")
+    final = {r["id"]: r for r in read_output(samples_dir)}
+    assert kept and all(json.loads(line) == final[i] for i, line in kept.items()), "a kept row was redone"
     (eval_dir,) = tmp_path.glob("eval-tiny-*")
     scores = json.loads((eval_dir / "scores.json").read_text())
-    assert scores["benchmarks"]["arithmetic"]["n"] == items and scores["resumed"] is True
+    assert scores["benchmarks"]["arithmetic"]["n"] == items and scores["generation"]["samples"] == str(samples_dir)
 
 
 @pytest.mark.vllm

@@ -1,6 +1,8 @@
-"""Evaluation: benchmark accuracies with confidence intervals (`infifpo eval` is ``infifpo.eval.stage``).
+"""Evaluation: benchmark accuracies with confidence intervals (the eval stage of `infifpo eval` is
+``infifpo.eval.stage``; `infifpo eval --model M --benchmarks ...` composes the stages: ``infifpo.evaluate``).
 
-Modules: ``stage`` (generation through the sample stage, judging, per-item rows and scores.json), ``stats`` (Wilson
-and normal intervals, paired bootstrap), ``lm_eval_adapter`` (lm-evaluation-harness tasks when installed). Nothing is
-imported here, so ``infifpo.eval.stats`` stays cheap to import (no torch, no transformers).
+Modules: ``stage`` (judged greedy samples of benchmark items -> per-item rows and scores.json; it imports no other
+stage), ``stats`` (Wilson and normal intervals, paired bootstrap), ``lm_eval_adapter`` (lm-evaluation-harness tasks
+when installed). Nothing is imported here, so ``infifpo.eval.stats`` stays cheap to import (no torch, no
+transformers).
 """

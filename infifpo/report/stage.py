@@ -303,7 +303,7 @@ def _key_of(spec: Any) -> str | None:
     from infifpo.eval.stage import benchmark_key  # here: the eval stage imports torch, the report needs it only now
 
     try:
-        return benchmark_key(spec)
+        return benchmark_key(parse_spec(spec))
     except (InfiFPOError, ValueError, TypeError, KeyError):
         return None
 

@@ -77,14 +77,18 @@ def test_missing_lm_eval_is_a_config_error_naming_the_install(monkeypatch) -> No
 
 
 def test_eval_refuses_lm_eval_tasks_before_loading_any_model(monkeypatch, tmp_path) -> None:
-    """The check runs before the model is resolved: a model that does not exist would otherwise raise
-    ModelLoadError, so ConfigError here shows nothing was loaded or generated."""
-    from infifpo.eval.stage import main
+    """The check runs before the model is resolved and before any stage runs, in both forms of `infifpo eval`: a
+    model that does not exist would otherwise raise ModelLoadError (the inputs of the stage form, a StoreError), so
+    ConfigError here shows nothing was loaded, generated or written."""
+    from infifpo.evaluate import main
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ConfigError, match="pip install lm-eval"):
         main(["--model", str(tmp_path / "no-such-model"), "--benchmarks", "arithmetic:test:2", "--lm-eval", "arc_easy",
               "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="pip install lm-eval"):
+        main(["--model", str(tmp_path / "no-such-model"), "--samples", str(tmp_path / "s"), "--judged",
+              str(tmp_path / "j"), "--prompts", str(tmp_path / "p"), "--lm-eval", "arc_easy", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
 
