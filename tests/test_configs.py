@@ -111,6 +111,9 @@ def test_every_stage_invocation_of_a_shipped_config_parses_through_the_stages_ow
     assert len(parsed["eval"]) == report_rows
     assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods) + report_rows  # + greedy evals
     assert set(parsed) == set(STAGE_OPTIONS)
+    # Greedy evals sample at temperature 0 (a dashed argv once dropped the 0, so it sampled at the default 0.8).
+    greedy = [s for s in parsed["sample"] if (s.name or "").startswith("eval-")]
+    assert len(greedy) == report_rows and all(s.temperature == 0.0 and s.n == 1 for s in greedy)
     pairs = parsed["pair"]
     assert pairs[0].recipe == "infifpo" and all(p.recipe in ("infifpo", "wrpo") for p in pairs)
     assert parsed["prompts"][0].source == cfg["prompts"]["sources"]
