@@ -513,6 +513,37 @@ def sample_all(cfg: dict[str, Any], prompts: Path, dirs: tuple[Path, Path], timi
             for m in [cfg["pivot"], *cfg["sources"]]}
 
 
+OUTPUTS_FILE = "pipeline_outputs.json"
+PATH_KEYS = ("prompts", "samples", "judged", "pairs", "scored", "checkpoints", "evals")  # what holds output paths
+
+
+def _map_paths(value: Any, fn: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _map_paths(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_paths(v, fn) for v in value]
+    return fn(value)
+
+
+def relative_outputs(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``result`` with every output path under ``run_dir`` made relative to it (the file stays valid when the run
+    directory moves); model references and paths elsewhere are kept as they are."""
+    root = Path(run_dir).resolve()
+
+    def rel(p: Any) -> Any:
+        path = Path(p).resolve()
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(p)
+
+    return {k: _map_paths(v, rel) if k in PATH_KEYS else v for k, v in result.items()}
+
+
+def load_outputs(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``<run_dir>/pipeline_outputs.json`` with its output paths resolved against ``run_dir`` (absolute paths)."""
+    root = Path(run_dir).resolve()
+    out = json.loads((root / OUTPUTS_FILE).read_text())
+    return {k: _map_paths(v, lambda p: str(root / p)) if k in PATH_KEYS else v for k, v in out.items()}
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run every stage of ``cfg``; returns the output paths by stage (also written to pipeline_outputs.json)."""
     run_dir = Path(cfg["run_dir"])
@@ -543,7 +574,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     result = {"name": cfg["name"], "run_dir": str(run_dir), "config": cfg, "pivot": pivot, "sources": sources,
               "prompts": prompts, "samples": samples, "judged": judged, "pairs": pairs, "scored": scored,
               "checkpoints": checkpoints, "evals": evals, "runs": runs, "timings": timings.summary()}
-    (run_dir / "pipeline_outputs.json").write_text(json.dumps(result, indent=1, default=str))
+    atomic_write(run_dir / OUTPUTS_FILE, json.dumps(relative_outputs(result, run_dir), indent=1, default=str))
     if cfg.get("report", True):
         run_stage("report", stage_config(logs, "report", {"run_dir": run_dir}), logs)
     return result

@@ -71,6 +71,9 @@ def test_pipeline_runs_every_stage_and_resumes(run_config):
     for label, out in first["evals"].items():
         items = read_output(out)
         assert sorted(r["benchmark"] for r in items) == ["arithmetic"] * 6 + ["humaneval"] * 2, label
+    saved = json.loads((run_config.parent / "run" / "pipeline_outputs.json").read_text())  # relative to the run dir
+    assert saved["scored"] == str(Path(first["scored"]).resolve().relative_to((run_config.parent / "run").resolve()))
+    assert pipeline.load_outputs(run_config.parent / "run")["scored"] == str(Path(first["scored"]).resolve())
     report = json.loads((run_config.parent / "run" / "report.json").read_text())
     assert (run_config.parent / "run" / "report.md").exists() and report
     assert set(json.loads((run_config.parent / "run" / "timings.json").read_text())) >= {
@@ -141,7 +144,7 @@ def test_pipeline_killed_during_sampling_scoring_and_training_resumes(run_config
                log)
     _run(cmd, log)
 
-    outputs = json.loads((run_dir / "pipeline_outputs.json").read_text())
+    outputs = pipeline.load_outputs(run_dir)  # paths are recorded relative to the run directory
     stage_dirs = [*outputs["samples"].values(), *outputs["judged"], *outputs["pairs"].values(), outputs["scored"],
                   *outputs["evals"].values()]
     for d in stage_dirs:  # every stage output complete, verified against its checksums, no id twice

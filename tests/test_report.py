@@ -320,3 +320,27 @@ def test_report_from_explicit_eval_outputs_without_a_pipeline_run(run_dir, tmp_p
                         (["--eval", *evals, "--checkpoint", "nope=" + str(tmp_path)], r"\['nope'\]")):
         with pytest.raises(ConfigError, match=match):
             report.main(["--run_dir", str(tmp_path / "x"), *argv])
+
+
+def test_a_run_directory_that_moved_still_reports(run_dir, tmp_path):
+    """Paths the pipeline records relative to the run directory (pipeline.relative_outputs) are found after the
+    directory moves; the report is the same."""
+    import shutil
+
+    from infifpo import pipeline
+
+    assert report.main(["--run_dir", str(run_dir)]) == 0
+    before = json.loads((run_dir / "report.json").read_text())["table"]
+    out = _outputs(run_dir)
+    absolute = {k: pipeline._map_paths(out[k], lambda p: str((run_dir.parents[1] / p).resolve()))
+                for k in pipeline.PATH_KEYS if k in out}
+    (run_dir / "pipeline_outputs.json").write_text(json.dumps(pipeline.relative_outputs({**out, **absolute},
+                                                                                         run_dir)))
+    assert not Path(_outputs(run_dir)["evals"]["pivot"]).is_absolute()
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(run_dir, moved)
+    assert report.main(["--run_dir", str(moved)]) == 0
+    after = json.loads((moved / "report.json").read_text())["table"]
+    local = {"eval_dir", "per_seed", "model"}  # paths, as recorded
+    assert ([{k: v for k, v in r.items() if k not in local} for r in after["rows"]]
+            == [{k: v for k, v in r.items() if k not in local} for r in before["rows"]])

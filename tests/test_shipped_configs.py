@@ -266,7 +266,7 @@ def test_shipped_config_runs_every_stage_offline(path: Path, tmp_path: Path):
     assert proc.returncode == 0, f"{err.read_text()[-3000:]}\n--- last stage log: {_failed_stage_log(run_dir)}"
     print(f"{path.name}: pipeline finished in {time.monotonic() - start:.0f} s; stages: {_timings(run_dir)}")
 
-    out = json.loads((run_dir / "pipeline_outputs.json").read_text())
+    out = pipeline.load_outputs(run_dir)
     runs = pipeline.planned_runs(cfg)
     assert set(out["checkpoints"]) == set(runs) >= {"sft", *original["train"]["methods"]}
     for label, ckpt in out["checkpoints"].items():

@@ -135,9 +135,12 @@ class Run:
         self.notes: list[str] = []
 
     def path(self, p: str) -> Path:
-        """A path as recorded by the pipeline (relative to where it ran), found from wherever the report runs."""
+        """A path as recorded by the pipeline, found from wherever the report runs: relative to the run directory (the
+        pipeline's rule), else (outputs files written before it) relative to where that pipeline ran."""
         p = Path(p)
-        return p if p.is_absolute() or p.exists() else self.base / p
+        if p.is_absolute():
+            return p
+        return self.run_dir / p if (self.run_dir / p).exists() else p if p.exists() else self.base / p
 
 
 def short_name(model: str) -> str:
