@@ -1,10 +1,11 @@
 """lm-evaluation-harness tasks (the rest of the paper's benchmarks) on the same checkpoint, as `infifpo eval` entries.
 
-Owns: checking that ``lm_eval`` is importable (it is an optional, user-installed package: ``pip install lm-eval``),
-calling its ``simple_evaluate`` with its transformers ("hf") model on the checkpoint directory, and converting its
-results dict into our per-benchmark entry (``n``, ``correct``, ``accuracy`` in percent, ``ci95`` from the reported
-standard error as ±1.96·se, ``ci_method`` "normal"). Does not own: lm-eval's prompts, few-shot settings or metrics
-(lm-eval's task defaults apply), or our own benchmarks (`infifpo.eval.stage`).
+Owns: checking that ``lm_eval`` is importable (an optional package, ``pip install lm-eval``; a dev dependency, tested
+against lm-eval 0.4.13 on a local task: tests/eval/test_lm_eval_real.py), calling its ``simple_evaluate`` with its
+transformers ("hf") model on the checkpoint directory (its own tasks, plus task YAMLs under ``include_path``), and
+converting its results dict into our per-benchmark entry (``n``, ``correct``, ``accuracy`` in percent, ``ci95`` from
+the reported standard error as ±1.96·se, ``ci_method`` "normal"). Does not own: lm-eval's prompts, few-shot settings
+or metrics (lm-eval's task defaults apply), or our own benchmarks (`infifpo.eval.stage`).
 
 lm-eval's results dict (0.4.x): ``results[task]`` (or ``groups[task]`` for a group) maps ``"<metric>,<filter>"`` to a
 value in [0, 1] and ``"<metric>_stderr,<filter>"`` to its standard error (or the string "N/A");
@@ -18,6 +19,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Sequence
+from os import PathLike
 from typing import Any
 
 from infifpo.eval.stats import normal_interval
@@ -93,11 +95,14 @@ def convert_results(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, 
 
 
 def run_lm_eval(model_dir: str, tasks: Sequence[str], *, batch_size: int | str = 8, limit: int | None = None,
-                device: str | None = None, dtype: str = "auto", seed: int = 0) -> dict[str, dict[str, Any]]:
+                device: str | None = None, dtype: str = "auto", seed: int = 0,
+                include_path: str | PathLike | Sequence[str | PathLike] | None = None) -> dict[str, dict[str, Any]]:
     """Run lm-eval's ``simple_evaluate`` with its "hf" model on ``model_dir`` and return our entries per task.
 
     ``limit``: items per task (None = all). ``device``: None picks "cuda" when available, else "cpu". Remote code
-    stays off. Raises ConfigError when lm-eval is not installed.
+    stays off. ``include_path``: directories of further task YAMLs (lm-eval's ``--include_path``), indexed with its
+    own tasks by a ``TaskManager`` given the model arguments as metadata, as ``simple_evaluate`` builds its default
+    one. Raises ConfigError when lm-eval is not installed, or cannot take ``include_path``.
     """
     lm_eval = require_lm_eval()
     if device is None:
@@ -108,6 +113,13 @@ def run_lm_eval(model_dir: str, tasks: Sequence[str], *, batch_size: int | str =
                   tasks=list(tasks), batch_size=batch_size, device=device, limit=limit, log_samples=False,
                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     accepted = inspect.signature(lm_eval.simple_evaluate).parameters
+    if include_path is not None:
+        if "task_manager" not in accepted:
+            raise ConfigError(f"lm-eval {getattr(lm_eval, '__version__', '?')}: simple_evaluate takes no "
+                              "task_manager, so task directories (include_path) cannot be given; upgrade lm-eval.")
+        paths = [str(include_path)] if isinstance(include_path, str | PathLike) else [str(p) for p in include_path]
+        task_manager = importlib.import_module("lm_eval.tasks").TaskManager
+        kwargs["task_manager"] = task_manager(include_path=paths, metadata=dict(kwargs["model_args"]))
     dropped = sorted(k for k in kwargs if k not in accepted)
     if dropped:  # older lm-eval releases lack the seed arguments; they seed with their own defaults
         logger.info("lm-eval %s: simple_evaluate does not take %s; using its defaults",

@@ -1,8 +1,10 @@
 """The lm-eval adapter: conversion of lm-eval 0.4's results dict into our benchmark entries, and the named error when
-lm-eval is not installed (it is an optional, user-installed package and is not installed in this environment)."""
+lm-eval is not installed (a dev dependency, so its absence is simulated here). Runs against the real lm-eval:
+tests/eval/test_lm_eval_real.py."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -69,6 +71,7 @@ def test_unknown_task_or_metric_is_a_named_error() -> None:
 
 
 def test_missing_lm_eval_is_a_config_error_naming_the_install(monkeypatch) -> None:
+    assert require_lm_eval() is importlib.import_module("lm_eval")  # installed (dev dependency): absence is simulated
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError, installed or not
     with pytest.raises(ConfigError, match="pip install lm-eval"):
         require_lm_eval()
@@ -93,8 +96,8 @@ def test_eval_refuses_lm_eval_tasks_before_loading_any_model(monkeypatch, tmp_pa
 
 
 def test_run_lm_eval_passes_the_checkpoint_and_drops_arguments_an_older_release_lacks(monkeypatch) -> None:
-    """Glue only (lm-eval is not installed here): which arguments reach ``simple_evaluate``, and that its return
-    value goes through the conversion. A module object stands in for lm-eval's package namespace."""
+    """Glue only: which arguments reach ``simple_evaluate``, and that its return value goes through the conversion.
+    A module object stands in for lm-eval's package namespace (the real one: tests/eval/test_lm_eval_real.py)."""
     calls = []
 
     def simple_evaluate(model, model_args=None, tasks=None, batch_size=None, device=None, limit=None,
@@ -113,3 +116,6 @@ def test_run_lm_eval_passes_the_checkpoint_and_drops_arguments_an_older_release_
                       "random_seed": 3}]
     assert out == convert_results(RESULTS, ["arc_easy", "gsm8k"])
     assert lm_eval_adapter.METRIC_PREFERENCE[0] == "acc,none"
+    with pytest.raises(ConfigError, match="no task_manager, so task directories"):  # not silently dropped
+        run_lm_eval("/ckpt/sft", ["my_task"], device="cpu", include_path="/my/tasks")
+    assert len(calls) == 1
