@@ -124,3 +124,16 @@ def assert_sgd_step(trainer, hand_loss_fn, lr: float, atol: float = 1e-6) -> Non
         torch.testing.assert_close(after[name].detach() - old, expected, atol=atol, rtol=1e-4, msg=name)
         moved = max(moved, float(expected.abs().max()))
     assert moved > 100 * atol  # the step is not vacuous
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_dataloader():
+    """accelerate's GradientState is process-wide and keeps (weak) references to the dataloaders being iterated. A
+    run stopped at max_steps on its last, partial batch leaves its train dataloader "active" at its end with a
+    remainder, and a trainer kept alive (entry's _KEPT) keeps that reference valid; a later test that calls
+    compute_loss outside any dataloader then has gather_for_metrics cut its per-pair metrics to that remainder. Each
+    test starts with no active dataloader, as a fresh process does."""
+    from accelerate.state import GradientState
+
+    GradientState().dataloader_references = [None]
+    yield
