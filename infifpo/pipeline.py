@@ -174,6 +174,18 @@ def arms_of(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ablation_seeds_of(cfg: dict[str, Any]) -> list[int]:
+    """``train.ablation_seeds`` (default: every seed of ``train.seeds``): the seeds the ablation arms train with. Each
+    arm is one extra run per listed seed on the same scored pairs; a subset of the seeds keeps the arms affordable."""
+    seeds = seeds_of(cfg)
+    chosen = (cfg.get("train") or {}).get("ablation_seeds", seeds)
+    if (not isinstance(chosen, list) or not chosen or len(set(chosen)) != len(chosen)
+            or any(x not in seeds or isinstance(x, bool) for x in chosen)):
+        raise ConfigError(f"train.ablation_seeds must be a non-empty list of distinct seeds from train.seeds {seeds}, "
+                          f"got {chosen!r}.")
+    return chosen
+
+
 def run_label(method: str, seed: int, first_seed: int, arm: str | None = None) -> str:
     """A run's label: "infifpo", "infifpo[mean]", and "dpo@seed1", "infifpo[mean]@seed1" for a later seed."""
     return method + (f"[{arm}]" if arm else "") + ("" if seed == first_seed else f"@seed{seed}")
@@ -182,10 +194,10 @@ def run_label(method: str, seed: int, first_seed: int, arm: str | None = None) -
 def planned_runs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every training run of ``cfg`` by label, in training order: {"method", "seed", "arm", "overrides"} (the arm's
     InfiFPO overrides; {} for other runs). "sft" (and, with wrpo, WRPO's own SFT "sft_wrpo") once with the first
-    seed; every method, then every arm, once per seed. ConfigError for a bad ``train.seeds`` / ``train.ablations`` or
-    a seed key set elsewhere in ``train``."""
+    seed; every method once per seed, then every arm once per seed of ``train.ablation_seeds``. ConfigError for a
+    bad ``train.seeds`` / ``train.ablations`` / ``train.ablation_seeds`` or a seed key set elsewhere in ``train``."""
     tcfg = cfg.get("train") or {}
-    methods, seeds, arms = methods_of(cfg), seeds_of(cfg), arms_of(cfg)
+    methods, seeds, arms, arm_seeds = methods_of(cfg), seeds_of(cfg), arms_of(cfg), ablation_seeds_of(cfg)
     for scope in ("common", "sft", *methods):
         if set(tcfg.get(scope) or {}) & set(SEED_KEYS):
             raise ConfigError(f"train.{scope}: {sorted(set(tcfg[scope]) & set(SEED_KEYS))} are set per run from "
@@ -196,7 +208,7 @@ def planned_runs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for seed in seeds:
         for method in methods:
             runs[run_label(method, seed, first)] = {"method": method, "seed": seed, "arm": None, "overrides": {}}
-        for arm, overrides in arms.items():
+        for arm, overrides in arms.items() if seed in arm_seeds else ():
             runs[run_label("infifpo", seed, first, arm)] = {"method": "infifpo", "seed": seed, "arm": arm,
                                                              "overrides": overrides}
     return runs

@@ -194,6 +194,9 @@ def _cfg(**train) -> dict:
     ({"ablations": {"x": {"seed": 1}}}, "cannot differ per arm"),
     ({"ablations": {"a@b": {"clip": False}}}, "expected a name of letters"),
     ({"methods": ["dpo"], "ablations": {"x": {"clip": False}}}, "add infifpo to train.methods"),
+    ({"seeds": [0, 1], "ablation_seeds": [2]}, r"distinct seeds from train.seeds \[0, 1\], got \[2\]"),
+    ({"ablation_seeds": []}, "non-empty list of distinct seeds"),
+    ({"ablation_seeds": [0, 0]}, "non-empty list of distinct seeds"),
 ])
 def test_bad_seeds_and_ablations_are_config_errors(train, match):
     with pytest.raises(ConfigError, match=match):
@@ -205,15 +208,24 @@ def test_default_runs_are_todays_labels():
     assert list(runs) == ["sft", "dpo", "infifpo"] and {r["seed"] for r in runs.values()} == {0}
 
 
+def test_ablation_seeds_limit_the_arms_to_those_seeds():
+    runs = pipeline.planned_runs(_cfg(seeds=[0, 1, 2], ablation_seeds=[1], ablations={"x": {"clip": False}}))
+    assert list(runs) == ["sft", "dpo", "infifpo", "dpo@seed1", "infifpo@seed1", "infifpo[x]@seed1", "dpo@seed2",
+                          "infifpo@seed2"]
+    every = pipeline.planned_runs(_cfg(seeds=[0, 1], ablations={"x": {"clip": False}}))  # default: every seed
+    assert [k for k in every if k.startswith("infifpo[x]")] == ["infifpo[x]", "infifpo[x]@seed1"]
+
+
 def test_reproduce_config_plans_every_arm_and_seed_and_its_options_exist(capsys):
-    """configs/reproduce.yaml: 3 seeds x (3 methods + 5 arms) + both SFTs; every arm option is an InfiFPOConfig
-    field; `infifpo plan` reads it."""
+    """configs/reproduce.yaml: both SFTs, 3 seeds x 3 methods, 5 arms on the first seed; every arm option is an
+    InfiFPOConfig field; `infifpo plan` reads it."""
     from infifpo import plan
     from infifpo.trainers.infifpo import InfiFPOConfig
 
     path = ROOT / "configs" / "reproduce.yaml"
     runs = pipeline.planned_runs(pipeline.load_config(path))
-    assert len(runs) == 2 + 3 * 8 and runs["infifpo[one_source]@seed2"]["seed"] == 2
+    assert len(runs) == 2 + 3 * 3 + 5 and runs["infifpo@seed2"]["seed"] == 2
+    assert {r["seed"] for r in runs.values() if r["arm"]} == {0}
     fields = {f.name for f in dataclasses.fields(InfiFPOConfig)}
     assert all(set(r["overrides"]) <= fields for r in runs.values())
     assert plan.main(["--config", str(path)]) == 0 and "train/infifpo" in capsys.readouterr().out

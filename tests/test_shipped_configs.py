@@ -194,6 +194,8 @@ def offline_config(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
     t = cfg.get("train") or {}
     if "seeds" in t:  # repetitions of the same runs: the first seed only
         t["seeds"] = t["seeds"][:1]
+        if "ablation_seeds" in t:
+            t["ablation_seeds"] = t["seeds"]
     for arm in (t.get("ablations") or {}).values():  # an arm's source pool names models of the config
         if "sources" in arm:
             arm["sources"] = [models[m] for m in arm["sources"]]
