@@ -289,8 +289,10 @@ def test_shape_mismatch_in_the_same_architecture_is_named(tiny_llama, tmp_path):
 def test_bad_options_are_config_errors(tiny_llama, pair_of_finetuned, tmp_path):
     from infifpo.merge.stage import merge_models
 
-    with pytest.raises(ConfigError, match="skip is an RSAF option"):
+    with pytest.raises(ConfigError, match=r"skip is an option of rsaf; ties does not use it \(drop --skip\)"):
         merge_models("ties", tiny_llama, pair_of_finetuned, tmp_path / "o", skip=["lm_head"])
+    with pytest.raises(ConfigError, match="density is an option of ties, dare_ties, sce; rsaf does not use it"):
+        merge_models("rsaf", tiny_llama, pair_of_finetuned, tmp_path / "o", density=0.3)
     with pytest.raises(ConfigError, match="tau must be in"):
         merge_models("rsaf", tiny_llama, pair_of_finetuned, tmp_path / "o", tau=1.5)
     with pytest.raises(ConfigError, match="unknown merge method"):
@@ -302,3 +304,25 @@ def test_help_lists_every_option_and_a_misspelt_key_is_named(capsys, tmp_path):
 
     help_lists_every_option(main, MergeOptions, capsys)
     misspelt_key_is_named(main, tmp_path, "rank_bi", "rank_by")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties", "sce"])
+def test_every_mergekit_baseline_writes_a_loadable_checkpoint(method, tiny_llama, pair_of_finetuned, tmp_path):
+    """The other baselines run offline on the tiny checkpoints with their default options. task_arithmetic at
+    weight 1 is exact: Φ = θ_p + Σ_j δ_j."""
+    pytest.importorskip("mergekit")
+    from transformers import AutoModelForCausalLM
+
+    from infifpo.merge.stage import merge_models
+
+    out = merge_models(method, tiny_llama, pair_of_finetuned, tmp_path / method)
+    AutoModelForCausalLM.from_pretrained(out)
+    merged = load_file(out / "model.safetensors")
+    base = load_file(Path(tiny_llama) / "model.safetensors")
+    assert sorted(merged) == sorted(base)
+    if method == "task_arithmetic":
+        phis = [load_file(Path(m) / "model.safetensors") for m in pair_of_finetuned]
+        for name, theta in base.items():
+            assert_close(merged[name], theta + sum(phi[name] - theta for phi in phis), atol=1e-6, rtol=1e-6)
+    else:
+        assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])

@@ -38,6 +38,11 @@ RSAF_MERGEKIT_NAME = "infifpo_rsaf"  # RSAF's name in mergekit's method registry
 # (choice, methods.md RSAF) The baselines' keep fraction when --density is unset: TIES's top-20 % (Yadav et al.,
 # 2023); DARE and SCE keep RSAF's τ = 0.1, so they differ from RSAF in which elements they keep, not how many.
 DEFAULT_DENSITY = {"ties": 0.2, "dare_ties": 0.1, "sce": 0.1}
+# The methods each option applies to, and its default: an option set away from its default for another method is a
+# ConfigError, not silently ignored.
+OPTION_METHODS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "tau": (("rsaf",), DEFAULT_TAU), "rank_by": (("rsaf",), "rate"), "skip": (("rsaf",), []),
+    "density": (("ties", "dare_ties", "sce"), None), "weight": (("task_arithmetic", "ties", "dare_ties"), 1.0)}
 RECORD_FILE = "merge.json"  # in the output: method, options, base and models (what a re-run compares)
 MERGE_VERSION = 1
 
@@ -160,6 +165,26 @@ def _check_output(out: Path, record: dict[str, Any]) -> bool:
                       "--output or delete it.")
 
 
+def check_options(method: str, models: list[Any], options: dict[str, Any]) -> None:
+    """ConfigError for an unknown method, no model, a value out of range, or an option set away from its default
+    for a method that does not take it (``OPTION_METHODS``: it would be ignored)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; one of {list(METHODS)}.")
+    if not models:
+        raise ConfigError("nothing to merge: give at least one model besides the base.")
+    try:
+        check_tau(options["tau"])
+        check_rank_by(options["rank_by"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name, (methods, default) in OPTION_METHODS.items():
+        if method not in methods and options[name] != default:
+            raise ConfigError(f"{name} is an option of {', '.join(methods)}; {method} does not use it "
+                              f"(drop --{name}).")
+    if options["density"] is not None and not 0.0 < options["density"] <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {options['density']}.")
+
+
 def merge_models(method: str, base: str | os.PathLike, models: list[str | os.PathLike], output: str | os.PathLike,
                  *, tau: float = DEFAULT_TAU, rank_by: str = "rate", skip: list[str] | tuple[str, ...] = (),
                  density: float | None = None, weight: float = 1.0, seed: int = 0) -> Path:
@@ -168,26 +193,15 @@ def merge_models(method: str, base: str | os.PathLike, models: list[str | os.Pat
 
     ``rsaf`` (methods.md RSAF) uses ``tau``, ``rank_by`` and ``skip`` (substrings of parameter names left as the
     base's); the baselines use mergekit's own methods with ``weight`` per model and ``density`` (the kept fraction
-    of each delta; ``DEFAULT_DENSITY`` when None; sce's select_topk). ``seed`` seeds DARE's random drop. Raises
-    MergeInputError when a model cannot be merged with the base, ConfigError for bad options, a missing mergekit,
-    or an ``output`` that holds another merge. The same merge into the same ``output`` again returns it at once."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown merge method {method!r}; one of {list(METHODS)}.")
-    if not models:
-        raise ConfigError("nothing to merge: give at least one model besides the base.")
-    try:
-        check_tau(tau)
-        check_rank_by(rank_by)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if skip and method != "rsaf":
-        raise ConfigError(f"skip is an RSAF option; {method} merges every parameter (drop --skip).")
-    if density is not None and not 0.0 < density <= 1.0:
-        raise ConfigError(f"density must be in (0, 1], got {density}.")
+    of each delta; ``DEFAULT_DENSITY`` when None; sce's select_topk); ``OPTION_METHODS`` says which method takes
+    which. ``seed`` seeds DARE's random drop. Raises MergeInputError when a model cannot be merged with the base,
+    ConfigError for bad options (``check_options``), a missing mergekit, or an ``output`` that holds another merge.
+    The same merge into the same ``output`` again returns it at once."""
+    options = {"tau": tau, "rank_by": rank_by, "skip": list(skip), "density": density, "weight": weight, "seed": seed}
+    check_options(method, models, options)
     base_dir = Path(resolve_model(str(base)))
     model_dirs = [Path(resolve_model(str(m))) for m in models]
     check_mergeable(base_dir, model_dirs)
-    options = {"tau": tau, "rank_by": rank_by, "skip": list(skip), "density": density, "weight": weight, "seed": seed}
     mergekit = require_mergekit()
     out = Path(output)
     record = {"version": MERGE_VERSION, "method": method, "base": str(base_dir),
