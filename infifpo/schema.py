@@ -110,6 +110,11 @@ class ConfigError(InfiFPOError, ValueError):
     """A configuration key or value is invalid (unknown key, wrong type, inconsistent options)."""
 
 
+class MergeInputError(InfiFPOError, ValueError):
+    """Models given to `infifpo merge` cannot be merged element by element: another architecture, other parameter
+    names or shapes than the base's, or no safetensors weights. The message names the model and the fix."""
+
+
 def row_label(index: int, row: dict[str, Any]) -> str:
     """A human-readable label for a row in error messages: its index and, when present, its id."""
     rid = row.get("id") if isinstance(row, dict) else None
