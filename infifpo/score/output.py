@@ -3,7 +3,8 @@ assembled scored-pairs output.
 
 Owns: ``model_key`` (a model directory's identity, ``models.model_identity``), ``ShardStats`` and the per-model
 ``score_stats.json`` (docs/formats.md "Score outputs"), and ``assemble``: joining the per-model outputs by row id into
-the scored-pairs format (schema.py: docs/methods.md's official InfiFPO columns plus token counts and model names).
+the scored-pairs format (schema.py: docs/methods.md's official InfiFPO columns plus token counts, model names and,
+when every model's output has them, mean entropies).
 Does not own: tokenising or running models, or which rows are scored (``infifpo.score.stage``).
 """
 
