@@ -84,9 +84,9 @@ class FusionInfo:
     """Diagnostics of one `fuse_reference` call; also readable as a dict (`info["clip_rate"]`).
 
     chosen_index/rejected_index: LongTensor [B], the candidate whose value became f(y) (index K = the initial
-    pivot when `include_pivot`); None for `mean`/`confidence`. clip_rate: 0-dim float tensor, the fraction of the
-    2·B·K source values that clipping changed (0 with clip off). weights: (chosen [B, K'], rejected [B, K'])
-    normalised confidence weights, None for the other methods. num_candidates: K'.
+    pivot when `include_pivot`); None for `mean`/`confidence`/`uncertainty`. clip_rate: 0-dim float tensor, the
+    fraction of the 2·B·K source values that clipping changed (0 with clip off). weights: (chosen [B, K'],
+    rejected [B, K']) normalised confidence or uncertainty weights, None for the other methods. num_candidates: K'.
     """
 
     chosen_index: Tensor | None
@@ -100,7 +100,8 @@ class FusionInfo:
 
     def shares(self, side: str, batch_size: int) -> Tensor:
         """(B, K') weight of each candidate in f(y) of ``side`` ("chosen" | "rejected"), each row summing to 1:
-        one-hot of the selected candidate (max_margin), the normalised weights (confidence), 1/K' each (mean)."""
+        one-hot of the selected candidate (max_margin), the normalised weights (confidence, uncertainty), 1/K' each
+        (mean)."""
         if side not in ("chosen", "rejected"):
             raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")
         index = self.chosen_index if side == "chosen" else self.rejected_index
@@ -137,7 +138,8 @@ def _gather(cand: Tensor, index: Tensor) -> Tensor:
     return cand.gather(1, index[:, None]).squeeze(1)
 
 
-# Each fusion takes candidates [B, K'] (clipped, pivot appended) and the D-pivot [B] of each response.
+# Each fusion takes candidates [B, K'] (clipped, pivot appended) and the D-pivot [B] of each response (uncertainty
+# also the H̄ + CE of each candidate, see fuse_uncertainty).
 def fuse_max_margin(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float) -> Fused:
     """Per response: f(y) = c_k*(y), k* = argmax_k |exp(c_k) − exp(pivot)| (docs/methods.md §Fusion, paper default)."""
     idx_w, idx_l = _max_margin_index(cand_w, pivot_w), _max_margin_index(cand_l, pivot_l)
@@ -155,12 +157,17 @@ def fuse_mean(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, 
     return cand_w.mean(dim=1), cand_l.mean(dim=1), None, None, None
 
 
+def _inverse_weighted(cand: Tensor, spread: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(f [B], w [B, K']): w_k = 1/(spread_k + eps) normalised over k, f = Σ_k w_k c_k (confidence, uncertainty)."""
+    w = 1.0 / (spread + eps)  # an infinite spread gets weight 0 and contributes 0 (not 0 * -inf = NaN)
+    w = w / w.sum(dim=1, keepdim=True)
+    return torch.where(w == 0, torch.zeros_like(cand), w * cand).sum(dim=1), w
+
+
 def _confidence(cand: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     if bool((cand > 0).any()):
         raise ValueError(f"confidence fusion needs log-probs <= 0 nats, got max {cand.max().item():.4g}")
-    w = 1.0 / (-cand + eps)  # a -inf candidate gets weight 0 and contributes 0 (not 0 * -inf = NaN)
-    w = w / w.sum(dim=1, keepdim=True)
-    return torch.where(w == 0, torch.zeros_like(cand), w * cand).sum(dim=1), w
+    return _inverse_weighted(cand, -cand, eps)
 
 
 def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float) -> Fused:
@@ -169,12 +176,50 @@ def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Te
     return f_w, f_l, None, None, (w_w, w_l)
 
 
+# |H̄ + CE| below this many nats/token counts as rounding (schema.check_logp lets log-probs reach +1e-4).
+UNCERTAINTY_ROUNDING = 1e-4
+
+
+def udf_uncertainty(mean_entropy: Tensor, mean_logps: Tensor) -> Tensor:
+    """H̄_k(y) + CE_k(y) = mean_entropy − mean_logps, same shape (docs/methods.md §UDF), nats/token.
+
+    mean_entropy: the mean over y's tokens of the model's next-token entropy; mean_logps: the per-token mean log-prob
+    s̄_k(y) (always the mean, whatever LN says), so CE_k = −s̄_k. Both are >= 0 for exact values.
+    """
+    _require_same_shape(mean_entropy=mean_entropy, mean_logps=mean_logps)
+    return mean_entropy - mean_logps
+
+
+def fuse_uncertainty(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float,
+                     uncertainty: tuple[Tensor, Tensor] | None = None) -> Fused:
+    """UDF per response: w_k ∝ 1/(H̄_k + CE_k + eps), normalised over k; f = Σ_k w_k c_k (docs/methods.md §UDF).
+
+    ``uncertainty``: (chosen [B, K'], rejected [B, K']) H̄_k + CE_k of each candidate (``udf_uncertainty``), nats/token;
+    the candidates c_k are the clipped values. Values below −UNCERTAINTY_ROUNDING raise (H̄ and CE are >= 0); those
+    within it are taken as 0.
+    """
+    if uncertainty is None:
+        raise ValueError("uncertainty fusion needs src_uncertainty (H̄_k + CE_k per source, udf_uncertainty)")
+    out = []
+    for name, cand, u in (("chosen", cand_w, uncertainty[0]), ("rejected", cand_l, uncertainty[1])):
+        if tuple(u.shape) != tuple(cand.shape):
+            raise ValueError(f"{name} uncertainty has shape {tuple(u.shape)}, expected the candidates' "
+                             f"{tuple(cand.shape)} (sources, then the pivot when include_pivot)")
+        if bool(torch.isnan(u).any()) or bool((u < -UNCERTAINTY_ROUNDING).any()):
+            raise ValueError(f"{name} uncertainty H̄ + CE must be >= 0 nats/token (no NaN), got min "
+                             f"{u.min().item():.4g}; entropies are >= 0 and log-probs <= 0")
+        out.append(_inverse_weighted(cand, u.clamp(min=0).to(cand.dtype), eps))
+    (f_w, w_w), (f_l, w_l) = out
+    return f_w, f_l, None, None, (w_w, w_l)
+
+
 FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
-           "confidence": fuse_confidence}
+           "confidence": fuse_confidence, "uncertainty": fuse_uncertainty}
 # docs/methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation
 # arms, γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
 # equivalent form and credits the pivot in the selection metrics.
-INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False}
+INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False,
+                         "uncertainty": False}
 
 
 def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
@@ -187,8 +232,9 @@ def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
 def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor, src_rejected: Tensor, *,
                    method: str = "max_margin", clip: bool = True, include_pivot: bool | None = None,
                    ref_offset: float | None = None, eps: float = 1e-6, margin_against: str = "init",
-                   policy_chosen: Tensor | None = None,
-                   policy_rejected: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
+                   policy_chosen: Tensor | None = None, policy_rejected: Tensor | None = None,
+                   src_uncertainty: tuple[Tensor, Tensor] | None = None,
+                   ref_uncertainty: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
     """The fused source reference f(y_w), f(y_l) [B] in the caller's space (sum or per-token mean, nats).
 
     ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (docs/methods.md §Fusion). Steps: clip against v_r
@@ -196,6 +242,8 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
     with FUSIONS[method], then clamp f into [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set.
     `margin_against="policy"` measures max-margin's D against the given current policy values policy_* [B]
     (detached) instead of v_r; clipping stays against v_r.
+    `method="uncertainty"` needs src_uncertainty, (chosen [B, K], rejected [B, K]) H̄_k + CE_k of each source
+    (``udf_uncertainty``, nats/token), and with `include_pivot` ref_uncertainty, the same [B] for v_r.
     NaN inputs raise (−inf is allowed and handled without NaN). Returns (fused_chosen, fused_rejected, FusionInfo).
     When every candidate equals v_r (e.g. all clipped to it) and the pivot is included, the selected index is the
     pivot's (K): the fused value is the pivot's whichever candidate wins the tie.
@@ -227,7 +275,10 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
         cand_w = torch.cat([cand_w, ref_chosen[:, None].to(cand_w.dtype)], dim=1)
         cand_l = torch.cat([cand_l, ref_rejected[:, None].to(cand_l.dtype)], dim=1)
 
-    f_w, f_l, idx_w, idx_l, weights = FUSIONS[method](cand_w, cand_l, pivot_w, pivot_l, eps)
+    extra = {}
+    if method == "uncertainty":
+        extra["uncertainty"] = _candidate_uncertainty(src_uncertainty, ref_uncertainty, include_pivot)
+    f_w, f_l, idx_w, idx_l, weights = FUSIONS[method](cand_w, cand_l, pivot_w, pivot_l, eps, **extra)
     if include_pivot and method == "max_margin":
         # Every candidate equals v_r (e.g. all clipped to it): f = v_r whichever index wins the tie, so credit the
         # pivot in the selection metrics rather than source 0.
@@ -237,6 +288,18 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
         f_w = torch.minimum(torch.maximum(f_w, ref_chosen - ref_offset), ref_chosen + ref_offset)
         f_l = torch.minimum(torch.maximum(f_l, ref_rejected - ref_offset), ref_rejected + ref_offset)
     return f_w, f_l, FusionInfo(idx_w, idx_l, clip_rate, weights, cand_w.shape[1])
+
+
+def _candidate_uncertainty(src: tuple[Tensor, Tensor] | None, ref: tuple[Tensor, Tensor] | None,
+                           include_pivot: bool) -> tuple[Tensor, Tensor] | None:
+    """(chosen [B, K'], rejected [B, K']) H̄ + CE per candidate: the sources', then the pivot's with include_pivot."""
+    if src is None:
+        return None
+    if not include_pivot:
+        return src
+    if ref is None:
+        raise ValueError("uncertainty fusion with include_pivot needs ref_uncertainty (H̄ + CE of the frozen pivot)")
+    return tuple(torch.cat([s, r[:, None].to(s.dtype)], dim=1) for s, r in zip(src, ref, strict=True))
 
 
 def _require_positive_beta(beta: float) -> None:

@@ -114,9 +114,39 @@ def _target_logprob(logits: torch.Tensor, targets: torch.Tensor, softcap: float 
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _target_logprob_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy −Σ p log p) from one chunk of head outputs over the whole vocabulary, fp32, nats."""
+    logits = _capped(logits, softcap)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    logp = logits - lse  # as _target_logprob, so the log-probs do not depend on ``entropy``
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - lse.squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 def _tile_logsumexp(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """logsumexp (fp32, per row) of one (positions, vocabulary tile) block of head outputs, soft-capped."""
     return torch.logsumexp(_capped(logits, softcap), dim=-1)
+
+
+def _tile_logsumexp_entropy(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp, entropy of the softmax within the tile), per row, of one vocabulary tile (fp32, nats).
+
+    With m = max z, d = m − z >= 0, e = exp(−d), S = Σ e: lse = m + log S and h = log S + Σ e·d / S, a sum of two
+    non-negative terms (LSE − E[z] directly would cancel two large numbers)."""
+    z = _capped(logits, softcap)
+    peak = z.amax(dim=-1, keepdim=True)
+    d = peak - z
+    e = torch.exp(-d)
+    total = e.sum(-1)
+    return peak.squeeze(-1) + torch.log(total), torch.log(total) + (e * d).sum(-1) / total
+
+
+def _entropy_from_tiles(lse: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Entropy (N,) in nats of the softmax over all tiles, from each tile's log-sum-exp and within-tile entropy
+    (N, tiles): with w_t = exp(lse_t − LSE) the tile's probability mass, H = Σ_t w_t (h_t + LSE − lse_t) (the chain
+    rule of entropy), every term >= 0."""
+    total = torch.logsumexp(lse, dim=-1, keepdim=True)
+    return (torch.exp(lse - total) * (within + (total - lse))).sum(-1)
 
 
 _compiled: dict[str, Any] = {}
@@ -137,7 +167,17 @@ def _maybe_compiled(fn: Any, compiled: bool, dynamic: bool = True) -> Any:
 def head_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, *,
                         softcap: float | None = None, chunk_size: int | None = None,
                         compiled: bool = False) -> torch.Tensor:
-    """Log-probs (nats, fp32) of ``targets`` (N,) given the final hidden states ``hidden`` (N, H).
+    """Log-probs (nats, fp32) of ``targets`` (N,) given the final hidden states ``hidden`` (N, H): the first value of
+    ``head_token_stats`` (see there)."""
+    return head_token_stats(hidden, targets, lm_head, softcap=softcap, chunk_size=chunk_size, compiled=compiled)[0]
+
+
+def head_token_stats(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, *,
+                     softcap: float | None = None, chunk_size: int | None = None, compiled: bool = False,
+                     entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs (N,), entropies (N,) or None), nats, fp32: log p(``targets``) given the final hidden states
+    ``hidden`` (N, H), and with ``entropy`` the entropy −Σ_v p_v log p_v of each position's next-token distribution
+    (docs/methods.md §UDF), computed in the same pass over the head's outputs.
 
     The vocabulary size is the head's output size, never ``len(tokenizer)`` (docs/bad-inputs.md T6), and the model's
     own soft-capping (Gemma 2/3) is applied in fp32. ``compiled`` runs the post-processing torch.compile'd. Two exact
@@ -145,52 +185,61 @@ def head_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, lm_head: to
 
     - with autograd (a trainer backpropagating through it, or ``chunk_size`` given): chunks of ``chunk_size``
       positions (default ~2**25 logits per chunk) over the whole vocabulary; per chunk logits = lm_head(hidden) in
-      the head's dtype, upcast to fp32, log p = logit[target] - logsumexp(logits).
+      the head's dtype, upcast to fp32, log p = logit[target] - logsumexp(logits) (entropy: −Σ p log p per row).
     - without autograd and with a bias-free linear head: vocabulary tiles of ~2**23 logits over all positions; the
       log-sum-exp is combined across tiles and the target logit is an fp32 dot product. Every tile reuses one slice
       of the head's weight for all positions, so its matmul runs ~2x faster than position chunks, which each stream
-      the whole (V, H) weight from memory; on Gemma-3's 262k vocabulary the head is half the scorer's FLOPs.
+      the whole (V, H) weight from memory; on Gemma-3's 262k vocabulary the head is half the scorer's FLOPs. The
+      entropy adds each tile's own entropy h_t, combined as H = Σ_t exp(lse_t − LSE)·(h_t + LSE − lse_t)
+      (``_entropy_from_tiles``); no (N, V) tensor is built either way.
     """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty.clone() if entropy else None)
     weight = getattr(lm_head, "weight", None)
     tiled = chunk_size is None and isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None \
         and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
     if tiled:
-        return _vocab_tiled_logprobs(hidden, targets, weight, softcap, compiled)
+        return _vocab_tiled_logprobs(hidden, targets, weight, softcap, compiled, entropy)
     vocab = weight.shape[0] if weight is not None else lm_head(hidden[:1]).shape[-1]
     step = chunk_size or max(16, HEAD_CHUNK_ELEMENTS // vocab)
-    fn = _maybe_compiled(_target_logprob, compiled)
+    fn = _maybe_compiled(_target_logprob_entropy if entropy else _target_logprob, compiled)
     out = [fn(lm_head(hidden[s : s + step]), targets[s : s + step], softcap) for s in range(0, hidden.shape[0], step)]
-    return torch.cat(out)
+    if entropy:
+        return torch.cat([lp for lp, _ in out]), torch.cat([h for _, h in out])
+    return torch.cat(out), None
 
 
-def _vocab_tiled_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                          softcap: float | None, compiled: bool) -> torch.Tensor:
-    """``head_token_logprobs`` without autograd: log-sum-exp over vocabulary tiles (see there)."""
+def _vocab_tiled_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, softcap: float | None,
+                          compiled: bool, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``head_token_stats`` without autograd: log-sum-exp (and entropy) over vocabulary tiles (see there)."""
     if compiled:
         rows = CUDA_HEAD_BLOCK_ROWS if hidden.is_cuda else HEAD_TILE_ELEMENTS // COMPILED_HEAD_TILE_COLUMNS
     else:
         rows = HEAD_TILE_ELEMENTS // 256  # positions per block: at least 256 vocabulary columns
     rows = min(hidden.shape[0], rows)
-    out = []
+    out, entropies = [], []
     for s in range(0, hidden.shape[0], rows):
         h = hidden[s : s + rows]
         if compiled:
-            lse = _static_width_tiles_logsumexp(h, weight, COMPILED_HEAD_TILE_COLUMNS, softcap)
+            lse = _static_width_tiles_logsumexp(h, weight, COMPILED_HEAD_TILE_COLUMNS, softcap, entropy)
         else:
             tile = min(weight.shape[0], max(256, HEAD_TILE_ELEMENTS // h.shape[0] // 256 * 256))
-            lse = _eager_tiles_logsumexp(h, weight, tile, softcap)
+            lse = _eager_tiles_logsumexp(h, weight, tile, softcap, entropy)
+        if entropy:  # (lse, within-tile entropy) per tile
+            entropies.append(_entropy_from_tiles(*lse))
+            lse = lse[0]
         target = _capped((h.float() * weight[targets[s : s + rows]].float()).sum(-1), softcap)
         out.append(target - torch.logsumexp(lse, dim=-1))
-    return torch.cat(out)
+    return torch.cat(out), (torch.cat(entropies) if entropy else None)
 
 
-def _static_width_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: int,
-                                  softcap: float | None) -> torch.Tensor:
+def _static_width_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: int, softcap: float | None,
+                                  entropy: bool = False) -> Any:
     """(N, tiles) fp32 log-sum-exp of each ``tile``-column slice of ``h @ weight.T``, compiled with a static width:
-    one compile for the full tiles and one for a narrower last tile, whatever N."""
-    fn = _maybe_compiled(_tile_logsumexp, True, dynamic=False)
+    one compile for the full tiles and one for a narrower last tile, whatever N. With ``entropy``: (log-sum-exp,
+    within-tile entropy), each (N, tiles)."""
+    fn = _maybe_compiled(_tile_logsumexp_entropy if entropy else _tile_logsumexp, True, dynamic=False)
     tile = min(tile, weight.shape[0])  # a vocabulary narrower than one tile is one full tile
     # one per block, as in _eager_tiles_logsumexp (fresh ones fragment the heap)
     buffer = h.new_empty(h.shape[0], tile)
@@ -204,16 +253,21 @@ def _static_width_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: i
             logits = h @ w.T
             torch._dynamo.maybe_mark_dynamic(logits, 0)
         out.append(fn(logits, softcap))
+    if entropy:
+        return torch.stack([lse for lse, _ in out], -1), torch.stack([m for _, m in out], -1)
     return torch.stack(out, -1)
 
 
-def _eager_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: int, softcap: float | None) -> torch.Tensor:
+def _eager_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: int, softcap: float | None,
+                           entropy: bool = False) -> Any:
     """(N, tiles) fp32 log-sum-exp of each vocabulary tile of ``h @ weight.T``, eagerly, in two preallocated buffers:
     fresh temporaries of slightly different sizes per tile and batch fragmented glibc's heap (4.0 GB peak RSS instead
-    of 1.15 on Gemma-3-270M in bench/bench_score.py)."""
+    of 1.15 on Gemma-3-270M in bench/bench_score.py). With ``entropy``: (log-sum-exp, within-tile entropy), each
+    (N, tiles), as in ``_tile_logsumexp_entropy``, with a third buffer holding max − z."""
     logits = h.new_empty(h.shape[0], tile)
     wide = torch.empty(h.shape[0], tile, dtype=torch.float32, device=h.device)
-    out = []
+    kept = torch.empty_like(wide) if entropy else None
+    out, within = [], []
     for v in range(0, weight.shape[0], tile):
         w = weight[v : v + tile]
         lg, x = (logits, wide) if w.shape[0] == tile else (logits[:, : w.shape[0]], wide[:, : w.shape[0]])
@@ -225,7 +279,18 @@ def _eager_tiles_logsumexp(h: torch.Tensor, weight: torch.Tensor, tile: int, sof
         if softcap is not None:
             x.div_(softcap).tanh_().mul_(softcap)
         peak = x.amax(-1, keepdim=True)
-        out.append(x.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1)))
+        d = None
+        if entropy:
+            d = kept[:, : w.shape[0]]
+            torch.sub(peak, x, out=d)  # max − z >= 0
+        x.sub_(peak).exp_()
+        total = x.sum(-1)
+        log_total = total.log()
+        if entropy:
+            within.append(d.mul_(x).sum(-1).div_(total).add_(log_total))  # log S + Σ e·d / S
+        out.append(log_total.add_(peak.squeeze(-1)))
+    if entropy:
+        return torch.stack(out, -1), torch.stack(within, -1)
     return torch.stack(out, -1)
 
 
@@ -241,7 +306,19 @@ def masked_token_logprobs(model: Any, input_ids: torch.Tensor, score_mask: torch
                           attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
                           compiled: bool = False, backbone: torch.nn.Module | None = None) -> torch.Tensor:
     """Log-probs (nats, fp32) of every token ``input_ids[b, t]`` with ``score_mask[b, t]`` true, given ``input_ids[b,
-    :t]``, in row-major order of the mask (so a caller splits them per row by the mask's row sums).
+    :t]``, in row-major order of the mask: the first value of ``masked_token_stats`` (see there)."""
+    return masked_token_stats(model, input_ids, score_mask, attention_mask, chunk_size=chunk_size, compiled=compiled,
+                              backbone=backbone)[0]
+
+
+def masked_token_stats(model: Any, input_ids: torch.Tensor, score_mask: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
+                       compiled: bool = False, backbone: torch.nn.Module | None = None,
+                       entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropies or None), nats, fp32: the log-prob of every token ``input_ids[b, t]`` with
+    ``score_mask[b, t]`` true, given ``input_ids[b, :t]``, and with ``entropy`` the entropy of the model's
+    next-token distribution at that position (the one the token was drawn from), in row-major order of the mask (so
+    a caller splits them per row by the mask's row sums).
 
     Position 0 cannot be scored (no context). With right padding ``attention_mask`` may be None: under causal
     attention padded positions at the end never influence real ones. ``backbone`` replaces ``decoder_backbone(model)``
@@ -254,5 +331,5 @@ def masked_token_logprobs(model: Any, input_ids: torch.Tensor, score_mask: torch
     predicting = score_mask[:, 1:]  # hidden state at t-1 predicts token t
     hidden = out.last_hidden_state[:, :-1][predicting]
     targets = input_ids[:, 1:][predicting]
-    return head_token_logprobs(hidden, targets, model.get_output_embeddings(), softcap=logit_softcap(model.config),
-                               chunk_size=chunk_size, compiled=compiled)
+    return head_token_stats(hidden, targets, model.get_output_embeddings(), softcap=logit_softcap(model.config),
+                            chunk_size=chunk_size, compiled=compiled, entropy=entropy)

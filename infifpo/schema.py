@@ -31,6 +31,8 @@ scored pairs
     pairs' columns + for every response column R in RESPONSE_COLUMNS present in the row:
     ref_R_logps (summed log-prob under the frozen pivot, nats), ref_mean_R_logps, ref_R_num_tokens,
     fuse_R_logps [K], fuse_mean_R_logps [K], fuse_R_num_tokens [K];
+    with the transformers scorer also ref_mean_R_entropy and fuse_mean_R_entropy [K] (the mean over R's tokens of
+    each model's next-token entropy, nats/token; ``entropy_columns``);
     plus pivot_model (str) and source_models [K].
     For R in (chosen, rejected) these are exactly the official InfiFPO columns (docs/methods.md) plus token counts.
 """
@@ -73,6 +75,11 @@ def fuse_columns(response: str) -> tuple[str, str, str]:
     return f"fuse_{response}_logps", f"fuse_mean_{response}_logps", f"fuse_{response}_num_tokens"
 
 
+def entropy_columns(response: str) -> tuple[str, str]:
+    """(pivot, sources [K]) column names of the mean next-token entropy (nats/token) over ``response``'s tokens."""
+    return f"ref_mean_{response}_entropy", f"fuse_mean_{response}_entropy"
+
+
 class InfiFPOError(Exception):
     """Base class of every error infifpo raises about user data, models or configuration."""
 
@@ -83,6 +90,11 @@ class DataFormatError(InfiFPOError, ValueError):
 
 class ScoredPairsError(DataFormatError):
     """A scored-pairs row is unusable for training (missing, non-finite or inconsistent log-probs)."""
+
+
+class MissingEntropyError(ScoredPairsError):
+    """Scored pairs lack the per-response entropy columns (``entropy_columns``) that ``uncertainty`` fusion needs:
+    scored before they existed, or by the vLLM scorer, which cannot compute them."""
 
 
 class ModelLoadError(InfiFPOError, RuntimeError):
@@ -222,4 +234,15 @@ def check_logp(value: Any, index: int, row: dict[str, Any], field: str, source: 
         )
     if value > 1e-4:
         raise ScoredPairsError(f"{where}: log-prob {value} is positive; a log-probability must be <= 0.")
+    return float(value)
+
+
+def check_entropy(value: Any, index: int, row: dict[str, Any], field: str, source: str | None = None) -> float:
+    """Return ``value`` as a float mean entropy (nats/token), or raise ScoredPairsError if it is not a finite number
+    >= 0 within float32 (a value down to -1e-4 passes as rounding, as ``check_logp`` lets log-probs reach +1e-4)."""
+    where = f"{row_label(index, row)}, field {field!r}" + (f", source {source!r}" if source else "")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or abs(value) > FLOAT32_MAX or value < -1e-4:
+        raise ScoredPairsError(f"{where}: expected a finite mean entropy >= 0 nats/token, got {value!r}. Re-run "
+                               "`infifpo score --backend transformers`.")
     return float(value)

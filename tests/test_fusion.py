@@ -178,6 +178,63 @@ def test_include_pivot_defaults_weight_the_sources_only_in_mean_and_confidence()
         assert fuse(method)[2].num_candidates == 3
 
 
+def udf_example():
+    """Mean entropies H̄ (nats/token): sources [B, K] and pivot [B] for the running example (whose values are means)."""
+    return (T([[0.5, 0.5], [1.0, 0.5]]), T([[1.5, 0.8], [0.2, 0.6]])), (T([1.0, 0.5]), T([0.5, 1.0]))
+
+
+def test_uncertainty_weights_by_hand():
+    """docs/methods.md §UDF: w_k ∝ 1/(H̄_k + CE_k + eps), CE_k = −s̄_k (unclipped), f = Σ w_k c_k on the clipped c.
+
+    clip on, sources only:
+    row 0 w: u = [0.5 + 0.5, 0.5 + 1.5] = [1, 2] -> w = [2/3, 1/3]; c = [-0.5, -1.0] -> f = -1/3 - 1/3 = -2/3
+    row 0 l: u = [1.5 + 2.5, 0.8 + 1.2] = [4, 2] -> w = [1/3, 2/3]; c = [-2.5, -2.0] -> f = -(2.5 + 4)/3 = -6.5/3
+    row 1 w: u = [1 + 3, 0.5 + 2.5] = [4, 3] -> w = [1/4, 1/3]/(7/12) = [3/7, 4/7]; c = [-2, -2] -> f = -2
+    row 1 l: u = [0.2 + 0.8, 0.6 + 1.4] = [1, 2] -> w = [2/3, 1/3]; c = [-1.0, -1.4] -> f = -(2 + 1.4)/3 = -3.4/3
+    with the pivot (r_w = -1 with H̄ 1, so u = 2), row 0 w: 1/u = [1, 1/2, 1/2] -> w = [1/2, 1/4, 1/4];
+    c = [-0.5, -1, -1] -> f = -0.25 - 0.25 - 0.25 = -0.75
+    """
+    (h_w, h_l), (hr_w, hr_l) = udf_example()
+    ref_w, ref_l, src_w, src_l = example()
+    src_u = (fusion.udf_uncertainty(h_w, src_w), fusion.udf_uncertainty(h_l, src_l))
+    f_w, f_l, info = fuse("uncertainty", src_uncertainty=src_u)
+    torch.testing.assert_close(f_w, T([-2 / 3, -2.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(f_l, T([-6.5 / 3, -3.4 / 3]), atol=1e-5, rtol=0)
+    assert info.chosen_index is None and info.num_candidates == 2
+    torch.testing.assert_close(info.shares("chosen", 2), T([[2 / 3, 1 / 3], [3 / 7, 4 / 7]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(info.shares("rejected", 2), T([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]), atol=1e-5, rtol=0)
+    ref_u = (fusion.udf_uncertainty(hr_w, ref_w), fusion.udf_uncertainty(hr_l, ref_l))
+    f_w, _, info = fuse("uncertainty", include_pivot=True, src_uncertainty=src_u, ref_uncertainty=ref_u)
+    assert f_w[0].item() == pytest.approx(-0.75, abs=1e-5)
+    assert info.weights[0][0].tolist() == pytest.approx([0.5, 0.25, 0.25], abs=1e-5)
+
+
+def test_uncertainty_with_one_source_is_that_source():
+    """One source: w = 1, so f(y) = c_1(y), the clipped value (max(s, r) on chosen, min(s, r) on rejected)."""
+    ref_w, ref_l = T([-1.0, -2.0, -0.3]), T([-2.0, -1.0, -0.4])
+    src_w, src_l = T([[-0.5], [-3.0], [-0.3]]), T([[-2.5], [-0.8], [-0.9]])
+    u = (T([[0.7], [2.0], [0.0]]), T([[3.1], [0.1], [1e-9]]))
+    f_w, f_l, info = fuse_reference(ref_w, ref_l, src_w, src_l, method="uncertainty", src_uncertainty=u)
+    torch.testing.assert_close(f_w, T([-0.5, -2.0, -0.3]))
+    torch.testing.assert_close(f_l, T([-2.5, -1.0, -0.9]))
+    assert info.shares("chosen", 3).tolist() == [[1.0], [1.0], [1.0]]
+    f_w, f_l, _ = fuse_reference(ref_w, ref_l, src_w, src_l, method="uncertainty", src_uncertainty=u, clip=False)
+    torch.testing.assert_close((f_w, f_l), (src_w[:, 0], src_l[:, 0]))
+
+
+def test_uncertainty_refuses_missing_or_negative_inputs():
+    (h_w, h_l), _ = udf_example()
+    ref_w, ref_l, src_w, src_l = example()
+    with pytest.raises(ValueError, match="needs src_uncertainty"):
+        fuse("uncertainty")
+    with pytest.raises(ValueError, match="include_pivot needs ref_uncertainty"):
+        fuse("uncertainty", include_pivot=True, src_uncertainty=(h_w, h_l))
+    with pytest.raises(ValueError, match=r"must be >= 0"):
+        fuse("uncertainty", src_uncertainty=(h_w - 1.0, h_l))
+    with pytest.raises(ValueError, match=r"shape \(2, 1\)"):
+        fuse("uncertainty", src_uncertainty=(h_w[:, :1], h_l))
+
+
 def test_confidence_rejects_positive_log_probs():
     ref_w, ref_l, src_w, src_l = example()
     with pytest.raises(ValueError, match="confidence fusion needs log-probs <= 0"):
@@ -329,9 +386,13 @@ def test_single_source_equal_to_reference_is_dpo(method, clip, include_pivot, re
     )
     pi_w = (r_w + torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
     pi_l = (r_l + torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
+    udf = {}
+    if method == "uncertainty":  # any non-negative H̄ + CE: one candidate value, or all equal to r
+        u = torch.rand(2, 6, generator=g, dtype=torch.float64)
+        udf = {"src_uncertainty": (u[0, :, None], u[1, :, None]), "ref_uncertainty": (u[1], u[0])}
     f_w, f_l, _ = fuse_reference(
         r_w, r_l, r_w[:, None].clone(), r_l[:, None].clone(), method=method, clip=clip,
-        include_pivot=include_pivot, ref_offset=ref_offset,
+        include_pivot=include_pivot, ref_offset=ref_offset, **udf,
     )
     loss = infifpo_loss(pi_w, pi_l, f_w, f_l, beta=0.1)
     grad = torch.autograd.grad(loss.sum(), (pi_w, pi_l))

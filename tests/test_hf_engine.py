@@ -20,7 +20,7 @@ from infifpo.backends.hf_engine import (
     resolve_dtype,
     token_budget_batches,
 )
-from infifpo.logprobs import head_token_logprobs
+from infifpo.logprobs import head_token_logprobs, head_token_stats
 from infifpo.schema import ModelLoadError
 from tests.conftest import make_char_tokenizer
 
@@ -32,6 +32,17 @@ def naive_logps(model_dir: str, prompt: list[int], completion: list[int]) -> lis
         logits = model(torch.tensor([prompt + completion])).logits[0].float()
     logp = torch.log_softmax(logits, -1)
     return [logp[len(prompt) + j - 1, t].item() for j, t in enumerate(completion)]
+
+
+def naive_entropies(model_dir: str, prompt: list[int], completion: list[int]) -> list[float]:
+    """Reference: the entropy −Σ p log p (nats) of the full-vocabulary fp32 next-token distribution at each position
+    that predicts a completion token, from one unpadded forward."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()
+    p = torch.softmax(logits, -1)
+    entropy = -(p * torch.log(p)).sum(-1)
+    return [entropy[len(prompt) + j - 1].item() for j in range(len(completion))]
 
 
 def random_requests(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
@@ -110,6 +121,52 @@ def test_vocab_tiled_head_equals_full_log_softmax(monkeypatch, softcap):
     graded = head_token_logprobs(hidden, targets, head, softcap=softcap)  # autograd: position chunks
     assert graded.requires_grad
     torch.testing.assert_close(graded.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("path", ["tiled", "static_width", "chunks"])
+def test_head_entropy_equals_full_softmax_entropy(monkeypatch, softcap, path):
+    """The next-token entropy from the vocabulary tiles (eager; the static-width tiles the compiled head uses, run
+    uncompiled here; position chunks) equals −Σ p log p of the full softmax, and the log-probs are unchanged."""
+    import infifpo.logprobs as lp
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden, targets = torch.randn(700, 16) * 3, torch.randint(0, 1000, (700,))
+    hidden[:3] = head.weight[targets[:3]].detach() * 400  # logits of ~100s: near-certain, and fp32 cancellation-prone
+    logits = hidden @ head.weight.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    p = torch.softmax(logits.double(), -1)
+    want_h = -(p * torch.log(p)).nan_to_num().sum(-1).float()
+    want_lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    monkeypatch.setattr(lp, "HEAD_TILE_ELEMENTS", 300 * 256)  # 300 positions per block, tiles of 256 columns
+    monkeypatch.setattr(lp, "COMPILED_HEAD_TILE_COLUMNS", 384)  # static width: two full tiles and a narrower one
+    monkeypatch.setattr(lp, "_maybe_compiled", lambda fn, compiled, dynamic=True: fn)
+    kw = {"chunk_size": 64} if path == "chunks" else {"compiled": path == "static_width"}
+    with torch.no_grad():
+        logps, entropy = head_token_stats(hidden, targets, head, softcap=softcap, entropy=True, **kw)
+        assert torch.equal(logps, head_token_logprobs(hidden, targets, head, softcap=softcap, **kw))
+        assert head_token_stats(hidden, targets, head, softcap=softcap, **kw)[1] is None
+    torch.testing.assert_close(entropy, want_h, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(logps[3:], want_lp[3:], atol=1e-5, rtol=1e-5)
+    assert float(entropy.min()) >= 0.0
+    if softcap is None:
+        assert float(entropy[:3].max()) < 1e-2 < float(entropy[3:].min())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+@pytest.mark.parametrize("head_chunk", [None, 3])
+def test_engine_entropy_equals_naive_full_softmax_entropy(fixture, head_chunk, request):
+    """score_with_entropy: per-token entropies equal the unbatched full-vocabulary forward's to 1e-5 (gemma:
+    soft-capped), over padded batches, and its log-probs are score()'s."""
+    model_dir = request.getfixturevalue(fixture)
+    engine = HFEngine(model_dir, dtype="float32", token_budget=48, head_chunk=head_chunk)
+    prompts, completions = random_requests(7, 90, seed=3)
+    logps, entropies = engine.score_with_entropy(prompts, completions)
+    assert logps == engine.score(prompts, completions)
+    for p, c, h in zip(prompts, completions, entropies, strict=True):
+        assert h == pytest.approx(naive_entropies(model_dir, p, c), abs=1e-5)
 
 
 def test_token_budget_batches_cover_each_request_once_within_budget():

@@ -21,13 +21,14 @@ from infifpo.schema import (
     DataFormatError,
     ModelLoadError,
     ScoredPairsError,
+    entropy_columns,
     fuse_columns,
     ref_columns,
 )
 from infifpo.score import stage as score_mod
 from infifpo.score.stage import ScoreOptions, main, score_pairs, score_responses
 from tests.conftest import make_tiny_model
-from tests.test_hf_engine import naive_logps
+from tests.test_hf_engine import naive_entropies, naive_logps
 from tests.test_sample import assert_help_lists_every_option, write_yaml
 
 ENGINE = {"dtype": "float32", "token_budget": 96}
@@ -60,11 +61,11 @@ class CountingEngine:
         self.inner, self.path = HFEngine(path, **kw), path
         CountingEngine.loads[path] = CountingEngine.loads.get(path, 0) + 1
 
-    def score(self, prompts, completions):
+    def score_with_entropy(self, prompts, completions):
         n = CountingEngine.calls[self.path] = CountingEngine.calls.get(self.path, 0) + 1
         if CountingEngine.fail_after is not None and n > CountingEngine.fail_after:
             raise KeyboardInterrupt("killed")
-        return self.inner.score(prompts, completions)
+        return self.inner.score_with_entropy(prompts, completions)
 
     def close(self):
         self.inner.close()
@@ -124,7 +125,7 @@ def test_scored_pairs_columns_and_values(tiny_llama, tiny_qwen, tiny_llama_b, tm
     scored = store.read_output(path)
     expected = set(PAIR_COLUMNS) | {"source_chosen", "pivot_model", "source_models"}
     for col in ("chosen", "rejected", "source_chosen"):
-        expected |= set(ref_columns(col)) | set(fuse_columns(col))
+        expected |= set(ref_columns(col)) | set(fuse_columns(col)) | set(entropy_columns(col))
     assert [r["id"] for r in scored] == [r["id"] for r in rows]
     responses = [[row[c][0]["content"] for c in ("chosen", "rejected", "source_chosen")] for row in rows]
     alone = [score_responses(m, [r["prompt"] for r in rows], responses, **ENGINE) for m in (tiny_qwen, tiny_llama_b)]
@@ -137,6 +138,46 @@ def test_scored_pairs_columns_and_values(tiny_llama, tiny_qwen, tiny_llama_b, tm
         assert out["ref_mean_chosen_logps"] == out["ref_chosen_logps"] / out["ref_chosen_num_tokens"]
         assert out["fuse_mean_chosen_logps"][1] == out["fuse_chosen_logps"][1] / out["fuse_chosen_num_tokens"][1]
         assert len(out["fuse_chosen_logps"]) == 2 and out["fuse_chosen_logps"][0] != out["fuse_chosen_logps"][1]
+
+
+def test_mean_entropy_columns_equal_the_full_softmax_entropy(tiny_llama, tiny_qwen, tmp_path):
+    """ref_mean_R_entropy / fuse_mean_R_entropy: the mean over R's tokens (each model's own tokenizer and template,
+    the tokens of its log-prob) of the full-vocabulary next-token entropy from a plain forward, nats/token."""
+    from transformers import AutoTokenizer
+
+    rows = make_rows(3)
+    scored = store.read_output(score_pairs(rows, pivot=tiny_llama, sources=[tiny_qwen], out_root=tmp_path, **ENGINE))
+    for model, pick in ((tiny_llama, lambda out, col: out[col[0]]), (tiny_qwen, lambda out, col: out[col[1]][0])):
+        tok = AutoTokenizer.from_pretrained(model)
+        for row, out in zip(rows, scored, strict=True):
+            texts = [row[c][0]["content"] for c in ("chosen", "rejected")]
+            prompt_ids, spans = response_spans(tok, row["prompt"], texts)
+            for column, span in zip(("chosen", "rejected"), spans, strict=True):
+                want = naive_entropies(model, prompt_ids, span)
+                assert pick(out, entropy_columns(column)) == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+def test_an_engine_without_entropies_writes_no_entropy_columns(tiny_llama, tiny_qwen, tmp_path, monkeypatch):
+    """An engine that cannot give entropies (the vLLM one returns None) leaves the entropy columns out of the
+    per-model rows and the scored pairs; the rest is unchanged. The per-model key carries the score version, so
+    outputs written before the entropy columns existed are not reused."""
+
+    class NoEntropyEngine(CountingEngine):
+        def score_with_entropy(self, prompts, completions):
+            return self.inner.score(prompts, completions), None
+
+    rows = make_rows(2)
+    with_entropy = store.read_output(score_pairs(rows, pivot=tiny_llama, sources=[tiny_qwen],
+                                                 out_root=tmp_path / "a", **ENGINE))
+    monkeypatch.setattr(score_mod, "load_engine", NoEntropyEngine)
+    path = score_pairs(rows, pivot=tiny_llama, sources=[tiny_qwen], out_root=tmp_path / "b", **ENGINE)
+    for a, b in zip(with_entropy, store.read_output(path), strict=True):
+        assert set(a) - set(b) == {c for r in ("chosen", "rejected") for c in entropy_columns(r)}
+        assert {k: a[k] for k in b} == b
+    per_model = json.loads(next((tmp_path / "b").glob("score-*/meta.json")).read_text())
+    assert per_model["key"]["version"] == score_mod.SCORE_VERSION == 2
+    assert not any(k.endswith("_entropy") for f in (tmp_path / "b").glob("score-*/part-*.jsonl")
+                   for r in store.read_jsonl(f) for k in r)
 
 
 def test_resume_after_kill_no_lost_or_duplicated_rows(tiny_llama, tiny_qwen, tmp_path, counting):
@@ -237,10 +278,10 @@ def test_model_load_failures_name_the_model(tiny_llama, tmp_path):
 
 def test_non_finite_scores_name_row_and_model(tiny_llama, tmp_path, monkeypatch):
     class NaNEngine(CountingEngine):
-        def score(self, prompts, completions):
-            out = self.inner.score(prompts, completions)
+        def score_with_entropy(self, prompts, completions):
+            out, entropies = self.inner.score_with_entropy(prompts, completions)
             out[1][0] = math.nan
-            return out
+            return out, entropies
 
     monkeypatch.setattr(score_mod, "load_engine", NaNEngine)
     pattern = rf"id='r0'\), field 'rejected', model '{re.escape(tiny_llama)}'.*not finite"

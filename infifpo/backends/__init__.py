@@ -41,6 +41,12 @@ class Engine(Protocol):
         """Per-token log-probs (nats, raw) of each completion given its prompt, one list per request, in order."""
         ...
 
+    def score_with_entropy(self, prompt_ids: list[list[int]],
+                           completion_ids: list[list[int]]) -> tuple[list[list[float]], list[list[float]] | None]:
+        """(``score``'s log-probs, the entropy in nats of the next-token distribution at each of those positions), or
+        None for the entropies when the engine cannot compute full distributions (vLLM)."""
+        ...
+
     def close(self) -> None: ...
 
 

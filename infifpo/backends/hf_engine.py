@@ -26,7 +26,7 @@ from transformers.activations import GELUTanh
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from infifpo.backends import Generation, SamplingSpec
-from infifpo.logprobs import decoder_backbone, logit_softcap, masked_token_logprobs
+from infifpo.logprobs import decoder_backbone, logit_softcap, masked_token_logprobs, masked_token_stats
 from infifpo.precision import DEFAULT_SHAPE, auto_cpu_dtype, model_dir_shape
 from infifpo.schema import ModelLoadError
 
@@ -250,9 +250,19 @@ class HFEngine:
         return self._tokenizer
 
     # ------------------------------------------------------------------------------------------------ scoring
-    @torch.inference_mode()
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         """Per-token raw log-probs (nats, T = 1) of each completion given its prompt, in request order."""
+        return self._score(prompt_ids, completion_ids, entropy=False)[0]
+
+    def score_with_entropy(self, prompt_ids: list[list[int]],
+                           completion_ids: list[list[int]]) -> tuple[list[list[float]], list[list[float]] | None]:
+        """(``score``'s per-token log-probs, the per-token entropies of the model's next-token distribution at the
+        same positions), nats, from the same vocabulary-tiled pass (``logprobs.head_token_stats``)."""
+        return self._score(prompt_ids, completion_ids, entropy=True)
+
+    @torch.inference_mode()
+    def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+               entropy: bool) -> tuple[list[list[float]], list[list[float]] | None]:
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
@@ -264,13 +274,18 @@ class HFEngine:
                                  f"(min {min(ids)}, max {max(ids)}); were these ids made with another tokenizer?")
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
         results: list[list[float]] = [[] for _ in prompt_ids]
+        entropies: list[list[float]] = [[] for _ in prompt_ids]
         for batch in token_budget_batches(lengths, self.token_budget):
-            flat = self._score_batch([prompt_ids[i] for i in batch], [completion_ids[i] for i in batch])
-            for i, values in zip(batch, flat, strict=True):
-                results[i] = values
-        return results
+            flat, flat_h = self._score_batch([prompt_ids[i] for i in batch], [completion_ids[i] for i in batch],
+                                             entropy)
+            for k, i in enumerate(batch):
+                results[i] = flat[k]
+                if flat_h is not None:
+                    entropies[i] = flat_h[k]
+        return results, (entropies if entropy else None)
 
-    def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+    def _score_batch(self, prompts: list[list[int]], completions: list[list[int]],
+                     entropy: bool = False) -> tuple[list[list[float]], list[list[float]] | None]:
         width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
         score_mask = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -281,20 +296,22 @@ class HFEngine:
         # Right padding with no attention mask is exact: causal attention never lets the trailing pads reach a real
         # token, and it keeps SDPA on its is_causal fast path.
         input_ids, score_mask = input_ids.to(self.device), score_mask.to(self.device)
-        logps = None
+        stats = None
         if self._wants_compile(len(prompts)):
             try:
-                logps = masked_token_logprobs(self.model, input_ids, score_mask, chunk_size=self.head_chunk,
-                                              compiled=True, backbone=self._backbone_compiled())
+                stats = masked_token_stats(self.model, input_ids, score_mask, chunk_size=self.head_chunk,
+                                           compiled=True, backbone=self._backbone_compiled(), entropy=entropy)
             except Exception as e:  # inductor raises many types (no compiler, unsupported op); eager is always right
                 self._compile_failed = True
                 logger.warning("%s: torch.compile'd scoring failed (%s: %s); scoring eagerly instead. Set "
                                "INFIFPO_COMPILE=0 (or compile=False) to skip the attempt.", self.model_dir,
                                type(e).__name__, " ".join(str(e).split())[:400])
-        if logps is None:
-            logps = masked_token_logprobs(self.model, input_ids, score_mask, chunk_size=self.head_chunk,
-                                          compiled=self.compile_head and not self._compile_failed)
-        return [chunk.tolist() for chunk in logps.cpu().split([len(c) for c in completions])]
+        if stats is None:
+            stats = masked_token_stats(self.model, input_ids, score_mask, chunk_size=self.head_chunk,
+                                       compiled=self.compile_head and not self._compile_failed, entropy=entropy)
+        sizes = [len(c) for c in completions]
+        logps, entropies = (None if t is None else [chunk.tolist() for chunk in t.cpu().split(sizes)] for t in stats)
+        return logps, entropies
 
     def _wants_compile(self, batch_size: int) -> bool:
         """Compiled scoring for this batch? Never after a failure; batches of one stay eager (dynamo would specialise

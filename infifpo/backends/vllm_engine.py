@@ -414,6 +414,15 @@ class VLLMEngine:
             result.append(values)
         return result
 
+    def score_with_entropy(self, prompt_ids: list[list[int]],
+                           completion_ids: list[list[int]]) -> tuple[list[list[float]], None]:
+        """(``score``'s log-probs, None): no next-token entropies. vLLM's ``prompt_logprobs`` give the top
+        ``max_logprobs`` (default 20) tokens of a position, and the whole distribution only as a Python dict of V
+        ``Logprob`` objects per token (``prompt_logprobs=-1`` with ``max_logprobs=-1``; 262k per token on Gemma-3),
+        far costlier than the scoring itself. The transformers backend computes the entropy in its tiled head pass
+        (``uncertainty`` fusion needs it)."""
+        return self.score(prompt_ids, completion_ids), None
+
     def close(self) -> None:
         """Shut the engine down, collect garbage, and end every process it started (P1): vLLM's own shutdown first
         (``ENGINE_SHUTDOWN_TIMEOUT_S``), then SIGTERM / SIGKILL for whatever of its process tree (engine core,

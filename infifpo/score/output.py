@@ -3,7 +3,8 @@ assembled scored-pairs output.
 
 Owns: ``model_key`` (a model directory's identity, ``models.model_identity``), ``ShardStats`` and the per-model
 ``score_stats.json`` (docs/formats.md "Score outputs"), and ``assemble``: joining the per-model outputs by row id into
-the scored-pairs format (schema.py: docs/methods.md's official InfiFPO columns plus token counts and model names).
+the scored-pairs format (schema.py: docs/methods.md's official InfiFPO columns plus token counts, model names and,
+when every model's output has them, mean entropies).
 Does not own: tokenising or running models, or which rows are scored (``infifpo.score.stage``).
 """
 
@@ -20,7 +21,7 @@ from filelock import FileLock
 from infifpo import store
 from infifpo.models.resolve import model_files, model_identity
 from infifpo.provenance import rows_digest
-from infifpo.schema import RESPONSE_COLUMNS, fuse_columns, ref_columns
+from infifpo.schema import RESPONSE_COLUMNS, entropy_columns, fuse_columns, ref_columns
 
 logger = logging.getLogger(__name__)
 
@@ -130,5 +131,9 @@ def _scored_row(row: dict, ref: dict, srcs: list[dict], pivot: str, sources: lis
         out[f_sum] = [s[f"{column}_logps"] for s in srcs]
         out[f_n] = [s[f"{column}_num_tokens"] for s in srcs]
         out[f_mean] = [a / n for a, n in zip(out[f_sum], out[f_n], strict=True)]
+        if all(f"{column}_mean_entropy" in s for s in (ref, *srcs)):  # the vLLM scorer writes none
+            r_entropy, f_entropy = entropy_columns(column)
+            out[r_entropy] = ref[f"{column}_mean_entropy"]
+            out[f_entropy] = [s[f"{column}_mean_entropy"] for s in srcs]
     out["pivot_model"], out["source_models"] = pivot, list(sources)
     return out

@@ -53,6 +53,9 @@ from infifpo.score.output import ShardStats, assemble, finalize_model
 
 logger = logging.getLogger(__name__)
 
+# Part of every per-model output's key: bump when what is written for the same inputs changes, so older outputs are
+# not reused (2: per-response mean next-token entropies, `<R>_mean_entropy`, with the transformers backend).
+SCORE_VERSION = 2
 Policy = Literal["error", "drop"]  # what to do with an empty or a too-long response: stop, or drop the row (counted)
 POLICIES = {"on_empty": typing.get_args(Policy), "on_too_long": typing.get_args(Policy)}
 Split = Literal[(*SPLITS, "all")]
@@ -233,14 +236,20 @@ def _spans(tokenizer: Any, prompt: Messages, responses: list[str], index: int, r
         raise ChatTemplateError(f"{row_label(index, row)}, model {model!r}: {e}") from e
 
 
-def _summary(logps: list[float], index: int, row: dict, field: str, model: str) -> dict[str, Any]:
+def _summary(logps: list[float], index: int, row: dict, field: str, model: str,
+             entropies: list[float] | None = None) -> dict[str, Any]:
+    """{"sum", "mean", "num_tokens"} of one response's per-token log-probs, and "mean_entropy" (nats/token) when
+    the engine gave per-token ``entropies``."""
     total = math.fsum(logps)
-    if not math.isfinite(total):
-        raise ScoredPairsError(
-            f"{row_label(index, row)}, field {field!r}, model {model!r}: log-prob is {total} (not finite); the "
-            "model produced NaN/inf (broken weights, or fp16 overflow: try --dtype float32)."
-        )
-    return {"sum": total, "mean": total / len(logps), "num_tokens": len(logps)}
+    mean_entropy = None if entropies is None else math.fsum(entropies) / len(entropies)
+    for what, value in (("log-prob", total), ("mean entropy", mean_entropy)):
+        if value is not None and not math.isfinite(value):
+            raise ScoredPairsError(
+                f"{row_label(index, row)}, field {field!r}, model {model!r}: {what} is {value} (not finite); the "
+                "model produced NaN/inf (broken weights, or fp16 overflow: try --dtype float32)."
+            )
+    out = {"sum": total, "mean": total / len(logps), "num_tokens": len(logps)}
+    return out if mean_entropy is None else {**out, "mean_entropy": mean_entropy}
 
 
 # ---------------------------------------------------------------- one model
@@ -255,7 +264,8 @@ def model_output(ref: str, job: ScoreJob) -> tuple[store.StageOutput, str, str]:
     path = resolve_model(ref)
     device = job.engine_kw.get("device", "cuda" if job.backend == "vllm" and torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(job.dtype, device, model_dir_shape(path))
-    key = {"model": model_identity(path), "backend": job.backend, "dtype": dtype, "pairs": job.pairs_fp,
+    key = {"version": SCORE_VERSION, "model": model_identity(path), "backend": job.backend, "dtype": dtype,
+           "pairs": job.pairs_fp,
            "max_length": job.max_length, "on_too_long": job.on_too_long, "spans": "trl-conversational"}
     return store.StageOutput(job.out_root, _output_name(ref), key), path, dtype
 
@@ -340,14 +350,17 @@ def _score_encoded(ref: str, path: str, dtype: str, encoded: list, writer: store
                 counts = {"responses": len(requests), "tokens": sum(len(c) for _, c in requests),
                           "prompt_tokens": sum(len(p) for p, _ in requests)}  # before the engine sees the lists
                 t0 = time.perf_counter()
-                logps = iter(engine.score([p for p, _ in requests], [c for _, c in requests]))
+                logps, entropies = engine.score_with_entropy([p for p, _ in requests], [c for _, c in requests])
                 seconds = time.perf_counter() - t0
+                logps, entropies = iter(logps), iter(entropies or [None] * len(requests))
                 rows = []
                 for i, row, _, completions in batch:
                     scored = {"id": row["id"], "status": "ok"}
                     for column in completions:
-                        s = _summary(next(logps), i, row, column, ref)
+                        s = _summary(next(logps), i, row, column, ref, next(entropies))
                         scored[f"{column}_logps"], scored[f"{column}_num_tokens"] = s["sum"], s["num_tokens"]
+                        if "mean_entropy" in s:  # not from vLLM (backends.vllm_engine.score_with_entropy)
+                            scored[f"{column}_mean_entropy"] = s["mean_entropy"]
                     rows.append(scored)
                 writer.write(rows)
                 stats.add(seconds=seconds, **counts)

@@ -28,10 +28,13 @@ from datasets import Dataset
 
 from infifpo.schema import (
     DataFormatError,
+    MissingEntropyError,
     ModelLoadError,
     ScoredPairsError,
+    check_entropy,
     check_logp,
     check_messages,
+    entropy_columns,
     fuse_columns,
     ref_columns,
     require_columns,
@@ -91,6 +94,17 @@ def score_columns(responses: Sequence[str], *, length_normalize: bool, sources: 
     return cols + ([fuse_columns(r)[pick] for r in responses] if sources else [])
 
 
+def uncertainty_columns(responses: Sequence[str], *, pivot: bool) -> list[str]:
+    """The columns ``uncertainty`` fusion reads besides ``score_columns`` (docs/methods.md §UDF): per response the
+    sources' mean entropies and mean log-probs (CE is the per-token mean whatever LN says), and the frozen pivot's
+    when it is a fusion candidate (``pivot``, i.e. include_pivot)."""
+    cols = []
+    for r in responses:
+        cols += [entropy_columns(r)[1], fuse_columns(r)[1]] + ([entropy_columns(r)[0], ref_columns(r)[1]] if pivot
+                                                               else [])
+    return cols
+
+
 def validate_preference_rows(
     dataset: Dataset,
     *,
@@ -101,6 +115,7 @@ def validate_preference_rows(
     skip_invalid: bool = False,
     model: str | None = None,
     allow_model_mismatch: bool = False,
+    uncertainty: Sequence[str] = (),
 ) -> Dataset:
     """Check every row before tokenisation; raise the first error, or drop bad rows and log how many.
 
@@ -110,9 +125,15 @@ def validate_preference_rows(
     where a row has both a mean and its sum, the mean against sum / token count (or, without counts, the implied
     count sum / mean must be a positive whole number). With ``ref`` and ``model`` (what the trainer trains from),
     a row's ``pivot_model`` must be that model (``allow_model_mismatch``: a logged warning instead).
+    ``uncertainty`` (``uncertainty_columns``) are the extra columns ``uncertainty`` fusion reads: mean entropies
+    (finite, >= 0) and mean log-probs; a dataset without an entropy column, or a row whose entropy is null, is a
+    MissingEntropyError saying to re-score with the transformers scorer.
     Raises DataFormatError / ScoredPairsError naming the row (index and id), the field and the fix.
     """
     columns = score_columns(responses, length_normalize=length_normalize, sources=sources, ref=ref)
+    entropies = [c for c in uncertainty if c.endswith("_entropy")]
+    _require_entropy_columns(dataset, entropies)
+    columns = list(dict.fromkeys(columns + [c for c in uncertainty if c not in entropies]))
     rows = [{c: v for c, v in row.items() if c != ROW_INDEX} for row in dataset.to_list()]
     index = dataset[ROW_INDEX] if ROW_INDEX in dataset.column_names else list(range(len(rows)))
     k_expected = _expected_num_sources(rows, responses, length_normalize) if sources else None
@@ -121,6 +142,7 @@ def validate_preference_rows(
     bad: list[tuple[int, str]] = []
     for pos, (i, row) in enumerate(zip(index, rows, strict=True)):
         try:
+            _check_entropies(i, row, entropies, k_expected, names_expected)
             _check_row(i, row, responses, columns, k_expected, names_expected)
             _check_means(i, row, responses if ref else (), responses if sources else (), k_expected, names_expected)
             if pivot is not None:
@@ -130,6 +152,31 @@ def validate_preference_rows(
                 raise
             bad.append((pos, str(e)))
     return _drop_rows(dataset, bad, "invalid")
+
+
+def _missing_entropy(what: str) -> MissingEntropyError:
+    return MissingEntropyError(
+        f"{what}, which fusion_method='uncertainty' needs: the mean next-token entropy of each response under each "
+        "model (docs/formats.md, Scored pairs). Re-score the pairs with the transformers scorer (`infifpo score "
+        "--backend transformers ...`; the vLLM scorer cannot compute entropies, and outputs scored before they "
+        "existed lack them), or choose another fusion_method.")
+
+
+def _require_entropy_columns(dataset: Dataset, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise _missing_entropy(f"the scored pairs have no {missing} column(s)")
+
+
+def _check_entropies(i: int, row: dict[str, Any], columns: Sequence[str], k: int | None, names: Any) -> None:
+    for col in columns:
+        value = row.get(col)
+        if value is None:
+            raise _missing_entropy(f"{row_label(i, row)}, field {col!r}: no value")
+        if col.startswith("ref_"):
+            check_entropy(value, i, row, col)
+        else:
+            _check_source_values(i, row, col, value, k, names, check=check_entropy)
 
 
 def _expected_num_sources(rows: list[dict[str, Any]], responses: Sequence[str], length_normalize: bool) -> int:
@@ -177,13 +224,14 @@ def _check_responses(i: int, row: dict[str, Any], responses: Sequence[str]) -> N
                                "(or set skip_invalid_rows=True) and check the pairing stage for reward ties.")
 
 
-def _check_source_values(i: int, row: dict[str, Any], col: str, values: Any, k: int | None, names: Any) -> None:
+def _check_source_values(i: int, row: dict[str, Any], col: str, values: Any, k: int | None, names: Any,
+                         check: Callable[..., float] = check_logp) -> None:
     if not isinstance(values, list) or len(values) != k:
         got = len(values) if isinstance(values, list) else type(values).__name__
         raise ScoredPairsError(f"{row_label(i, row)}, field {col!r}: has {got} values, expected K={k} sources like "
                                "the other rows. Re-score the row with every source model, or drop it.")
     for j, v in enumerate(values):
-        check_logp(v, i, row, col, source=_source_name(names, j))
+        check(v, i, row, col, source=_source_name(names, j))
 
 
 def _source_name(names: Any, j: int) -> str:
@@ -350,19 +398,20 @@ class _PivotCheck:
 def prepare_scored_dataset(dataset: Dataset, tokenize: Callable[[Dataset], Dataset], *, responses: Sequence[str],
                            length_normalize: bool, sources: bool, ref: bool, skip_invalid: bool,
                            max_length: int | None, tokenizer_name: str, model: str | None = None,
-                           allow_model_mismatch: bool = False) -> Dataset:
+                           allow_model_mismatch: bool = False, uncertainty: Sequence[str] = ()) -> Dataset:
     """Validate the rows, tokenise them with ``tokenize`` (TRL's ``_prepare_dataset`` without its max_length filter,
     plus any extra response's ids), then check them against the tokens the trainer sums over.
 
     After tokenisation: a row longer than ``max_length`` (prompt + any response) is refused, never cut (the scores
     cover the whole response); a supplied ``ref_<R>_num_tokens`` (or, in the official format, the count implied by
     ``ref_<R>_logps / ref_mean_<R>_logps``) must equal the trainer's completion token count. Errors name the row by
-    its index in ``dataset`` and its id; ``skip_invalid`` drops and counts instead.
+    its index in ``dataset`` and its id; ``skip_invalid`` drops and counts instead. ``uncertainty``: as in
+    ``validate_preference_rows``.
     """
     dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
     dataset = validate_preference_rows(dataset, responses=responses, length_normalize=length_normalize,
                                        sources=sources, ref=ref, skip_invalid=skip_invalid, model=model,
-                                       allow_model_mismatch=allow_model_mismatch)
+                                       allow_model_mismatch=allow_model_mismatch, uncertainty=uncertainty)
     dataset = tokenize(dataset)
     dataset = _check_tokenized(dataset, _check_length, responses, max_length, skip_invalid, "too-long")
     if ref:

@@ -30,8 +30,8 @@ class FusionOptions:
         "help": "Clip candidates against the frozen pivot: never below it on chosen, never above it on rejected."})
     include_pivot: bool | None = field(default=None, metadata={
         "help": "Append the frozen pivot as one more fusion candidate (the paper's derivation). Default: false for "
-                "mean/confidence (the paper's arms weight the N sources only), true for the max-margin forms, where "
-                "it only breaks ties (docs/methods.md §Fusion)."})
+                "mean/confidence/uncertainty (the paper's arms weight the N sources only), true for the max-margin "
+                "forms, where it only breaks ties (docs/methods.md §Fusion)."})
     margin_against: str = field(default="init", metadata={
         "help": "max_margin's distance is measured against the frozen pivot ('init') or the current policy "
                 "('policy').", "choices": ["init", "policy"]})

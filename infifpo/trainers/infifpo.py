@@ -18,11 +18,12 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from infifpo import fusion
-from infifpo.schema import ConfigError, fuse_columns, ref_columns
+from infifpo.schema import ConfigError, entropy_columns, fuse_columns, ref_columns
 from infifpo.trainers.data import (
     model_reference,
     prepare_scored_dataset,
     score_columns,
+    uncertainty_columns,
     without_max_length,
 )
 from infifpo.trainers.dpo_options import check_truncation_mode, refuse_ignored_dpo_options
@@ -104,7 +105,7 @@ def select_sources(dataset: Dataset, names: list[str], responses: tuple[str, ...
         raise ConfigError(f"fusion_sources={names}: give one or more distinct source names.")
     if "source_models" not in dataset.column_names:
         raise ConfigError("fusion_sources needs the rows' source_models column (written by `infifpo score`).")
-    cols = [c for r in responses for c in fuse_columns(r) if c in dataset.column_names]
+    cols = [c for r in responses for c in (*fuse_columns(r), entropy_columns(r)[1]) if c in dataset.column_names]
 
     def pick(row: dict[str, Any]) -> dict[str, Any]:
         have = list(row["source_models"])
@@ -150,8 +151,12 @@ class InfiFPOTrainer(DPOTrainer):
             raise ConfigError(f"args must be an InfiFPOConfig, got {type(args).__name__}.")
         wrpo = args.loss_type[0] == "wrpo"
         self._responses = ("source_chosen", "chosen", "rejected") if wrpo else ("chosen", "rejected")
-        self._score_columns = tuple(score_columns(self._responses, length_normalize=args.length_normalize,
-                                                  sources=True))
+        # docs/methods.md §UDF: uncertainty fusion also reads mean entropies and mean log-probs
+        udf = args.fuse and args.fusion_method == "uncertainty"
+        self._uncertainty_columns = uncertainty_columns(self._responses, pivot=args.include_pivot) if udf else []
+        self._score_columns = tuple(dict.fromkeys(
+            score_columns(self._responses, length_normalize=args.length_normalize, sources=True)
+            + self._uncertainty_columns))
         self._source_names: list[str] = []
         self._model_ref = model_reference(model)  # the pivot the scores must come from (data.prepare_scored_dataset)
         super().__init__(model, args=args, data_collator=data_collator, **kwargs)
@@ -178,7 +183,7 @@ class InfiFPOTrainer(DPOTrainer):
             dataset, tokenize, responses=self._responses, length_normalize=args.length_normalize, sources=True,
             ref=True, skip_invalid=args.skip_invalid_rows, max_length=args.max_length,
             tokenizer_name=self._tokenizer.name_or_path, model=self._model_ref,
-            allow_model_mismatch=args.allow_reference_model_mismatch)
+            allow_model_mismatch=args.allow_reference_model_mismatch, uncertainty=self._uncertainty_columns)
         if "source_models" in dataset.column_names and not self._source_names:
             self._source_names = list(dataset[0]["source_models"])
         return dataset
@@ -221,13 +226,31 @@ class InfiFPOTrainer(DPOTrainer):
         kw = self.args.fusion_kwargs()
         f_c, f_r, info = fusion.fuse_reference(ref["chosen"], ref["rejected"], src["chosen"], src["rejected"],
                                                policy_chosen=policy["chosen"], policy_rejected=policy["rejected"],
-                                               **kw)
+                                               **kw, **self._uncertainty(scores, "chosen", "rejected"))
         fused = {"chosen": f_c, "rejected": f_r}
         if "source_chosen" in policy:  # InfiFPO-WRPO: y_ws is fused as a preferred response against the same y_l
             fused["source_chosen"] = fusion.fuse_reference(
                 ref["source_chosen"], ref["rejected"], src["source_chosen"], src["rejected"],
-                policy_chosen=policy["source_chosen"], policy_rejected=policy["rejected"], **kw)[0]
+                policy_chosen=policy["source_chosen"], policy_rejected=policy["rejected"], **kw,
+                **self._uncertainty(scores, "source_chosen", "rejected"))[0]
         return fused, info
+
+    def _uncertainty(self, scores: dict[str, torch.Tensor], chosen: str, rejected: str
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``fuse_reference``'s src_uncertainty (and ref_uncertainty with include_pivot) for ``uncertainty`` fusion:
+        H̄ + CE of each response from its mean-entropy and mean log-prob columns, nats/token (docs/methods.md §UDF);
+        {} for the other methods."""
+        if not self._uncertainty_columns:
+            return {}
+
+        def h_plus_ce(response: str, who: int) -> torch.Tensor:  # who: 0 the frozen pivot, 1 the sources
+            mean_logps = (ref_columns, fuse_columns)[who](response)[1]
+            return fusion.udf_uncertainty(scores[entropy_columns(response)[who]], scores[mean_logps])
+
+        kw = {"src_uncertainty": (h_plus_ce(chosen, 1), h_plus_ce(rejected, 1))}
+        if self.args.include_pivot:
+            kw["ref_uncertainty"] = (h_plus_ce(chosen, 0), h_plus_ce(rejected, 0))
+        return kw
 
     def _pair_losses(self, policy: dict[str, torch.Tensor], fused: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.args.loss_type[0] == "wrpo":

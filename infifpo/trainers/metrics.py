@@ -2,8 +2,9 @@
 
 Owns: the candidate names of a fusion (the sources, then "pivot" when it is a candidate) and the per-pair share
 metrics ``<prefix>/<name>``: the weight of each candidate in f(y), averaged over the logging window, so a source
-that never wins a max-margin selection, or gets little confidence weight, shows as a share near 0 for every fusion
-method alike. Does not own: the fusion itself (``infifpo.fusion``) or gathering across ranks (``forward``).
+that never wins a max-margin selection, or gets little confidence or uncertainty weight, shows as a share near 0 for
+every fusion method alike. Does not own: the fusion itself (``infifpo.fusion``) or gathering across ranks
+(``forward``).
 """
 
 from __future__ import annotations

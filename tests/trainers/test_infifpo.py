@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from infifpo.logprobs import response_spans
-from infifpo.schema import ConfigError
+from infifpo.schema import ConfigError, MissingEntropyError
 from infifpo.store import read_jsonl
 from infifpo.trainers.infifpo import InfiFPOConfig, InfiFPOTrainer
 from tests.trainers.conftest import (
@@ -131,6 +131,91 @@ def test_confidence_fusion_logs_each_sources_weight_as_its_share(tiny_llama, tin
     assert (m["fusion/chosen_share/m0"], m["fusion/chosen_share/m1"]) == pytest.approx((0.625, 0.375))
     assert (m["fusion/rejected_share/m0"], m["fusion/rejected_share/m1"]) == pytest.approx((0.5, 0.5))
     assert "fusion/chosen_share/pivot" not in m
+
+def _with_entropies(rows, chosen_means, chosen_entropy, rejected_means, rejected_entropy, pivot_entropy=(1.0, 2.0)):
+    """Set per-row source means [K] (sums = mean × count, as `infifpo score` writes them) and mean entropies."""
+    for i, row in enumerate(rows):
+        for r, means, entropy in (("chosen", chosen_means[i], chosen_entropy[i]),
+                                  ("rejected", rejected_means[i], rejected_entropy[i])):
+            row[f"fuse_mean_{r}_logps"] = list(means)
+            row[f"fuse_{r}_logps"] = [m * n for m, n in zip(means, row[f"fuse_{r}_num_tokens"], strict=True)]
+            row[f"fuse_mean_{r}_entropy"] = list(entropy)
+        row["ref_mean_chosen_entropy"], row["ref_mean_rejected_entropy"] = pivot_entropy
+    return rows
+
+
+def test_uncertainty_fusion_matches_hand_computation_and_logs_its_weights(tiny_llama, tiny_tok, tmp_path):
+    """docs/methods.md §UDF, clip off, sources only: w_k ∝ 1/(H̄_k − s̄_k), f = Σ w_k c_k.
+
+    row 0 chosen: s̄ = (−0.5, −1.5), H̄ = (0.5, 0.5) -> 1/(1, 2) -> w = (2/3, 1/3)
+    row 1 chosen: s̄ = (−1, −1), H̄ = (1, 3) -> 1/(2, 4) -> w = (2/3, 1/3)
+    rejected, both rows: s̄ = (−2, −2), H̄ = (2, 0) -> 1/(4, 2) -> w = (1/3, 2/3)
+    Shares: chosen m0 2/3, m1 1/3; rejected m0 1/3, m1 2/3. LN on: f_w = (−5/6, −1), f_l = −2, so the mean
+    fusion/margin = (7/6 + 1)/2 = 13/12. LN off: the same weights (CE is always the per-token mean) on the sums.
+    """
+    rows = _with_entropies(make_scored_rows(tiny_tok, 2, k=2, sources=("m0", "m1")),
+                           [(-0.5, -1.5), (-1.0, -1.0)], [(0.5, 0.5), (1.0, 3.0)],
+                           [(-2.0, -2.0)] * 2, [(2.0, 0.0)] * 2)
+    for length_normalize in (True, False):
+        trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                                 args=InfiFPOConfig(output_dir=str(tmp_path), fusion_method="uncertainty", clip=False,
+                                                    length_normalize=length_normalize, **cpu_args()))
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, _batch(trainer, 2))
+        m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        assert (m["fusion/chosen_share/m0"], m["fusion/chosen_share/m1"]) == pytest.approx((2 / 3, 1 / 3), abs=1e-5)
+        assert (m["fusion/rejected_share/m0"], m["fusion/rejected_share/m1"]) == pytest.approx((1 / 3, 2 / 3),
+                                                                                               abs=1e-5)
+        assert "fusion/chosen_share/pivot" not in m
+        if length_normalize:
+            want = 13 / 12
+        else:
+            f_w = [2 / 3 * r["fuse_chosen_logps"][0] + 1 / 3 * r["fuse_chosen_logps"][1] for r in rows]
+            f_l = [1 / 3 * r["fuse_rejected_logps"][0] + 2 / 3 * r["fuse_rejected_logps"][1] for r in rows]
+            want = sum(w - lo for w, lo in zip(f_w, f_l, strict=True)) / 2
+        assert m["fusion/margin"] == pytest.approx(want, abs=1e-4)
+
+
+def test_uncertainty_fusion_trains_with_the_pivot_as_a_candidate(tiny_llama, tiny_tok, tmp_path):
+    """include_pivot: the pivot's mean entropy and mean log-prob make its weight; training runs and logs every
+    candidate's share, the shares summing to 1 per side."""
+    rows = make_scored_rows(tiny_tok, 4, k=2, sources=("m0", "m1"))
+    _with_entropies(rows, [r["fuse_mean_chosen_logps"] for r in rows], [(0.3, 1.2)] * 4,
+                    [r["fuse_mean_rejected_logps"] for r in rows], [(0.8, 0.1)] * 4)
+    trainer = InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                             args=InfiFPOConfig(output_dir=str(tmp_path), fusion_method="uncertainty",
+                                                include_pivot=True, **cpu_args()))
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 3 and all(math.isfinite(e["loss"]) for e in logged)
+    for side in ("chosen", "rejected"):
+        shares = [logged[-1][f"fusion/{side}_share/{n}"] for n in ("m0", "m1", "pivot")]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5) and min(shares) > 0
+
+
+def test_uncertainty_fusion_without_entropy_columns_says_to_rescore(tiny_llama, tiny_tok, tmp_path):
+    """Scored pairs without entropies (the vLLM scorer, or scored before they existed): a MissingEntropyError that
+    names the columns and the fix; a row whose entropy is null names the row."""
+    rows = make_scored_rows(tiny_tok, 2, k=2)
+    args = InfiFPOConfig(output_dir=str(tmp_path), fusion_method="uncertainty", **cpu_args())
+    with pytest.raises(MissingEntropyError, match=r"no \['fuse_mean_chosen_entropy', .*\] column.*"
+                                                  r"`infifpo score --backend transformers"):
+        InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok, args=args)
+    _with_entropies(rows, [r["fuse_mean_chosen_logps"] for r in rows], [(0.3, 1.2)] * 2,
+                    [r["fuse_mean_rejected_logps"] for r in rows], [(0.8, 0.1)] * 2)
+    rows[1]["fuse_mean_rejected_entropy"] = None
+    with pytest.raises(MissingEntropyError, match=r"row 1 \(id='p001'\), field 'fuse_mean_rejected_entropy': no "
+                                                  r"value.*--backend transformers"):
+        InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok, args=args)
+    rows[1]["fuse_mean_rejected_entropy"] = [0.8, 0.1]
+    for row in rows:
+        del row["ref_mean_chosen_entropy"]
+    InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok, args=args)
+    with pytest.raises(MissingEntropyError, match="ref_mean_chosen_entropy"):  # include_pivot needs the pivot's
+        InfiFPOTrainer(tiny_llama, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok,
+                       args=InfiFPOConfig(output_dir=str(tmp_path), fusion_method="uncertainty", include_pivot=True,
+                                          **cpu_args()))
+
 
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -359,6 +359,8 @@ def test_bad_configurations_raise_named_errors(pool, tmp_path):
         _config(tmp_path, pool, per_device_train_batch_size=6)
     with pytest.raises(ConfigError, match="max_margin_pair"):
         _config(tmp_path, pool, fusion_method="max_margin_pair")
+    with pytest.raises(ConfigError, match="'uncertainty' needs each teacher's mean next-token entropy"):
+        _config(tmp_path, pool, fusion_method="uncertainty")
     with pytest.raises(ConfigError, match="no teachers"):
         _trainer(tmp_path, pool, teacher_models=[])
     with pytest.raises(DataFormatError, match="row 1.*'prompt'"):
