@@ -60,7 +60,8 @@ _TEMPLATES = {
     "*": ["{name} has {a} {bags} with {B} in each bag. How many {objs} does {name} have in total?",
           "There are {a} {rows} with {B} in each row. How many {objs} are there in total?"],
 }
-SPEC_KEYS = {"source", "split", "n", "levels", "name", "config", "path", "question_field", "answer_field", "domain"}
+SPEC_KEYS = {"source", "split", "n", "offset", "levels", "name", "config", "path", "question_field", "answer_field",
+             "domain"}
 
 
 # -- sources: each returns strata (lists of rows); a subset takes from every stratum in turn ---------------------
@@ -308,7 +309,9 @@ def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
 
     Strings: ``gsm8k:train:64``, ``humaneval::32``, ``arithmetic:test``, ``hf:NAME[:CONFIG]:SPLIT[:N]``,
     ``jsonl:PATH[:N]``. Dicts take the same keys plus ``levels`` (arithmetic), ``name``/``config``/``question_field``/
-    ``answer_field``/``domain`` (hub) and ``path`` (jsonl).
+    ``answer_field``/``domain`` (hub), ``path`` (jsonl) and ``offset``: skip the first ``offset`` rows of the seeded
+    order, so ``{n: 100, offset: 128}`` is the 100 rows after those ``n: 128`` takes with the same seed (disjoint
+    from them: a dev split held out from a run's prompts).
     """
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - SPEC_KEYS)
@@ -344,6 +347,9 @@ def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"prompt source {spec!r}: size {out['n']!r} is not an integer.") from None
     if out["n"] is not None and out["n"] <= 0:
         raise ConfigError(f"prompt source {spec!r}: size must be positive, got {out['n']}.")
+    if "offset" in out and (isinstance(out["offset"], bool) or not isinstance(out["offset"], int)
+                            or out["offset"] < 0):
+        raise ConfigError(f"prompt source {spec!r}: offset must be a non-negative integer, got {out['offset']!r}.")
     return out
 
 
@@ -358,17 +364,18 @@ def _load(spec: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return loaders[spec["source"]](spec)
 
 
-def _select(strata: list[list[dict[str, Any]]], n: int | None, rng: random.Random, label: str) -> list[dict]:
+def _select(strata: list[list[dict[str, Any]]], n: int | None, rng: random.Random, label: str,
+            offset: int = 0) -> list[dict]:
     """Shuffle each stratum, then take rows from the strata in turn: a seeded subset balanced across strata, and a
-    smaller subset is a prefix of a larger one with the same seed."""
+    smaller subset is a prefix of a larger one with the same seed; ``offset`` skips that many rows of the order."""
     total = sum(len(s) for s in strata)
-    if n is not None and n > total:
-        raise ConfigError(f"prompt source {label!r}: asked for {n} rows, the source has {total}.")
-    if n is None:
+    if (n or 0) + offset > total:
+        raise ConfigError(f"prompt source {label!r}: asked for {n} rows after {offset}, the source has {total}.")
+    if n is None and not offset:
         return [r for s in strata for r in s]
     shuffled = [rng.sample(s, len(s)) for s in strata]
     merged = [s[i] for i in range(max(map(len, shuffled))) for s in shuffled if i < len(s)]
-    return merged[:n]
+    return merged[offset:None if n is None else offset + n]
 
 
 def build_prompts(specs: list[str | dict[str, Any]], *, seed: int = 0) -> list[dict[str, Any]]:
@@ -382,7 +389,7 @@ def build_prompts(specs: list[str | dict[str, Any]], *, seed: int = 0) -> list[d
         spec = parse_spec(raw)
         label = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True)
         rng = random.Random(f"{seed}|{spec['source']}|{spec.get('name') or spec.get('path') or ''}|{spec['split']}")
-        for row in _select(_load(spec), spec["n"], rng, label):
+        for row in _select(_load(spec), spec["n"], rng, label, spec.get("offset", 0)):
             if row["id"] in where:
                 raise DataFormatError(f"prompt id {row['id']!r} comes from both {where[row['id']]!r} and {label!r}; "
                                       "list each source once and give user rows unique ids.")

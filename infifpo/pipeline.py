@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -78,7 +79,9 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg.setdefault("name", Path(path).stem)
     cfg.setdefault("run_dir", f"runs/{cfg['name']}")
     check_stage_sections(cfg, path)  # a stage option the stage does not take fails here, not hours in
-    planned_runs(cfg)  # train.seeds / train.ablations errors before any stage runs
+    planned_runs(cfg)  # train.seeds / train.ablations / train.grid errors before any stage runs
+    if grid_of(cfg):
+        dev_specs(cfg)
     return cfg
 
 
@@ -184,6 +187,61 @@ def ablation_seeds_of(cfg: dict[str, Any]) -> list[int]:
         raise ConfigError(f"train.ablation_seeds must be a non-empty list of distinct seeds from train.seeds {seeds}, "
                           f"got {chosen!r}.")
     return chosen
+
+
+GRID_KEYS = ("dev_items",)  # train.grid's own keys; the others are "common" and method names
+
+
+def grid_of(cfg: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """``train.grid`` as {method: [point, ...]}, each point a mapping of training options; {} without a grid.
+
+    ``train.grid: {common: {learning_rate: [...]}, dpo: {beta: [...]}, ..., dev_items: N}``: every method of
+    ``train.methods`` gets the product of ``common``'s values and its own. ConfigError for an unknown method, a
+    value that is not a non-empty list, a seed or config key, a missing ``dev_items`` or methods with different
+    numbers of points (every method gets the same hyper-parameter budget)."""
+    grid = (cfg.get("train") or {}).get("grid")
+    if not grid:
+        return {}
+    methods = methods_of(cfg)
+    if not isinstance(grid, dict):
+        raise ConfigError(f"train.grid must be a mapping (common, a method's name, dev_items), got {grid!r}.")
+    unknown = sorted(set(grid) - {"common", *methods, *GRID_KEYS})
+    if unknown:
+        raise ConfigError(f"train.grid: unknown key(s) {unknown}; keys are common, dev_items and the methods of "
+                          f"train.methods {methods}.")
+    dev = grid.get("dev_items")
+    if isinstance(dev, bool) or not isinstance(dev, int) or dev <= 0:
+        raise ConfigError(f"train.grid.dev_items must be a positive integer (dev prompts per prompt source, held out "
+                          f"after the run's own), got {dev!r}.")
+    points = {}
+    for method in methods:
+        values = {**(grid.get("common") or {}), **(grid.get(method) or {})}
+        for key, vals in values.items():
+            if key in (*SEED_KEYS, "config") or not isinstance(vals, list) or not vals:
+                raise ConfigError(f"train.grid: {key}: expected a non-empty list of values of a training option "
+                                  f"(not a seed or config key), got {vals!r}.")
+        points[method] = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+    if len({len(p) for p in points.values()}) > 1:
+        raise ConfigError(f"train.grid gives the methods different numbers of points "
+                          f"{ {m: len(p) for m, p in points.items()} }; give every method the same budget.")
+    return points
+
+
+def dev_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dev split of ``train.grid``: for each prompt source of the run, the ``dev_items`` rows that follow the
+    run's own in the same seeded order (``offset``), so they are held out from the prompts every pair comes from.
+    ConfigError for a source without a size (it has no rows after it)."""
+    from data_prep.prompts import parse_spec
+
+    n = cfg["train"]["grid"]["dev_items"]
+    out = []
+    for raw in cfg["prompts"]["sources"]:
+        spec = {k: v for k, v in parse_spec(raw).items() if v is not None}
+        if "n" not in spec:
+            raise ConfigError(f"train.grid: prompt source {raw!r} takes every row, so none is left for a dev split; "
+                              "give it a size (e.g. arithmetic:train:128).")
+        out.append({**spec, "offset": spec.get("offset", 0) + spec["n"], "n": n})
+    return out
 
 
 def run_label(method: str, seed: int, first_seed: int, arm: str | None = None) -> str:
@@ -507,6 +565,66 @@ def evaluate(cfg: dict[str, Any], rows: dict[str, str], dirs: tuple[Path, Path],
     return {label: evaluate_model(opts, prompts, benchmarks, dirs, timings, label) for label, opts in options.items()}
 
 
+def grid_label(method: str, point: dict[str, Any]) -> str:
+    """A grid point's run label: "grid/dpo/learning_rate=5e-06,beta=0.1"."""
+    return f"grid/{method}/" + ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def dev_accuracy(eval_dir: Path) -> dict[str, Any]:
+    """Pooled greedy accuracy (%) over every dev benchmark of one eval output: {"dev_accuracy", "dev_correct",
+    "dev_n"}."""
+    benchmarks = json.loads((Path(eval_dir) / "scores.json").read_text())["benchmarks"].values()
+    correct, n = sum(b["correct"] for b in benchmarks), sum(b["n"] for b in benchmarks)
+    return {"dev_accuracy": 100.0 * correct / n if n else 0.0, "dev_correct": correct, "dev_n": n}
+
+
+def select_on_dev(cfg: dict[str, Any], runs: dict[str, dict[str, Any]], bases: dict[str, tuple[str, Path]],
+                  prompts: Path, dirs: tuple[Path, Path], timings: Timings) -> dict[str, Any]:
+    """Every method's ``train.grid`` points trained with the first seed from the method's base (``bases``: {method:
+    (model, dataset)}) and evaluated greedily on the dev split (``dev_specs``: held out from ``prompts``, never the
+    test items); the point with the highest pooled dev accuracy is chosen (ties: the first in grid order). Returns
+    {} without a grid, else {"dev": specs, "methods": {method: {"chosen": point, "chosen_label", "points": [{"label",
+    "overrides", "checkpoint", "eval", "dev_accuracy", "dev_correct", "dev_n"}]}}}. ConfigError when a dev prompt
+    is one of the run's own."""
+    grid = grid_of(cfg)
+    if not grid:
+        return {}
+    data, logs = dirs
+    specs = dev_specs(cfg)
+    dev_prompts, benchmarks = eval_prompts(specs, cfg["prompts"].get("seed", 0), dirs, timings)
+    shared = {r["id"] for r in read_output(dev_prompts)} & {r["id"] for r in read_output(prompts)}
+    if shared:  # offsets make this impossible for the named sources; a user file may hold duplicates
+        raise ConfigError(f"train.grid: {len(shared)} dev prompt(s) are also the run's own prompts (e.g. "
+                          f"{sorted(shared)[0]!r}); the dev split must be held out.")
+    ecfg = {k: v for k, v in (cfg.get("eval") or {}).items() if k != "benchmarks"}
+    ecfg.setdefault("backend", cfg.get("backend", "transformers"))
+    out: dict[str, Any] = {"dev": specs, "methods": {}}
+    for method, points in grid.items():
+        model, dataset = bases[method]
+        tried = []
+        for point in points:
+            label = grid_label(method, point)
+            checkpoint = train(label, {**runs[method], "overrides": point}, cfg, model, dataset, logs, timings)
+            opts = EvaluateOptions(model=str(checkpoint), label=safe_label(label), out=str(data), **ecfg)
+            evaluated = evaluate_model(opts, dev_prompts, benchmarks, dirs, timings, label)
+            tried.append({"label": label, "overrides": point, "checkpoint": checkpoint, "eval": evaluated,
+                          **dev_accuracy(evaluated)})
+            logger.info("grid %s: dev accuracy %.1f %% (%d/%d)", label, tried[-1]["dev_accuracy"],
+                        tried[-1]["dev_correct"], tried[-1]["dev_n"])
+        best = max(tried, key=lambda t: t["dev_accuracy"])  # max keeps the first of equals
+        out["methods"][method] = {"chosen": best["overrides"], "chosen_label": best["label"], "points": tried}
+        logger.info("grid %s: chose %s (dev %.1f %%)", method, best["overrides"], best["dev_accuracy"])
+    return out
+
+
+def apply_grid(runs: dict[str, dict[str, Any]], grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``runs`` with each gridded method's chosen values under its runs' own overrides (an ablation arm starts from
+    InfiFPO's chosen values and changes what it names)."""
+    chosen = {m: g["chosen"] for m, g in (grid.get("methods") or {}).items()}
+    return {label: {**spec, "overrides": {**chosen.get(spec["method"], {}), **spec["overrides"]}}
+            for label, spec in runs.items()}
+
+
 def sample_model(cfg: dict[str, Any], model: str, prompts: Path, dirs: tuple[Path, Path], timings: Timings, *,
                  pivot: bool, label: str | None = None) -> Path:
     """One `infifpo sample` process: ``sample`` options under ``sample.pivot`` or ``sample.sources``."""
@@ -526,7 +644,8 @@ def sample_all(cfg: dict[str, Any], prompts: Path, dirs: tuple[Path, Path], timi
 
 
 OUTPUTS_FILE = "pipeline_outputs.json"
-PATH_KEYS = ("prompts", "samples", "judged", "pairs", "scored", "checkpoints", "evals")  # what holds output paths
+PATH_KEYS = ("prompts", "samples", "judged", "pairs", "scored", "checkpoints", "evals", "grid_checkpoints",
+             "grid_evals")  # what holds output paths
 
 
 def _map_paths(value: Any, fn: Any) -> Any:
@@ -576,16 +695,28 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     score_opts = {"pairs": pairs["infifpo"], "pivot": checkpoints["sft"], "sources": sources, "out": data,
                   "backend": cfg.get("backend", "transformers"), **cfg.get("score", {})}
     scored = _one(run_stage("score", stage_config(logs, "score", score_opts), logs, timings), "score")
-    for label, spec in runs.items():  # WRPO: its own quadruples and SFT, a live frozen reference (official setting)
+    # WRPO: its own quadruples and SFT, a live frozen reference (official setting)
+    bases = {m: (str(checkpoints["sft_wrpo"]), pairs["wrpo"]) if m == "wrpo" else (str(checkpoints["sft"]), scored)
+             for m in methods_of(cfg)}
+    grid = select_on_dev(cfg, runs, bases, prompts, dirs, timings)
+    runs = apply_grid(runs, grid)
+    for method, g in (grid.get("methods") or {}).items():  # the chosen point is the first seed's run itself
+        checkpoints[method] = next(p["checkpoint"] for p in g["points"] if p["label"] == g["chosen_label"])
+    for label, spec in runs.items():
         if label not in checkpoints:
-            wrpo = spec["method"] == "wrpo"
-            checkpoints[label] = train(label, spec, cfg, str(checkpoints["sft_wrpo" if wrpo else "sft"]),
-                                       pairs["wrpo"] if wrpo else scored, logs, timings)
+            checkpoints[label] = train(label, spec, cfg, *bases[spec["method"]], logs, timings)
     rows = {"pivot": pivot, **{f"source:{m}": m for m in sources}, **{k: str(v) for k, v in checkpoints.items()}}
     evals = evaluate(cfg, rows, dirs, timings)
     result = {"name": cfg["name"], "run_dir": str(run_dir), "config": cfg, "pivot": pivot, "sources": sources,
               "prompts": prompts, "samples": samples, "judged": judged, "pairs": pairs, "scored": scored,
               "checkpoints": checkpoints, "evals": evals, "runs": runs, "timings": timings.summary()}
+    if grid:  # paths apart (PATH_KEYS), so the rest stays plain values
+        points = [p for g in grid["methods"].values() for p in g["points"]]
+        result["grid_checkpoints"] = {p["label"]: p["checkpoint"] for p in points}
+        result["grid_evals"] = {p["label"]: p["eval"] for p in points}
+        result["grid"] = {"dev": grid["dev"], "methods": {
+            m: {**g, "points": [{k: v for k, v in p.items() if k not in ("checkpoint", "eval")} for p in g["points"]]}
+            for m, g in grid["methods"].items()}}
     atomic_write(run_dir / OUTPUTS_FILE, json.dumps(relative_outputs(result, run_dir), indent=1, default=str))
     if cfg.get("report", True):
         run_stage("report", stage_config(logs, "report", {"run_dir": run_dir}), logs)

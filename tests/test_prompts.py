@@ -33,6 +33,20 @@ def test_ids_come_from_the_source_index_not_the_subset():
     assert _content(first).startswith("Natalia sold clips to 48 of her friends") and first["answer"] == "72"
 
 
+def test_offset_takes_the_rows_after_a_subset_of_the_same_seed():
+    """A dev split held out from a run's prompts: {n: 6, offset: 10} is rows 10..15 of the order n: 16 takes."""
+    big = build_prompts(["arithmetic:train:16"], seed=2)
+    dev = build_prompts([{"source": "arithmetic", "split": "train", "n": 6, "offset": 10}], seed=2)
+    assert [r["id"] for r in dev] == [r["id"] for r in big[10:]]
+    rest = build_prompts([{"source": "humaneval", "offset": 160}])  # no n: every row after the offset
+    assert len(rest) == 4 and not {r["id"] for r in rest} & {r["id"] for r in build_prompts(["humaneval::160"])}
+    with pytest.raises(ConfigError, match="asked for 5 rows after 162, the source has 164"):
+        build_prompts([{"source": "humaneval", "n": 5, "offset": 162}])
+    with pytest.raises(ConfigError, match="offset must be a non-negative integer"):
+        parse_spec({"source": "gsm8k", "offset": -1})
+    assert "offset" not in parse_spec("gsm8k:train:8")  # specs without one keep their prompts key
+
+
 def test_same_seed_same_rows_different_seed_different_subset():
     specs = ["gsm8k:train:16", "arithmetic:train:10", "humaneval::4"]
     a, b, c = build_prompts(specs, seed=3), build_prompts(specs, seed=3), build_prompts(specs, seed=4)

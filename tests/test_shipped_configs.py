@@ -11,7 +11,8 @@ pair stage's settings, the fusion options, the methods, the stage order and ever
 - hardware-only options: ``accelerate_config`` and ``num_processes`` dropped (one CPU process, no relaunch under
   ``accelerate launch``: the paper's ZeRO-3 needs GPUs), ``bf16`` -> false, ``use_cpu`` -> true;
 - sizes capped (the constants below): prompts per source, samples per prompt, new tokens, benchmark items, and
-  ``train.seeds`` to the first seed (repetitions of the same runs; every method and ablation arm still trains);
+  ``train.seeds`` to the first seed (repetitions of the same runs; every method and ablation arm still trains),
+  ``train.grid.dev_items`` to the benchmark cap (every grid point still trains and is evaluated on dev);
 - lm-eval tasks dropped: their datasets are on the hub;
 - engines: sampling keeps the config's backend (vLLM for both shipped configs, so the pipeline's vLLM path runs),
   but scoring and eval run on the transformers backend (``CPU_ENGINES``): on 2 cores a vLLM engine costs a fresh
@@ -196,6 +197,8 @@ def offline_config(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
         t["seeds"] = t["seeds"][:1]
         if "ablation_seeds" in t:
             t["ablation_seeds"] = t["seeds"]
+    if t.get("grid"):
+        t["grid"]["dev_items"] = min(int(t["grid"]["dev_items"]), BENCHMARK_ITEMS)
     for arm in (t.get("ablations") or {}).values():  # an arm's source pool names models of the config
         if "sources" in arm:
             arm["sources"] = [models[m] for m in arm["sources"]]

@@ -145,6 +145,21 @@ def _ablation_md(report: dict[str, Any]) -> list[str]:
         "No default InfiFPO run to compare the arms with.", ""]
 
 
+def _grid_md(grid: dict[str, Any] | None) -> list[str]:
+    """The hyper-parameters each method trained with, chosen on the dev split (pipeline ``train.grid``)."""
+    if not grid:
+        return []
+    dev = ", ".join(f"{d['source']}:{d['split']} rows {d['offset']}-{d['offset'] + d['n'] - 1}" for d in grid["dev"])
+    rows = [[m, ", ".join(f"{k}={v}" for k, v in p["overrides"].items()),
+             f"{p['dev_accuracy']:.1f} ({p['dev_correct']}/{p['dev_n']})", "chosen" if p["label"] ==
+             g["chosen_label"] else ""] for m, g in grid["methods"].items() for p in g["points"]]
+    return ["## Hyper-parameters chosen on the dev split", "",
+            f"Each method's grid, trained with the first seed and evaluated greedily on a dev split held out from the "
+            f"training prompts ({dev} of the prompts' seeded order; never the test items). The chosen values train "
+            "every seed of the method (the ablation arms start from InfiFPO's); ties go to the first point.", "",
+            *_md_table(["Method", "Values", "Dev accuracy, % (correct/n)", ""], rows), ""]
+
+
 def _power_md(power: dict[str, Any]) -> list[str]:
     rows = [[AVERAGE_NAMES.get(k, k), v["n_items"], _num(v["floor"]), len(v["half_width"]) or None,
              None if v["min"] is None else f"{v['min']:.1f}–{v['max']:.1f}",
@@ -239,7 +254,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "sampling pass when the run has them; InfiFPO = + score + train/infifpo), mean over seeds. " + DASH +
              " = not available.", "", *_survey_md(table, (report.get("ablation") or {}).get("rows") or []), "",
              "## Comparisons", "", comparison_text(report["comparisons"]), "", *_power_md(report["power"]), "",
-             *_ablation_md(report), *_fusion_md(report.get("fusion") or []),
+             *_grid_md(report.get("grid")), *_ablation_md(report), *_fusion_md(report.get("fusion") or []),
              *_profile_md(report.get("output_profile") or []), *_cost_md(report["cost"]), "",
              "## Training curves", ""]
     titles = {"loss": "Training loss per method", "reward_margin": "Reward margin per method",

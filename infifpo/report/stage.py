@@ -770,7 +770,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     return {"name": run.out.get("name"), "run_dir": str(run.run_dir), "table": table, "ablation": abl,
             "comparisons": comparisons, "power": power(table, comparisons + (abl["comparisons"] if abl else [])),
             "fusion": fusion, "output_profile": profile, "cost": cost, "plots": make_plots(run, logs),
-            "notes": run.notes}
+            "grid": run.out.get("grid"), "notes": run.notes}
 
 
 def write_report(run_dir: str | Path) -> Path:
