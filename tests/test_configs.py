@@ -103,17 +103,19 @@ def test_every_stage_invocation_of_a_shipped_config_parses_through_the_stages_ow
         return [StageOutput(tmp_path / "outputs", f"{name}-{len(parsed[name])}", key).write_all([])]
 
     monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
+    monkeypatch.setattr(pipeline, "dev_accuracy", lambda _: {"dev_accuracy": 0.0, "dev_correct": 0, "dev_n": 0})
     cfg = pipeline.load_config(path)
     cfg["run_dir"] = str(tmp_path / "run")
     pipeline.run(cfg)
     methods = cfg["train"].get("methods", ["dpo", "infifpo"])
     report_rows = 1 + len(cfg["sources"]) + len(pipeline.planned_runs(cfg))  # pivot, sources, every training run
-    assert len(parsed["eval"]) == report_rows
-    assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods) + report_rows  # + greedy evals
+    evals = report_rows + sum(map(len, pipeline.grid_of(cfg).values()))  # + every grid point on the dev split
+    assert len(parsed["eval"]) == evals
+    assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods) + evals  # + greedy evals
     assert set(parsed) == set(STAGE_OPTIONS)
     # Greedy evals sample at temperature 0 (a dashed argv once dropped the 0, so it sampled at the default 0.8).
     greedy = [s for s in parsed["sample"] if (s.name or "").startswith("eval-")]
-    assert len(greedy) == report_rows and all(s.temperature == 0.0 and s.n == 1 for s in greedy)
+    assert len(greedy) == evals and all(s.temperature == 0.0 and s.n == 1 for s in greedy)
     pairs = parsed["pair"]
     assert pairs[0].recipe == "infifpo" and all(p.recipe in ("infifpo", "wrpo") for p in pairs)
     assert parsed["prompts"][0].source == cfg["prompts"]["sources"]
