@@ -28,7 +28,7 @@ from typing import Any
 
 from infifpo.config import parse_config
 from infifpo.schema import DOMAINS, PROMPT_COLUMNS, ConfigError, DataFormatError, check_messages
-from infifpo.store import StageOutput, announce, file_sha256, fingerprint, read_jsonl, read_output
+from infifpo.store import StageOutput, announce, file_sha256, fingerprint, read_jsonl, read_output, tree_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +198,7 @@ def load_hub(name: str, config: str | None, split: str, spec: dict[str, Any]) ->
 def local_data_sha256(name: str) -> str | None:
     """For an ``hf`` source naming a local file or directory: the sha256 of its files (relative paths and bytes),
     so editing the data gives another prompts output; None for a hub id."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return file_sha256(path)
-    if not path.is_dir():
-        return None
-    files = sorted(f for f in path.rglob("*")
-                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
-    return hashlib.sha256(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode()).hexdigest()
+    return tree_sha256(name)
 
 
 def _hub_row(r: dict[str, Any], i: int, rid: str, source: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +363,8 @@ def _select(strata: list[list[dict[str, Any]]], n: int | None, rng: random.Rando
     smaller subset is a prefix of a larger one with the same seed; ``offset`` skips that many rows of the order."""
     total = sum(len(s) for s in strata)
     if (n or 0) + offset > total:
-        raise ConfigError(f"prompt source {label!r}: asked for {n} rows after {offset}, the source has {total}.")
+        after = f" after {offset}" if offset else ""
+        raise ConfigError(f"prompt source {label!r}: asked for {n} rows{after}, the source has {total}.")
     if n is None and not offset:
         return [r for s in strata for r in s]
     shuffled = [rng.sample(s, len(s)) for s in strata]

@@ -542,7 +542,7 @@ def evaluate_model(opts: EvaluateOptions, prompts: Path, benchmarks: list[Path],
                                 dirs, timings, f"eval/{label}/judge"), "judge")
     summary = {"samples": samples, "judged": judged, "prompts": benchmarks, "model": opts.model,
                "label": opts.output_label(), "out": data, "lm_eval": opts.lm_eval or None,
-               "lm_eval_limit": opts.lm_eval_limit}
+               "lm_eval_limit": opts.lm_eval_limit, "lm_eval_include_path": opts.lm_eval_include_path or None}
     return _one(run_stage("eval", stage_config(logs, f"eval/{label}", summary), logs, timings, f"eval/{label}",
                           opts.model), "eval")
 

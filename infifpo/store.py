@@ -87,6 +87,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tree_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 of a file's bytes, or of a directory's files (relative paths and bytes; hidden entries left out);
+    None when ``path`` is neither."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return hashlib.sha256(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode()).hexdigest()
+
+
 def shard_name(shard: int = 0, num_shards: int = 1) -> str:
     """The file name of shard ``shard`` (0-based) of ``num_shards``."""
     return f"part-{shard:05d}-of-{num_shards:05d}.jsonl"

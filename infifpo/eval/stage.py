@@ -44,7 +44,7 @@ from infifpo.eval.stats import accuracy, wilson_interval
 from infifpo.models.resolve import model_identity, resolve_model
 from infifpo.provenance import output_digest, prompt_set_digest, recorded, require_built_from
 from infifpo.schema import ConfigError, DataFormatError, ModelLoadError
-from infifpo.store import StageOutput, atomic_write, read_output, record_outputs
+from infifpo.store import StageOutput, atomic_write, read_output, record_outputs, tree_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class ModelEvalOptions:
     lm_eval: list[str] = field(default_factory=list, metadata={
         "help": "lm-evaluation-harness tasks, run on the model by lm-eval itself (needs `pip install lm-eval`)"})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "items per lm-eval task; unset: all"})
+    lm_eval_include_path: list[str] = field(default_factory=list, metadata={
+        "help": "directories (or files) of further lm-eval task YAMLs, lm-eval's --include_path"})
 
     def output_label(self) -> str:
         """``label``, or the model's last path component, made directory-safe (``safe_label``)."""
@@ -221,7 +223,8 @@ def eval_output(opts: EvalOptions, benchmarks: Sequence[str], checkpoint: str) -
     key = {"stage": "eval", "version": EVAL_VERSION, "checkpoint": checkpoint, "samples": output_digest(opts.samples),
            "judged": output_digest(opts.judged),
            "benchmarks": [[k, output_digest(p)] for k, p in zip(benchmarks, opts.prompts, strict=True)],
-           "lm_eval": {"tasks": list(opts.lm_eval), "limit": opts.lm_eval_limit} if opts.lm_eval else None}
+           "lm_eval": {"tasks": list(opts.lm_eval), "limit": opts.lm_eval_limit,
+                       "include": [[p, tree_sha256(p)] for p in opts.lm_eval_include_path]} if opts.lm_eval else None}
     return StageOutput(opts.out, f"eval-{opts.output_label()}", key)
 
 
@@ -236,6 +239,10 @@ def run_eval(opts: EvalOptions) -> Path:
         from infifpo.eval.lm_eval_adapter import require_lm_eval
 
         require_lm_eval()
+        missing = [p for p in opts.lm_eval_include_path if tree_sha256(p) is None]
+        if missing:
+            raise ConfigError(f"--lm_eval_include_path {missing[0]}: no such file or directory; give the directory "
+                              "holding your lm-eval task YAMLs.")
     rows, bench_of, benchmarks = read_benchmarks(opts.prompts)
     require_built_from(opts.samples, "prompts", prompt_set_digest(rows), what="prompts",
                        given=f"the benchmarks {' '.join(map(str, opts.prompts))}",
@@ -258,6 +265,7 @@ def run_eval(opts: EvalOptions) -> Path:
         from infifpo.eval.lm_eval_adapter import run_lm_eval
 
         for task, entry in run_lm_eval(model_dir, opts.lm_eval, limit=opts.lm_eval_limit,
+                                       include_path=opts.lm_eval_include_path or None,
                                        seed=generation.get("seed", 0),
                                        dtype=generation["engine"].get("dtype", "auto")).items():
             scores_by_bench[f"lm-eval:{task}" if task in scores_by_bench else task] = entry

@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 from infifpo.config import suggest
 from infifpo.models.packaged import PACKAGED, convert_gguf, fetch_gguf, refetch_hint
 from infifpo.schema import ModelLoadError
-from infifpo.store import cache_root
+from infifpo.store import cache_root, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def check_cache_entry(name: str, path: Path, *, verify: bool = False) -> dict[st
         elif f.stat().st_size != meta["size"]:
             problem = f"has {f.stat().st_size} bytes, expected {meta['size']}"
         elif (verify or meta["size"] <= _ALWAYS_HASH_BYTES or f.stat().st_mtime_ns != meta["mtime_ns"]) and (
-            _sha256(f) != meta["sha256"]
+            file_sha256(f) != meta["sha256"]
         ):
             problem = "does not match its recorded sha256"
         if problem:
@@ -175,14 +175,6 @@ def check_cache_entry(name: str, path: Path, *, verify: bool = False) -> dict[st
                 f"cached model {name!r} is corrupted: {str(f)!r} {problem}. Rebuild it with {refetch_hint(name)}."
             )
     return marker
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _materialise(name: str, target: Path) -> None:
@@ -214,7 +206,7 @@ def _write_marker(name: str, ckpt: Path, *, seconds: float) -> None:
     for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
         f.chmod(0o666 & ~umask)  # some writers create 0600 files; a shared cache must be readable by others
         st = f.stat()
-        files[str(f.relative_to(ckpt))] = {"size": st.st_size, "sha256": _sha256(f), "mtime_ns": st.st_mtime_ns}
+        files[str(f.relative_to(ckpt))] = {"size": st.st_size, "sha256": file_sha256(f), "mtime_ns": st.st_mtime_ns}
     marker = {
         "version": MARKER_VERSION, "name": name, "wheels": spec["wheels"], "gguf_sha256": spec["gguf_sha256"],
         "seconds": round(seconds, 1), "files": files,
@@ -274,7 +266,7 @@ def model_files(path: str | os.PathLike) -> dict[str, str]:
                 and st.st_mtime_ns < (entry.get("hashed_ns") or 0) - _RACY_NS):
             hashed_ns = time.time_ns()
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "hashed_ns": hashed_ns,
-                     "sha256": _sha256(root / name)}
+                     "sha256": file_sha256(root / name)}
             if (root / name).stat().st_mtime_ns != st.st_mtime_ns:  # rewritten while we read it: do not cache
                 entry["hashed_ns"] = 0
             changed = True

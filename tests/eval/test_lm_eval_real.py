@@ -107,3 +107,28 @@ def test_a_limit_counts_the_effective_items(tiny_llama, monkeypatch, offline) ->
     assert entry["accuracy"] == pytest.approx(100 * block["acc,none"])
     assert entry["ci95"] == expected_interval(block["acc,none"], block["acc_stderr,none"])
     assert offline == []
+
+
+@pytest.mark.timeout(180)
+def test_the_eval_stage_runs_a_local_task_from_its_include_path(tiny_llama, offline, tmp_path) -> None:
+    """`infifpo eval --lm_eval TASK --lm_eval_include_path DIR`: the stage's scores carry lm-eval's entry for a task
+    that exists only in DIR (lm-eval would not find it otherwise); a missing DIR is a ConfigError before any model
+    loads."""
+    from infifpo.config import parse_config
+    from infifpo.eval import stage
+    from infifpo.schema import ConfigError
+    from infifpo.store import read_output
+    from tests.eval.test_stage import judge, known_answer, prompts_output, write_samples
+
+    root = tmp_path / "inputs"
+    prompts = prompts_output(root, "arithmetic:test:2")
+    samples = write_samples(tiny_llama, read_output(prompts), root, known_answer)
+    argv = ["--samples", str(samples), "--judged", str(judge(samples, prompts, root)), "--prompts", str(prompts),
+            "--model", tiny_llama, "--out", str(tmp_path / "out"), "--lm_eval", TASK, "--lm_eval_limit", "3"]
+    with pytest.raises(ConfigError, match="no-such-dir: no such file or directory"):
+        missing = str(tmp_path / "no-such-dir")
+        stage.run_eval(parse_config(stage.EvalOptions, [*argv, "--lm_eval_include_path", missing], prog="t"))
+    out = stage.run_eval(parse_config(stage.EvalOptions, [*argv, "--lm_eval_include_path", str(FIXTURES)], prog="t"))
+    scores = json.loads((out / "scores.json").read_text())["benchmarks"]
+    assert scores["arithmetic"]["n"] == 2 and scores[TASK]["n"] == 3 and scores[TASK]["source"] == "lm-eval"
+    assert offline == []
