@@ -7,7 +7,7 @@ paragraph, for one parameter tensor at a time (``rsaf_merge_tensor``) and for wh
 election and the matrix-level coefficients. Imports torch only. Does not own: reading or writing checkpoints, the
 architecture checks, or running the merge (``infifpo.merge.stage``, through mergekit).
 
-Notation (methods.md): θ_p the pivot's tensor, φ_j source j's pairwise-fused model (pivot + source j, trained by
+Notation (docs/methods.md): θ_p the pivot's tensor, φ_j source j's pairwise-fused model (pivot + source j, trained by
 InfiFPO), δ_j = φ_j − θ_p, J the number of sources, n the number of elements of the tensor.
 
 Choices the paper leaves open, each stated where it is made:
@@ -28,8 +28,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-RATE_EPS = 1e-8  # ε of r = |δ| / (|θ_p| + ε) (methods.md, RSAF)
-DEFAULT_TAU = 0.1  # τ, the base keep-ratio (methods.md, RSAF; the paper's value)
+RATE_EPS = 1e-8  # ε of r = |δ| / (|θ_p| + ε) (RSAF, docs/methods.md)
+DEFAULT_TAU = 0.1  # τ, the base keep-ratio (docs/methods.md, RSAF; the paper's value)
 RankBy = Literal["rate", "magnitude"]
 RANK_BY: tuple[str, ...] = ("rate", "magnitude")
 
@@ -45,14 +45,14 @@ class TensorMerge(NamedTuple):
 
 
 def rate_of_change(delta: torch.Tensor, base: torch.Tensor, eps: float = RATE_EPS) -> torch.Tensor:
-    """r_i = |δ_i| / (|θ_{p,i}| + ε) elementwise (methods.md, RSAF). ``delta`` and ``base`` have one shape; returns
+    """r_i = |δ_i| / (|θ_{p,i}| + ε) elementwise. ``delta`` and ``base`` have one shape; returns
     that shape, float64 (the moments of r are computed from it; float32 loses the skewness of a large matrix)."""
     return delta.double().abs() / (base.double().abs() + eps)
 
 
 def skewness(values: torch.Tensor) -> float | None:
     """S = m₃ / m₂^1.5 over every element of ``values`` (any shape), m_k = mean((x − mean x)^k), the population
-    central moments (methods.md, RSAF). None when the values are all equal (m₂ = 0, S undefined); checked exactly
+    central moments (RSAF, docs/methods.md). None when the values are all equal (m₂ = 0, S undefined); checked exactly
     (max == min), not as m₂ < tol, so a nearly constant r still has its skewness."""
     x = values.double().flatten()
     if x.numel() == 0 or bool(x.max() == x.min()):
@@ -64,7 +64,7 @@ def skewness(values: torch.Tensor) -> float | None:
 
 
 def keep_ratio(skew: float | None, tau: float = DEFAULT_TAU) -> float:
-    """K = τ/(1 + S) if S ≥ 0, τ(1 + |S|) if S < 0, clipped to (0, 1]; τ when S is undefined (methods.md, RSAF).
+    """K = τ/(1 + S) if S ≥ 0, τ(1 + |S|) if S < 0, clipped to (0, 1]; τ when S is undefined (RSAF, docs/methods.md).
 
     A right-skewed rate (a few elements changed much more than the rest) keeps fewer elements; a left-skewed one
     keeps more. K > 0 always for τ in (0, 1], so only the upper clip can bind."""
@@ -77,7 +77,7 @@ def keep_ratio(skew: float | None, tau: float = DEFAULT_TAU) -> float:
 
 def keep_count(ratio: float, numel: int) -> int:
     """Elements kept of ``numel`` at keep-ratio ``ratio`` in (0, 1]: round(ratio·numel), halves up, clamped to
-    [1, numel]. (choice, methods.md RSAF) Nearest, so the kept fraction is the closest possible to K; at least one,
+    [1, numel]. (choice, RSAF) Nearest, so the kept fraction is the closest possible to K; at least one,
     since K > 0 asks to keep something."""
     if numel == 0:
         return 0
@@ -86,7 +86,7 @@ def keep_count(ratio: float, numel: int) -> int:
 
 def top_fraction_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean mask of ``scores``' shape with exactly ``count`` True: the largest scores, ties broken by the lower
-    flat (row-major) index. (choice, methods.md RSAF) A stable descending sort keeps equal scores in index order, so
+    flat (row-major) index. (choice, RSAF) A stable descending sort keeps equal scores in index order, so
     the cut is deterministic and the count exact, whatever the number of tied elements at the boundary."""
     order = torch.sort(scores.flatten(), descending=True, stable=True).indices
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -95,7 +95,7 @@ def top_fraction_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def elected_agreement(trimmed: torch.Tensor) -> torch.Tensor:
-    """Sign election over the sources (methods.md, RSAF): ``trimmed`` (J, *shape) holds δ̂_j; the elected sign is
+    """Sign election over the sources (RSAF, docs/methods.md): ``trimmed`` (J, *shape) holds δ̂_j; the elected sign is
     sign(Σ_j δ̂_j) per element, and the result (J, *shape, bool) is True where δ̂_j has that sign. Where the sum is
     exactly 0 the elected sign is 0 and no nonzero δ̂_j agrees, so the element keeps the pivot's value (choice)."""
     elected = torch.sign(trimmed.sum(dim=0))
@@ -103,7 +103,7 @@ def elected_agreement(trimmed: torch.Tensor) -> torch.Tensor:
 
 
 def matrix_coefficients(trimmed: torch.Tensor) -> torch.Tensor:
-    """η_j = Σ_i δ̂_{j,i}² / Σ_j' Σ_i δ̂_{j',i}² (methods.md, RSAF): ``trimmed`` (J, *shape) → (J,). The energy of the
+    """η_j = Σ_i δ̂_{j,i}² / Σ_j' Σ_i δ̂_{j',i}²: ``trimmed`` (J, *shape) → (J,). The energy of the
     trimmed deltas, before the sign election. All zeros when every δ̂ is 0 (the merge is then θ_p whatever η is)."""
     energy = trimmed.reshape(trimmed.shape[0], -1).square().sum(dim=1)
     total = energy.sum()
@@ -112,7 +112,7 @@ def matrix_coefficients(trimmed: torch.Tensor) -> torch.Tensor:
 
 def rsaf_merge_tensor(base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, tau: float = DEFAULT_TAU,
                       rank_by: RankBy = "rate") -> TensorMerge:
-    """Φ_m = θ_{p,m} + Σ_j η_j δ'_{j,m} for one parameter tensor m (methods.md, RSAF).
+    """Φ_m = θ_{p,m} + Σ_j η_j δ'_{j,m} for one parameter tensor m (RSAF, docs/methods.md).
 
     ``base``: θ_p, any shape; ``finetuned``: the J tensors φ_j, each of ``base``'s shape. Per source: δ_j = φ_j − θ_p,
     r_j = ``rate_of_change``, S_j = ``skewness(r_j)``, K_j = ``keep_ratio(S_j, tau)``, and δ̂_j keeps the
@@ -156,7 +156,7 @@ def is_skipped(name: str, skip: Sequence[str]) -> bool:
 def rsaf_merge_state_dicts(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
                            tau: float = DEFAULT_TAU, rank_by: RankBy = "rate",
                            skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """RSAF over whole state dicts (methods.md, RSAF): every floating tensor of ``base`` merged by
+    """RSAF over whole state dicts (RSAF, docs/methods.md): every floating tensor of ``base`` merged by
     ``rsaf_merge_tensor`` with the same-named tensors of ``finetuned``; tensors ``is_skipped`` by ``skip`` and
     non-floating ones (integer buffers) are the base's. Every state dict must have the base's names and shapes."""
     for j, state in enumerate(finetuned):

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 Method = Literal["rsaf", "ties", "task_arithmetic", "dare_ties", "sce"]
 METHODS: tuple[str, ...] = ("rsaf", "ties", "task_arithmetic", "dare_ties", "sce")
 RSAF_MERGEKIT_NAME = "infifpo_rsaf"  # RSAF's name in mergekit's method registry
-# (choice, methods.md RSAF) The baselines' keep fraction when --density is unset: TIES's top-20 % (Yadav et al.,
+# (choice, docs/methods.md RSAF) The baselines' keep fraction when --density is unset: TIES's top-20 % (Yadav et al.,
 # 2023); DARE and SCE keep RSAF's τ = 0.1, so they differ from RSAF in which elements they keep, not how many.
 DEFAULT_DENSITY = {"ties": 0.2, "dare_ties": 0.1, "sce": 0.1}
 # The methods each option applies to, and its default: an option set away from its default for another method is a
@@ -191,7 +191,7 @@ def merge_models(method: str, base: str | os.PathLike, models: list[str | os.Pat
     """Merge ``models`` (checkpoints fine-tuned from ``base``: directories or packaged names) into one HF checkpoint
     at ``output`` by ``method`` (``METHODS``) and return its path.
 
-    ``rsaf`` (methods.md RSAF) uses ``tau``, ``rank_by`` and ``skip`` (substrings of parameter names left as the
+    ``rsaf`` (docs/methods.md RSAF) uses ``tau``, ``rank_by`` and ``skip`` (substrings of parameter names left as the
     base's); the baselines use mergekit's own methods with ``weight`` per model and ``density`` (the kept fraction
     of each delta; ``DEFAULT_DENSITY`` when None; sce's select_topk); ``OPTION_METHODS`` says which method takes
     which. ``seed`` seeds DARE's random drop. Raises MergeInputError when a model cannot be merged with the base,

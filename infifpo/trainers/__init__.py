@@ -1,8 +1,9 @@
 """Trainers on TRL 1.16: InfiFPO (``trainers.infifpo``), WRPO (``trainers.wrpo``) and the `infifpo train` entry point.
 
 Import the classes from their modules (or lazily from ``infifpo``); this package imports nothing heavy so that
-`import infifpo.trainers.data` stays cheap. The packaged train YAMLs (one per method, the papers' settings) and the
-accelerate launch configs live in ``configs/`` beside this file and ship with the package.
+`import infifpo.trainers.data` stays cheap. The packaged train YAMLs (one per method, the papers' settings) live in
+``configs/`` beside this file and ship with the package; the accelerate launch configs are TRL's own
+(``trl/accelerate_configs``, ``trainers.launch``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ACCELERATE_CONFIG_DIR = CONFIG_DIR / "accelerate"
 
 
 def packaged_config(method: str) -> Path:

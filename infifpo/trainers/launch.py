@@ -1,13 +1,14 @@
 """Relaunching ``infifpo train`` under ``accelerate launch``: the scale-out flags of the train stage.
 
-Owns: ``--num_processes N`` and ``--accelerate_config FILE|NAME`` (NAME: ``single``, ``ddp``, ``zero3``, ``fsdp2``, the
-packaged ``infifpo/trainers/configs/accelerate/<NAME>.yaml``)
-taken out of the command line, the ``accelerate launch`` command that reruns the same ``infifpo train`` on every rank
-(as TRL's CLI does) with the train config's precision as ``--mixed_precision``, and telling a launched rank from the
-launcher, and waiting for the launch: a rank still running ``RANK_EXIT_TIMEOUT_S`` after another rank exited is hung,
-so its stacks are printed and it is killed, with an error naming it (``run_launcher``); an interrupted ``infifpo
-train`` takes the launcher and every rank down with it, and the launcher dies with ``infifpo train`` even when that
-is SIGKILLed (PR_SET_PDEATHSIG). Does not own: parsing the train config or training (``trainers.entry``).
+Owns: ``--num_processes N`` and ``--accelerate_config FILE|NAME`` (NAME: one of the configs TRL ships in
+``trl/accelerate_configs``, as TRL's own CLI resolves them: ``zero1``-``zero3``, ``fsdp1``, ``fsdp2``, ``multi_gpu``,
+``single_gpu``; ``ddp`` and ``single`` are aliases of the last two) taken out of the command line, the ``accelerate
+launch`` command that reruns the same ``infifpo train`` on every rank (as TRL's CLI does) with the train config's
+precision as ``--mixed_precision``, and telling a launched rank from the launcher, and waiting for the launch: a rank
+still running ``RANK_EXIT_TIMEOUT_S`` after another rank exited is hung, so its stacks are printed and it is killed,
+with an error naming it (``run_launcher``); an interrupted ``infifpo train`` takes the launcher and every rank down
+with it, and the launcher dies with ``infifpo train`` even when that is SIGKILLed (PR_SET_PDEATHSIG). Does not own:
+parsing the train config or training (``trainers.entry``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import torch
 import yaml
 
 from infifpo.schema import ConfigError
-from infifpo.trainers import ACCELERATE_CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 LAUNCH_FLAGS = ("--num_processes", "--accelerate_config")
@@ -66,14 +66,25 @@ def in_launched_process() -> bool:
     return any(os.environ.get(k) for k in (LAUNCHED_ENV, *RANK_ENV))
 
 
+ACCELERATE_ALIASES = {"ddp": "multi_gpu", "single": "single_gpu"}
+
+
 def resolve_accelerate_config(name: str) -> Path:
-    """A config file path, or the name of a packaged one (``ACCELERATE_CONFIG_DIR``: single, ddp, zero3, fsdp2)."""
-    for candidate in (Path(name), ACCELERATE_CONFIG_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate.resolve()
-    shipped = sorted(p.stem for p in ACCELERATE_CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"--accelerate_config {name!r} is neither a file nor one of {shipped} "
-                      f"(the packaged ones in {ACCELERATE_CONFIG_DIR}); pass a path to an `accelerate config` YAML.")
+    """A config file path, or the name of one of TRL's shipped accelerate configs (``trl/accelerate_configs``; ``ddp``
+    and ``single`` name ``multi_gpu`` and ``single_gpu``). Their ``mixed_precision`` is overridden by the train
+    config's precision (``accelerate_launch_command``)."""
+    from importlib import resources
+
+    shipped = resources.files("trl.accelerate_configs")
+    candidate = Path(name)
+    if candidate.is_file():
+        return candidate.resolve()
+    packaged = shipped.joinpath(f"{ACCELERATE_ALIASES.get(name, name)}.yaml")
+    if packaged.is_file():
+        return Path(str(packaged))
+    names = sorted([*(Path(str(p)).stem for p in shipped.iterdir() if str(p).endswith(".yaml")), *ACCELERATE_ALIASES])
+    raise ConfigError(f"--accelerate_config {name!r} is neither a file nor one of TRL's shipped configs {names}; "
+                      "pass a path to an `accelerate config` YAML.")
 
 
 def _launch_plan(launch: dict[str, str]) -> tuple[Path | None, dict[str, Any], int]:
@@ -83,14 +94,15 @@ def _launch_plan(launch: dict[str, str]) -> tuple[Path | None, dict[str, Any], i
         path = resolve_accelerate_config(launch["accelerate_config"])
         config = yaml.safe_load(path.read_text()) or {}
     try:
-        n = int(launch.get("num_processes", config.get("num_processes", 1)))
+        one = str(config.get("distributed_type", "")) == "NO"  # a one-process config's num_processes is moot
+        n = int(launch.get("num_processes", 1 if one else config.get("num_processes", 1)))
     except ValueError:
         raise ConfigError(f"--num_processes {launch['num_processes']!r} is not an integer.") from None
     if n < 1:
         raise ConfigError(f"--num_processes {n}: need at least 1.")
     if str(config.get("distributed_type", "")) == "NO" and n > 1:
         raise ConfigError(f"{launch['accelerate_config']} has distributed_type NO (one process) but --num_processes "
-                          f"{n}; use --accelerate_config ddp (or zero3 / fsdp2) for several processes.")
+                          f"{n}; use --accelerate_config multi_gpu (or zero3 / fsdp2) for several processes.")
     return path, config, n
 
 
@@ -107,8 +119,7 @@ def accelerate_launch_command(launch: dict[str, str], train_argv: list[str], *, 
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if path is not None:
         cmd += ["--config_file", str(path)]
-    if "num_processes" in launch:
-        cmd += ["--num_processes", str(n)]
+    cmd += ["--num_processes", str(n)]  # explicit: TRL's single_gpu.yaml says 8 for a one-process launch
     if path is None and n > 1:
         cmd.append("--multi_gpu")
     if int(config.get("num_machines", 1)) <= 1 and "main_process_port" not in config:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,13 +31,14 @@ def test_launch_flags_become_an_accelerate_launch_command_accelerate_accepts():
                                                "--num_processes", "3"])
     cmd = launcher.accelerate_launch_command(launch, rest, mixed_precision="bf16")
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
-    assert args.config_file == str(launcher.ACCELERATE_CONFIG_DIR / "ddp.yaml") and "--multi_gpu" not in cmd
+    assert Path(args.config_file).parts[-2:] == ("accelerate_configs", "multi_gpu.yaml") and "--multi_gpu" not in cmd
     assert (args.multi_gpu and args.num_processes == 3
             and args.mixed_precision == "bf16")  # the train config's, not 'no'
 
 
 @pytest.mark.parametrize(("argv", "match"), [
-    (["--accelerate_config", "zero4"], r"neither a file nor one of \['ddp', 'fsdp2', 'single', 'zero3'\]"),
+    (["--accelerate_config", "zero4"], r"neither a file nor one of TRL's shipped configs \['ddp', 'fsdp1', 'fsdp2', "
+                                       r"'multi_gpu', 'single', 'single_gpu', 'zero1', 'zero2', 'zero3'\]"),
     (["--accelerate_config", "single", "--num_processes", "2"], "distributed_type NO"),
     (["--num_processes", "two"], "not an integer"),
     (["--num_processes", "0"], "at least 1"),
@@ -50,18 +52,24 @@ def test_bad_launch_flags_are_config_errors(argv, match):
 
 
 @pytest.mark.parametrize(("name", "kind"), [("single", "NO"), ("ddp", "MULTI_GPU"), ("zero3", "DEEPSPEED"),
-                                            ("fsdp2", "FSDP")])
-def test_shipped_accelerate_configs_load_in_accelerate(name, kind):
+                                            ("fsdp2", "FSDP"), ("zero1", "DEEPSPEED"), ("fsdp1", "FSDP")])
+def test_trls_accelerate_configs_load_in_accelerate_and_the_train_precision_wins(name, kind):
+    """Names resolve to TRL's shipped configs (as `trl dpo --accelerate_config NAME` does); their mixed_precision
+    (bf16) is overridden on the command line by the train config's, so an fp32 run is never autocast."""
     from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     config = load_config_from_file(str(launcher.resolve_accelerate_config(name)))  # unknown keys would raise here
     assert config.distributed_type == kind
-    assert config.mixed_precision == "no"  # precision comes from the train config (see the files' comments)
     if name == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # save_model writes a full model
     if name == "zero3":
         assert config.deepspeed_config["zero_stage"] == 3
+    launch = {"accelerate_config": name} | ({} if kind == "NO" else {"num_processes": "2"})
+    cmd = launcher.accelerate_launch_command(launch, ["--method", "dpo"], mixed_precision="no")
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
+    assert args.mixed_precision == "no" and args.num_processes == (1 if kind == "NO" else 2)
 
 
 # A stand-in for `accelerate launch`: starts one process per argument with RANK set (the code it runs), waits for
