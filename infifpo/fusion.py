@@ -169,12 +169,29 @@ def fuse_confidence(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Te
     return f_w, f_l, None, None, (w_w, w_l)
 
 
+def fuse_learned(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float,
+                 weights: Tensor | None = None) -> Fused:
+    """ASN (`learned`): one weight vector per pair, f(y_w) = Σ_k p̂_k c_k(y_w), f(y_l) = Σ_k p̂_k c_k(y_l)
+    (docs/methods.md §ASN). ``weights``: p̂ [B, K'] from the frozen selector (``infifpo.selector``), >= 0; a weight
+    of 0 contributes 0 whatever the candidate's value."""
+    if weights is None:
+        raise ValueError("learned fusion needs pair_weights: p̂ [B, K'] from the frozen selector (infifpo.selector)")
+    if tuple(weights.shape) != tuple(cand_w.shape) or bool(torch.isnan(weights).any()) or bool((weights < 0).any()):
+        raise ValueError(f"pair_weights must be finite, >= 0 and of the candidates' shape {tuple(cand_w.shape)} "
+                         f"(sources, then the pivot when include_pivot), got {tuple(weights.shape)}")
+    w = weights.to(cand_w.dtype)
+    f_w = torch.where(w == 0, torch.zeros_like(cand_w), w * cand_w).sum(dim=1)
+    f_l = torch.where(w == 0, torch.zeros_like(cand_l), w * cand_l).sum(dim=1)
+    return f_w, f_l, None, None, (w, w)
+
+
 FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
-           "confidence": fuse_confidence}
+           "confidence": fuse_confidence, "learned": fuse_learned}
 # docs/methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation
 # arms, γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
 # equivalent form and credits the pivot in the selection metrics.
-INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False}
+INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False,
+                         "learned": False}
 
 
 def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
@@ -187,8 +204,8 @@ def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
 def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor, src_rejected: Tensor, *,
                    method: str = "max_margin", clip: bool = True, include_pivot: bool | None = None,
                    ref_offset: float | None = None, eps: float = 1e-6, margin_against: str = "init",
-                   policy_chosen: Tensor | None = None,
-                   policy_rejected: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
+                   policy_chosen: Tensor | None = None, policy_rejected: Tensor | None = None,
+                   pair_weights: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
     """The fused source reference f(y_w), f(y_l) [B] in the caller's space (sum or per-token mean, nats).
 
     ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (docs/methods.md §Fusion). Steps: clip against v_r
@@ -196,6 +213,7 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
     with FUSIONS[method], then clamp f into [v_r − ref_offset, v_r + ref_offset] when `ref_offset` is set.
     `margin_against="policy"` measures max-margin's D against the given current policy values policy_* [B]
     (detached) instead of v_r; clipping stays against v_r.
+    `method="learned"` needs pair_weights, p̂ [B, K'] of the frozen ASN selector (``infifpo.selector``).
     NaN inputs raise (−inf is allowed and handled without NaN). Returns (fused_chosen, fused_rejected, FusionInfo).
     When every candidate equals v_r (e.g. all clipped to it) and the pivot is included, the selected index is the
     pivot's (K): the fused value is the pivot's whichever candidate wins the tie.
@@ -227,7 +245,10 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
         cand_w = torch.cat([cand_w, ref_chosen[:, None].to(cand_w.dtype)], dim=1)
         cand_l = torch.cat([cand_l, ref_rejected[:, None].to(cand_l.dtype)], dim=1)
 
-    f_w, f_l, idx_w, idx_l, weights = FUSIONS[method](cand_w, cand_l, pivot_w, pivot_l, eps)
+    extra = {}
+    if method == "learned":
+        extra["weights"] = pair_weights
+    f_w, f_l, idx_w, idx_l, weights = FUSIONS[method](cand_w, cand_l, pivot_w, pivot_l, eps, **extra)
     if include_pivot and method == "max_margin":
         # Every candidate equals v_r (e.g. all clipped to it): f = v_r whichever index wins the tie, so credit the
         # pivot in the selection metrics rather than source 0.

@@ -329,9 +329,13 @@ def test_single_source_equal_to_reference_is_dpo(method, clip, include_pivot, re
     )
     pi_w = (r_w + torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
     pi_l = (r_l + torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
+    learned = {}
+    if method == "learned":  # any selector weights p̂ summing to 1: every candidate equals r
+        w = torch.rand(6, 2 if include_pivot else 1, generator=g, dtype=torch.float64)
+        learned = {"pair_weights": w / w.sum(dim=1, keepdim=True)}
     f_w, f_l, _ = fuse_reference(
         r_w, r_l, r_w[:, None].clone(), r_l[:, None].clone(), method=method, clip=clip,
-        include_pivot=include_pivot, ref_offset=ref_offset,
+        include_pivot=include_pivot, ref_offset=ref_offset, **learned,
     )
     loss = infifpo_loss(pi_w, pi_l, f_w, f_l, beta=0.1)
     grad = torch.autograd.grad(loss.sum(), (pi_w, pi_l))

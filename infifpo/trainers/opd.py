@@ -73,7 +73,8 @@ from infifpo.trainers.teachers import (
 )
 
 logger = logging.getLogger(__name__)
-FUSION_METHODS = [m for m in fusion.FUSIONS if m != "max_margin_pair"]  # OPD samples are not pairs
+# OPD samples are not pairs: max_margin_pair picks per pair, and the learned selector is trained on pairs.
+FUSION_METHODS = [m for m in fusion.FUSIONS if m not in ("max_margin_pair", "learned")]
 # Generation settings (DistillationConfig fields or generation_kwargs keys) and the values that leave the student's
 # distribution unchanged (the first is the one to set); anything else samples from a different policy.
 SAMPLING_NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -132,7 +133,7 @@ class FusedDistillationConfig(DistillationConfig, FusionOptions):
         super().__post_init__()
         if self.teacher_model_name_or_path is not None:
             raise ConfigError("FusedDistillationConfig takes a list `teacher_models`, not teacher_model_name_or_path.")
-        self.check_fusion_options(FUSION_METHODS, " (max_margin_pair needs preference pairs)")
+        self.check_fusion_options(FUSION_METHODS, " (max_margin_pair and learned need preference pairs)")
         if self.advantage_baseline not in fusion.OPD_BASELINES:
             raise ConfigError(f"advantage_baseline={self.advantage_baseline!r}; valid: {list(fusion.OPD_BASELINES)}.")
         self._check_sampling_is_the_policy()
