@@ -145,14 +145,15 @@ def synthetic_pool(n: int, seed: int, *, right: tuple[float, float] = (1.0, 1.0)
                    wrong: tuple[float, float] = (0.8, 0.8), noise: float = 0.1):
     """Two sources A (0) and B (1), two domains (math, code), pairs alternating between them. Source k is right on
     domain k: its margin c_k(y_w) − c_k(y_l) is +right[k] there and −wrong[k] on the other domain (± noise), in
-    nats/token. The frozen pivot prefers y_l (v_r(y_w) ≈ −2.5, v_r(y_l) ≈ −0.5, as at InfiFPO's step 0), so
-    clipping leaves the sources' values as they are. Token counts are drawn alike for both sources (no signal)."""
+    nats/token, around −1.8. The frozen pivot prefers y_l (v_r(y_w) ≈ −4, v_r(y_l) <= −0.2, as at InfiFPO's step
+    0), so clipping leaves the sources' values as they are. Token counts are drawn alike for both sources (no
+    signal)."""
     g = torch.Generator().manual_seed(seed)
     domain = torch.arange(n) % 2
-    ref_w, ref_l = -2.5 + noise * torch.randn(n, generator=g), -0.5 + noise * torch.randn(n, generator=g)
+    ref_w, ref_l = -4.0 + noise * torch.randn(n, generator=g), -0.2 - noise * torch.randn(n, generator=g).abs()
     src_w, src_l = torch.empty(n, 2), torch.empty(n, 2)
     for k in range(2):
-        mid = -1.5 + noise * torch.randn(n, generator=g)
+        mid = -1.8 + noise * torch.randn(n, generator=g)
         margin = torch.where(domain == k, right[k], -wrong[k]) + noise * torch.randn(n, generator=g)
         src_w[:, k], src_l[:, k] = mid + margin / 2, mid - margin / 2
     cand_w, cand_l = asn.candidate_values(ref_w, ref_l, src_w, src_l, clip=True, include_pivot=False)
@@ -162,14 +163,42 @@ def synthetic_pool(n: int, seed: int, *, right: tuple[float, float] = (1.0, 1.0)
     return features, cand_w, cand_l, domain
 
 
-def _fit_and_measure(lambda_feed: float, seed: int, **pool):
+def _fit_and_measure(lambda_feed: float, seed: int, **pool) -> tuple[float, list[int]]:
+    """Fit with the default options (τ 0.15, 100 epochs, batch 32, Adam lr 1e-3) but λ_feed on 64 pairs; return
+    source A's importance (mean p̂_A over the pairs) and the per-domain argmax of the mean p̂."""
     features, cand_w, cand_l, domain = synthetic_pool(64, seed, **pool)
-    net, curve = asn.fit_selector(features, cand_w, cand_l,
-                                  asn.SelectorTraining(lambda_feed=lambda_feed, seed=seed, epochs=30))
+    net, _ = asn.fit_selector(features, cand_w, cand_l, asn.SelectorTraining(lambda_feed=lambda_feed, seed=seed))
     w = asn.selector_weights(net, features, 0.15)
-    per_domain = [w[domain == d].mean(dim=0) for d in (0, 1)]
-    agreement = (((w * cand_w).sum(1) - (w * cand_l).sum(1)) > 0).float().mean().item()
-    return w.mean(dim=0), per_domain, agreement, curve
+    return w[:, 0].mean().item(), [int(w[domain == d].mean(dim=0).argmax()) for d in (0, 1)]
+
+
+def test_symmetric_pool_uses_both_sources_with_or_without_feedback():
+    """The plainest pool of the issue: A right by 1 nat/token on math, B on code, each wrong by 0.8 elsewhere. Both
+    λ_feed = 0.5 and λ_feed = 0 route math to A and code to B with importance 0.5 each: the features hold each
+    source's c(y_w) and c(y_l), so the preference term alone finds the split and there is no collapse to prevent."""
+    for lambda_feed in (0.5, 0.0):
+        importance_a, argmax = _fit_and_measure(lambda_feed, 0)
+        assert argmax == [0, 1] and importance_a == pytest.approx(0.5, abs=0.05), lambda_feed
+
+
+def test_feedback_loss_prevents_collapse_onto_the_confident_source():
+    """A confident source A (right by 2 nats/token on math, wrong by only 0.05 on code) and a weak one B (right by
+    0.05 on code, wrong by 2 on math); noise 0.1. Per domain the right choice is still A on math and B on code.
+
+    With λ_feed = 0.5, on every seed: math → A, code → B, importance of A within 0.5 ± 0.1 (measured: 0.500, 0.513,
+    0.500). With λ_feed = 0 the selector collapses onto A on 2 of the 3 seeds (importance 1.000 on seeds 0 and 1;
+    seed 2 finds the split, 0.543): A's large margins pull every pair towards A early, and once p_A > 1 − τ on a code
+    pair the τ mask leaves p̂ = (1, 0) with no gradient, so B's small advantage there is never learnt.
+    """
+    pool = {"right": (2.0, 0.05), "wrong": (0.05, 2.0)}
+    collapsed = {0.5: 0, 0.0: 0}
+    for lambda_feed in (0.5, 0.0):
+        for seed in range(3):
+            importance_a, argmax = _fit_and_measure(lambda_feed, seed, **pool)
+            if lambda_feed > 0:
+                assert argmax == [0, 1] and importance_a == pytest.approx(0.5, abs=0.1), seed
+            collapsed[lambda_feed] += importance_a > 0.95
+    assert collapsed == {0.5: 0, 0.0: 2}
 
 
 # ---------------------------------------------------------------- the stage and the trainer
