@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("infifpo.judge.stage", "label samples: verifiers and reward models"),
     "pair": ("infifpo.pair", "build preference rows by a recipe"),
     "score": ("infifpo.score.stage", "score every response under the pivot and each source"),
+    "selector": ("infifpo.trainers.selector", "train the ASN selector of learned fusion on a slice of scored pairs"),
     "train": ("infifpo.trainers.entry", "train: sft | dpo | infifpo | wrpo | opd"),
     "merge": ("infifpo.merge.stage", "merge checkpoints of one base: rsaf | ties | task_arithmetic | dare_ties | sce"),
     "eval": ("infifpo.evaluate", "evaluate a model: GSM8K, arithmetic, HumanEval (+ lm-eval tasks)"),

@@ -213,13 +213,29 @@ def fuse_uncertainty(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: T
     return f_w, f_l, None, None, (w_w, w_l)
 
 
+def fuse_learned(cand_w: Tensor, cand_l: Tensor, pivot_w: Tensor, pivot_l: Tensor, eps: float,
+                 weights: Tensor | None = None) -> Fused:
+    """ASN (`learned`): one weight vector per pair, f(y_w) = Σ_k p̂_k c_k(y_w), f(y_l) = Σ_k p̂_k c_k(y_l)
+    (docs/methods.md §ASN). ``weights``: p̂ [B, K'] from the frozen selector (``infifpo.selector``), >= 0; a weight
+    of 0 contributes 0 whatever the candidate's value."""
+    if weights is None:
+        raise ValueError("learned fusion needs pair_weights: p̂ [B, K'] from the frozen selector (infifpo.selector)")
+    if tuple(weights.shape) != tuple(cand_w.shape) or bool(torch.isnan(weights).any()) or bool((weights < 0).any()):
+        raise ValueError(f"pair_weights must be finite, >= 0 and of the candidates' shape {tuple(cand_w.shape)} "
+                         f"(sources, then the pivot when include_pivot), got {tuple(weights.shape)}")
+    w = weights.to(cand_w.dtype)
+    f_w = torch.where(w == 0, torch.zeros_like(cand_w), w * cand_w).sum(dim=1)
+    f_l = torch.where(w == 0, torch.zeros_like(cand_l), w * cand_l).sum(dim=1)
+    return f_w, f_l, None, None, (w, w)
+
+
 FUSIONS = {"max_margin": fuse_max_margin, "max_margin_pair": fuse_max_margin_pair, "mean": fuse_mean,
-           "confidence": fuse_confidence, "uncertainty": fuse_uncertainty}
+           "confidence": fuse_confidence, "uncertainty": fuse_uncertainty, "learned": fuse_learned}
 # docs/methods.md §Fusion (choice) include_pivot: the weighted fusions weight the N sources only (the paper's ablation
 # arms, γ_i = 1/N); for the max-margin forms the initial pivot only breaks ties (with clipping), so including it is the
 # equivalent form and credits the pivot in the selection metrics.
 INCLUDE_PIVOT_DEFAULT = {"max_margin": True, "max_margin_pair": True, "mean": False, "confidence": False,
-                         "uncertainty": False}
+                         "uncertainty": False, "learned": False}
 
 
 def resolve_include_pivot(method: str, include_pivot: bool | None) -> bool:
@@ -234,7 +250,8 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
                    ref_offset: float | None = None, eps: float = 1e-6, margin_against: str = "init",
                    policy_chosen: Tensor | None = None, policy_rejected: Tensor | None = None,
                    src_uncertainty: tuple[Tensor, Tensor] | None = None,
-                   ref_uncertainty: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
+                   ref_uncertainty: tuple[Tensor, Tensor] | None = None,
+                   pair_weights: Tensor | None = None) -> tuple[Tensor, Tensor, FusionInfo]:
     """The fused source reference f(y_w), f(y_l) [B] in the caller's space (sum or per-token mean, nats).
 
     ref_*: [B] frozen initial pivot v_r; src_*: [B, K] sources v_k (docs/methods.md §Fusion). Steps: clip against v_r
@@ -244,6 +261,7 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
     (detached) instead of v_r; clipping stays against v_r.
     `method="uncertainty"` needs src_uncertainty, (chosen [B, K], rejected [B, K]) H̄_k + CE_k of each source
     (``udf_uncertainty``, nats/token), and with `include_pivot` ref_uncertainty, the same [B] for v_r.
+    `method="learned"` needs pair_weights, p̂ [B, K'] of the frozen ASN selector (``infifpo.selector``).
     NaN inputs raise (−inf is allowed and handled without NaN). Returns (fused_chosen, fused_rejected, FusionInfo).
     When every candidate equals v_r (e.g. all clipped to it) and the pivot is included, the selected index is the
     pivot's (K): the fused value is the pivot's whichever candidate wins the tie.
@@ -278,6 +296,8 @@ def fuse_reference(ref_chosen: Tensor, ref_rejected: Tensor, src_chosen: Tensor,
     extra = {}
     if method == "uncertainty":
         extra["uncertainty"] = _candidate_uncertainty(src_uncertainty, ref_uncertainty, include_pivot)
+    if method == "learned":
+        extra["weights"] = pair_weights
     f_w, f_l, idx_w, idx_l, weights = FUSIONS[method](cand_w, cand_l, pivot_w, pivot_l, eps, **extra)
     if include_pivot and method == "max_margin":
         # Every candidate equals v_r (e.g. all clipped to it): f = v_r whichever index wins the tie, so credit the

@@ -127,6 +127,11 @@ class MergeInputError(InfiFPOError, ValueError):
     names or shapes than the base's, or no safetensors weights. The message names the model and the fix."""
 
 
+class SelectorError(InfiFPOError, ValueError):
+    """A `learned`-fusion selector checkpoint (`infifpo selector`) does not fit what it is used with: scored pairs of
+    another pool (other source names or order, another pivot), other fusion options, or missing feature columns."""
+
+
 def row_label(index: int, row: dict[str, Any]) -> str:
     """A human-readable label for a row in error messages: its index and, when present, its id."""
     rid = row.get("id") if isinstance(row, dict) else None

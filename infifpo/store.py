@@ -44,7 +44,8 @@ LOCK_PREFIX = ".lock-"
 # The command that writes an output, by the start of its directory name (for "re-run ..." messages).
 _COMMANDS = {"prompts": "`infifpo prompts` (or the `infifpo eval` that wrote it)", "samples-eval": "`infifpo eval`",
              "samples": "`infifpo sample`", "judged": "`infifpo judge`", "pairs": "`infifpo pair`",
-             "scored": "`infifpo score`", "score": "`infifpo score`", "eval": "`infifpo eval`"}
+             "scored": "`infifpo score`", "score": "`infifpo score`", "eval": "`infifpo eval`",
+             "selector": "`infifpo selector`"}
 _HELD: dict[str, int] = {}  # lock file (real path) -> the open descriptor holding its flock, for this process
 
 

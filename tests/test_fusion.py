@@ -386,13 +386,16 @@ def test_single_source_equal_to_reference_is_dpo(method, clip, include_pivot, re
     )
     pi_w = (r_w + torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
     pi_l = (r_l + torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
-    udf = {}
+    extra = {}
     if method == "uncertainty":  # any non-negative H̄ + CE: one candidate value, or all equal to r
         u = torch.rand(2, 6, generator=g, dtype=torch.float64)
-        udf = {"src_uncertainty": (u[0, :, None], u[1, :, None]), "ref_uncertainty": (u[1], u[0])}
+        extra = {"src_uncertainty": (u[0, :, None], u[1, :, None]), "ref_uncertainty": (u[1], u[0])}
+    if method == "learned":  # any selector weights p̂ summing to 1: every candidate equals r
+        w = torch.rand(6, 2 if include_pivot else 1, generator=g, dtype=torch.float64)
+        extra = {"pair_weights": w / w.sum(dim=1, keepdim=True)}
     f_w, f_l, _ = fuse_reference(
         r_w, r_l, r_w[:, None].clone(), r_l[:, None].clone(), method=method, clip=clip,
-        include_pivot=include_pivot, ref_offset=ref_offset, **udf,
+        include_pivot=include_pivot, ref_offset=ref_offset, **extra,
     )
     loss = infifpo_loss(pi_w, pi_l, f_w, f_l, beta=0.1)
     grad = torch.autograd.grad(loss.sum(), (pi_w, pi_l))

@@ -36,6 +36,7 @@ from infifpo.trainers.forward import (
 )
 from infifpo.trainers.fusion_options import FusionOptions
 from infifpo.trainers.metrics import candidate_names, share_metrics
+from infifpo.trainers.selector import WEIGHTS_COLUMN, check_learned_options, load_selector
 
 logger = logging.getLogger(__name__)
 LOSS_TYPES = ("sigmoid", "ipo", "wrpo")
@@ -54,6 +55,9 @@ class InfiFPOConfig(DPOConfig, FusionOptions):
         "help": "Fuse only these sources, named as in the rows' source_models (`infifpo score --sources`), in this "
                 "order; the others' columns are dropped before validation. Default: every scored source. For "
                 "source-subset ablations on the same scored pairs."})
+    selector_path: str | None = field(default=None, metadata={
+        "help": "fusion_method=learned: the output of `infifpo selector` (docs/methods.md §ASN). Its frozen network "
+                "weighs the sources of each pair, and the pairs it was trained on are dropped from training."})
     # Parameters that control the InfiFPO-WRPO variant (loss_type=wrpo; rows also need source_chosen scores)
     alpha_max: float = field(default=0.1, metadata={"help": "loss_type=wrpo: final WRPO α (docs/methods.md §WRPO)."})
     is_dynamic: bool = field(default=True, metadata={
@@ -90,6 +94,7 @@ class InfiFPOConfig(DPOConfig, FusionOptions):
         if len(self.loss_type) != 1 or self.loss_type[0] not in LOSS_TYPES:
             raise ConfigError(f"loss_type={self.loss_type}: InfiFPO supports exactly one of {list(LOSS_TYPES)}.")
         self.check_fusion_options()
+        check_learned_options(self.fusion_method, self.selector_path, self.loss_type[0])
         if self.loss_type[0] == "ipo" and not self.length_normalize:
             raise ConfigError("loss_type=ipo is defined on per-token mean log-probs (as TRL's ipo and the paper); "
                               "set length_normalize: true, or use loss_type sigmoid with sums.")
@@ -158,6 +163,12 @@ class InfiFPOTrainer(DPOTrainer):
             score_columns(self._responses, length_normalize=args.length_normalize, sources=True)
             + self._uncertainty_columns))
         self._source_names: list[str] = []
+        self._selector = None  # learned fusion (docs/methods.md §ASN): the frozen selector and its held-out pairs
+        if args.fuse and args.fusion_method == "learned":
+            self._selector = load_selector(args.selector_path)
+            self._selector.check_options(length_normalize=args.length_normalize, clip=args.clip,
+                                         include_pivot=args.include_pivot)
+            self._score_columns += (WEIGHTS_COLUMN,)
         self._model_ref = model_reference(model)  # the pivot the scores must come from (data.prepare_scored_dataset)
         super().__init__(model, args=args, data_collator=data_collator, **kwargs)
         if data_collator is None:
@@ -179,11 +190,16 @@ class InfiFPOTrainer(DPOTrainer):
 
         if args.fusion_sources is not None:
             dataset = select_sources(dataset, args.fusion_sources, self._responses)
+        if self._selector is not None:
+            self._selector.check_pool(dataset)
+            dataset = self._selector.drop_held_out(dataset)
         dataset = prepare_scored_dataset(
             dataset, tokenize, responses=self._responses, length_normalize=args.length_normalize, sources=True,
             ref=True, skip_invalid=args.skip_invalid_rows, max_length=args.max_length,
             tokenizer_name=self._tokenizer.name_or_path, model=self._model_ref,
             allow_model_mismatch=args.allow_reference_model_mismatch, uncertainty=self._uncertainty_columns)
+        if self._selector is not None:
+            dataset = self._selector.add_weights(dataset)
         if "source_models" in dataset.column_names and not self._source_names:
             self._source_names = list(dataset[0]["source_models"])
         return dataset
@@ -224,6 +240,8 @@ class InfiFPOTrainer(DPOTrainer):
         if not self.args.fuse:
             return ref, None
         kw = self.args.fusion_kwargs()
+        if WEIGHTS_COLUMN in scores:  # learned fusion: the frozen selector's p̂ of each pair
+            kw["pair_weights"] = scores[WEIGHTS_COLUMN]
         f_c, f_r, info = fusion.fuse_reference(ref["chosen"], ref["rejected"], src["chosen"], src["rejected"],
                                                policy_chosen=policy["chosen"], policy_rejected=policy["rejected"],
                                                **kw, **self._uncertainty(scores, "chosen", "rejected"))

@@ -73,8 +73,9 @@ from infifpo.trainers.teachers import (
 )
 
 logger = logging.getLogger(__name__)
-# OPD samples are not pairs (max_margin_pair); teachers are scored without entropies (uncertainty).
-FUSION_METHODS = [m for m in fusion.FUSIONS if m not in ("max_margin_pair", "uncertainty")]
+# OPD samples are not pairs: max_margin_pair picks per pair, and the learned selector is trained on pairs;
+# teachers are scored without entropies (uncertainty).
+FUSION_METHODS = [m for m in fusion.FUSIONS if m not in ("max_margin_pair", "learned", "uncertainty")]
 # Generation settings (DistillationConfig fields or generation_kwargs keys) and the values that leave the student's
 # distribution unchanged (the first is the one to set); anything else samples from a different policy.
 SAMPLING_NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -137,7 +138,7 @@ class FusedDistillationConfig(DistillationConfig, FusionOptions):
             raise ConfigError("fusion_method='uncertainty' needs each teacher's mean next-token entropy on every "
                               "sample, which OPD's teacher scoring (trainers.teachers) does not compute; use "
                               f"one of {FUSION_METHODS}.")
-        self.check_fusion_options(FUSION_METHODS, " (max_margin_pair needs preference pairs)")
+        self.check_fusion_options(FUSION_METHODS, " (max_margin_pair and learned need preference pairs)")
         if self.advantage_baseline not in fusion.OPD_BASELINES:
             raise ConfigError(f"advantage_baseline={self.advantage_baseline!r}; valid: {list(fusion.OPD_BASELINES)}.")
         self._check_sampling_is_the_policy()
