@@ -35,6 +35,7 @@ from infifpo.schema import (
     ConfigError,
     ScoredPairsError,
     SelectorError,
+    entropy_columns,
     fuse_columns,
     ref_columns,
     row_label,
@@ -47,12 +48,6 @@ SELECTOR_VERSION = 1
 CHECKPOINT, META = "selector.pt", "selector.json"
 WEIGHTS_COLUMN = "selector_weights"  # the per-pair p̂ [K'] InfiFPOTrainer adds to its dataset
 RESPONSES = ("chosen", "rejected")
-
-
-def entropy_columns(response: str) -> tuple[str, str]:
-    """(pivot, sources [K]) mean next-token entropy columns (nats/token) of ``response``, as the transformers scorer
-    writes them; optional features (docs/methods.md §ASN: "when present")."""
-    return f"ref_mean_{response}_entropy", f"fuse_mean_{response}_entropy"
 
 
 @dataclass
