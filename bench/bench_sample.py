@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from importlib import resources
 
-from common import random_weight_copy
+from common import random_weight_copy, run_worker
 
 PROMPTS, SAMPLES, MAX_TOKENS = 8, 4, 64
 
@@ -68,20 +66,13 @@ def worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
 
 
 def run_child(backend: str, mode: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", backend, "--mode", mode, "--model", args.model, "--dtype", args.dtype,
-           "--device", args.device, "--prompts", str(args.prompts), "--samples", str(args.samples),
-           "--max-tokens", str(args.max_tokens)]
+    argv = ["--worker", backend, "--mode", mode, "--model", args.model, "--dtype", args.dtype, "--device", args.device,
+            "--prompts", str(args.prompts), "--samples", str(args.samples), "--max-tokens", str(args.max_tokens)]
     if args.token_budget:
-        cmd += ["--token-budget", str(args.token_budget)]
+        argv += ["--token-budget", str(args.token_budget)]
     for item in args.engine_arg:
-        cmd += ["--engine-arg", item]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        cause = next((ln for ln in proc.stderr.splitlines() if "Error:" in ln), "")  # the first: the engine core's
-        raise RuntimeError(f"{backend}/{mode} failed (exit {proc.returncode}): {cause}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+        argv += ["--engine-arg", item]
+    return run_worker(__file__, argv, f"{backend}/{mode}")
 
 
 def main() -> None:

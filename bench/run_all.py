@@ -11,16 +11,18 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_score.py", "bench_trainer.py", "bench_sample.py"]
+BENCHES = ["bench_score.py", "bench_trainer.py", "bench_sample.py", "bench_roofline.py"]
+# The roofline at the pipeline's sizes for the whole pool takes hours on 2 CPU cores: here the pivot only, and with
+# --quick one small batch.
+EXTRA_ARGS = {"bench_roofline.py": ["--models", "smollm2-135m-instruct"]}
+QUICK_ARGS = {"bench_trainer.py": ["--quick"], "bench_roofline.py": ["--batch", "8x2", "--max-tokens", "32"]}
 
 
 def main() -> int:
     quick = "--quick" in sys.argv[1:]
     failed = []
     for name in BENCHES:
-        args = [sys.executable, str(HERE / name)]
-        if quick and name == "bench_trainer.py":
-            args.append("--quick")
+        args = [sys.executable, str(HERE / name), *EXTRA_ARGS.get(name, []), *(QUICK_ARGS.get(name, []) * quick)]
         print(f"\n=== {name} ===", flush=True)
         if subprocess.run(args).returncode != 0:
             failed.append(name)
