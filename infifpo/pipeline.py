@@ -625,6 +625,30 @@ def apply_grid(runs: dict[str, dict[str, Any]], grid: dict[str, Any]) -> dict[st
             for label, spec in runs.items()}
 
 
+def add_selectors(cfg: dict[str, Any], runs: dict[str, dict[str, Any]], scored: Path, dirs: tuple[Path, Path],
+                  timings: Timings) -> dict[str, dict[str, Any]]:
+    """``runs`` with ``selector_path`` set for every InfiFPO run whose fusion is ``learned`` and that names none: the
+    ASN selector of its options (`infifpo selector` on the scored pairs, with the run's length_normalize, clip,
+    include_pivot and seed; docs/methods.md §ASN), one stage process per run (content-addressed: equal options share
+    one output). Timings ``selector/<label>``."""
+    data, logs = dirs
+    tcfg = cfg.get("train") or {}
+    packaged = yaml.safe_load(packaged_config("infifpo").read_text()) or {}
+    out = {}
+    for label, spec in runs.items():
+        opts = {**packaged, **tcfg.get("common", {}), **tcfg.get("infifpo", {}), **spec["overrides"]}
+        if spec["method"] != "infifpo" or opts.get("fusion_method") != "learned" or opts.get("selector_path"):
+            out[label] = spec
+            continue
+        selector = {"scored": scored, "out": data, "seed": spec["seed"],
+                    "length_normalize": opts.get("length_normalize", True), "clip": opts.get("clip", True),
+                    "include_pivot": bool(opts.get("include_pivot") or False)}
+        path = _one(run_stage("selector", stage_config(logs, f"selector/{label}", selector), logs, timings,
+                              f"selector/{label}"), "selector")
+        out[label] = {**spec, "overrides": {**spec["overrides"], "selector_path": str(path)}}
+    return out
+
+
 def sample_model(cfg: dict[str, Any], model: str, prompts: Path, dirs: tuple[Path, Path], timings: Timings, *,
                  pivot: bool, label: str | None = None) -> Path:
     """One `infifpo sample` process: ``sample`` options under ``sample.pivot`` or ``sample.sources``."""
@@ -699,7 +723,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     bases = {m: (str(checkpoints["sft_wrpo"]), pairs["wrpo"]) if m == "wrpo" else (str(checkpoints["sft"]), scored)
              for m in methods_of(cfg)}
     grid = select_on_dev(cfg, runs, bases, prompts, dirs, timings)
-    runs = apply_grid(runs, grid)
+    runs = add_selectors(cfg, apply_grid(runs, grid), scored, dirs, timings)
     for method, g in (grid.get("methods") or {}).items():  # the chosen point is the first seed's run itself
         checkpoints[method] = next(p["checkpoint"] for p in g["points"] if p["label"] == g["chosen_label"])
     for label, spec in runs.items():

@@ -68,7 +68,8 @@ def test_packaged_train_config_parses_through_infifpo_train(path, tmp_path):
 STAGE_OPTIONS = {"prompts": ("data_prep.prompts", "PromptsOptions"), "sample": ("infifpo.sample", "SampleOptions"),
                  "judge": ("infifpo.judge.stage", "JudgeOptions"), "pair": ("infifpo.pair", "PairOptions"),
                  "score": ("infifpo.score.stage", "ScoreOptions"), "eval": ("infifpo.eval.stage", "EvalOptions"),
-                 "report": ("infifpo.report.stage", "ReportOptions")}
+                 "report": ("infifpo.report.stage", "ReportOptions"),
+                 "selector": ("infifpo.trainers.selector", "SelectorOptions")}
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
@@ -112,7 +113,10 @@ def test_every_stage_invocation_of_a_shipped_config_parses_through_the_stages_ow
     evals = report_rows + sum(map(len, pipeline.grid_of(cfg).values()))  # + every grid point on the dev split
     assert len(parsed["eval"]) == evals
     assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods) + evals  # + greedy evals
-    assert set(parsed) == set(STAGE_OPTIONS)
+    learned = any(r["overrides"].get("fusion_method") == "learned" for r in pipeline.planned_runs(cfg).values())
+    assert set(parsed) == set(STAGE_OPTIONS) - (set() if learned else {"selector"})
+    if learned:  # the selector is trained with the options of the InfiFPO run that uses it
+        assert all(sel.length_normalize and sel.clip and not sel.include_pivot for sel in parsed["selector"])
     # Greedy evals sample at temperature 0 (a dashed argv once dropped the 0, so it sampled at the default 0.8).
     greedy = [s for s in parsed["sample"] if (s.name or "").startswith("eval-")]
     assert len(greedy) == evals and all(s.temperature == 0.0 and s.n == 1 for s in greedy)

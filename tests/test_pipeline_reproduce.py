@@ -217,14 +217,14 @@ def test_ablation_seeds_limit_the_arms_to_those_seeds():
 
 
 def test_reproduce_config_plans_every_arm_and_seed_and_its_options_exist(capsys):
-    """configs/reproduce.yaml: both SFTs, 3 seeds x 3 methods, 5 arms on the first seed; every arm option is an
+    """configs/reproduce.yaml: both SFTs, 3 seeds x 3 methods, 7 arms on the first seed; every arm option is an
     InfiFPOConfig field; `infifpo plan` reads it."""
     from infifpo import plan
     from infifpo.trainers.infifpo import InfiFPOConfig
 
     path = ROOT / "configs" / "reproduce.yaml"
     runs = pipeline.planned_runs(pipeline.load_config(path))
-    assert len(runs) == 2 + 3 * 3 + 5 and runs["infifpo@seed2"]["seed"] == 2
+    assert len(runs) == 2 + 3 * 3 + 7 and runs["infifpo@seed2"]["seed"] == 2
     assert {r["seed"] for r in runs.values() if r["arm"]} == {0}
     fields = {f.name for f in dataclasses.fields(InfiFPOConfig)}
     assert all(set(r["overrides"]) <= fields for r in runs.values())
