@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -645,6 +646,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     timings = Timings(run_dir / "timings.json")
     pivot, sources = cfg["pivot"], list(cfg["sources"])
     runs = planned_runs(cfg)
+    if any("merge" in r for r in runs.values()) and importlib.util.find_spec("mergekit") is None:
+        raise ConfigError("train.ablations has a pairwise arm, whose merge runs on mergekit, which is not installed: "
+                          "`pip install 'infifpo[merge]'`, or drop the arm.")  # before hours of stages, not after
     p = cfg["prompts"]
     prompts = prompts_stage(p["sources"], p.get("seed", 0), dirs, timings, "prompts")
     samples = sample_all(cfg, prompts, dirs, timings)

@@ -1,6 +1,7 @@
 """`infifpo pipeline` for the paper's Table 2 and ablations (`make reproduce`): several seeds, InfiFPO ablation arms
-and the faithful WRPO recipe, end to end on tiny offline models; the labels / runs contract of pipeline_outputs.json;
-resuming a killed training run from its latest checkpoint; config errors before any stage runs.
+(a pairwise arm: one run per source, merged) and the faithful WRPO recipe, end to end on tiny offline models; the
+labels / runs contract of pipeline_outputs.json; resuming a killed training run from its latest checkpoint; config
+errors before any stage runs.
 
 Random tiny models write gibberish, so the math verifier marks every sample wrong; a tiny random reward model
 breaks the ties so that pairs exist (as in tests/test_pipeline.py).
@@ -24,9 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # "{b}": the tag of the second source (tiny_llama_b) in its pairwise run's label; the first source's pairwise run is
 # infifpo[one_source] itself (same seed and overrides: reused, not trained twice)
 LABELS = ["sft", "sft_wrpo", "wrpo", "infifpo", "infifpo[one_source]", "infifpo[pairwise_rsaf/{b}]",
-          "infifpo[pairwise_rsaf]", "wrpo@seed1", "infifpo@seed1", "infifpo[one_source]@seed1",
-          "infifpo[pairwise_rsaf/{b}]@seed1", "infifpo[pairwise_rsaf]@seed1"]
-MERGED = ["infifpo[pairwise_rsaf]", "infifpo[pairwise_rsaf]@seed1"]
+          "infifpo[pairwise_rsaf]", "wrpo@seed1", "infifpo@seed1"]
+MERGED = ["infifpo[pairwise_rsaf]"]
 
 
 def _labels(cfg: dict) -> list[str]:
@@ -46,7 +46,7 @@ def reproduce(tmp_path_factory, tiny_llama, tiny_qwen, tiny_llama_b):
         "judge": {"reward_model": make_tiny_reward_model(str(root / "rm"))},
         "pair": {"sft_fraction": 0.5, "seed": 0, "allow_truncated_chosen": True},
         "score": {"dtype": "float32"},
-        "train": {"methods": ["wrpo", "infifpo"], "seeds": [0, 1],
+        "train": {"methods": ["wrpo", "infifpo"], "seeds": [0, 1], "ablation_seeds": [0],  # as reproduce.yaml
                   "ablations": {"one_source": {"sources": [tiny_qwen]}, "pairwise_rsaf": {"pairwise": "rsaf"}},
                   "common": {"max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1,
                              "save_strategy": "no", "bf16": False, "report_to": "none"},
@@ -91,10 +91,6 @@ def test_labels_runs_and_timings_contract(reproduce):
             "method": "rsaf", "components": ["infifpo[one_source]", pairwise_b]}},
         "wrpo@seed1": {"method": "wrpo", "seed": 1, "arm": None, "overrides": {}},
         "infifpo@seed1": {"method": "infifpo", "seed": 1, "arm": None, "overrides": {}},
-        "infifpo[one_source]@seed1": {"method": "infifpo", "seed": 1, "arm": "one_source", "overrides": arm},
-        f"{pairwise_b}@seed1": {**pairwise, "seed": 1, "component_of": ["infifpo[pairwise_rsaf]@seed1"]},
-        "infifpo[pairwise_rsaf]@seed1": {**merged, "seed": 1, "merge": {
-            "method": "rsaf", "components": ["infifpo[one_source]@seed1", f"{pairwise_b}@seed1"]}},
     }
     assert ({f"train/{x}" for x in trained} | {f"merge/{x}" for x in MERGED} | {f"eval/{x}" for x in rows}
             <= set(saved["timings"]))
@@ -109,7 +105,7 @@ def test_labels_runs_and_timings_contract(reproduce):
         assert _resolved(out, label)["model_name_or_path"] == str(start), label
         assert _resolved(out, label)["dataset_name"] == str(out["scored"] if "infifpo" in label
                                                             else out["pairs"]["wrpo"]), label
-    scores = json.loads((Path(out["evals"]["infifpo[one_source]@seed1"]) / "scores.json").read_text())
+    scores = json.loads((Path(out["evals"]["infifpo[one_source]"]) / "scores.json").read_text())
     assert scores["benchmarks"]["arithmetic"]["n"] == 2
     assert (Path(cfg["run_dir"]) / "report.md").exists()
 
@@ -124,7 +120,7 @@ def test_arms_and_seeds_differ_from_the_base_only_in_their_overrides(reproduce):
         return {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)} - by_output_dir
 
     assert diff("infifpo", "infifpo[one_source]") == {"fusion_sources"}
-    assert diff("infifpo@seed1", "infifpo[one_source]@seed1") == {"fusion_sources"}
+    assert diff("infifpo[one_source]", _labels(cfg)[5]) == {"fusion_sources"}  # the other source's pairwise run
     assert diff("infifpo", "infifpo@seed1") == {"seed", "data_seed"}
     assert diff("wrpo", "wrpo@seed1") == {"seed", "data_seed"}
     assert _resolved(out, "infifpo[one_source]")["fusion_sources"] == [cfg["sources"][0]]
@@ -177,27 +173,24 @@ def test_a_pairwise_arm_merges_its_per_source_runs_into_the_sft_checkpoint(repro
     labels = _labels(cfg)
     pairwise_b = labels[5]
     assert _resolved(out, pairwise_b)["fusion_sources"] == [cfg["sources"][1]]
-    for merged, components in ((MERGED[0], [labels[4], pairwise_b]), (MERGED[1], [labels[9], labels[10]])):
-        record = json.loads((Path(out["checkpoints"][merged]) / pipeline.MERGE_DONE).read_text())
-        assert record["method"] == "rsaf" and record["base"] == str(Path(out["checkpoints"]["sft"]).resolve())
-        assert record["models"] == [str(Path(out["checkpoints"][c]).resolve()) for c in components]
-        assert json.loads((Path(out["evals"][merged]) / "scores.json").read_text())["benchmarks"]["arithmetic"]["n"]
-    assert (Path(cfg["run_dir"]) / "logs" / "merge.log").read_text().count("\n$ ") == 2  # once per seed, not rerun
+    record = json.loads((Path(out["checkpoints"][MERGED[0]]) / pipeline.MERGE_DONE).read_text())
+    assert record["method"] == "rsaf" and record["base"] == str(Path(out["checkpoints"]["sft"]).resolve())
+    assert record["models"] == [str(Path(out["checkpoints"][c]).resolve()) for c in (labels[4], pairwise_b)]
+    assert json.loads((Path(out["evals"][MERGED[0]]) / "scores.json").read_text())["benchmarks"]["arithmetic"]["n"]
+    assert (Path(cfg["run_dir"]) / "logs" / "merge.log").read_text().count("\n$ ") == 1  # not run again
     report = json.loads((Path(cfg["run_dir"]) / "report.json").read_text())
     keys = [r["key"] for r in [*report["table"]["rows"], *report["ablation"]["rows"]]]
     assert "infifpo[pairwise_rsaf]" in report["ablation"]["arms"] and not [k for k in keys if "/" in k]
     row = next(r for r in report["ablation"]["rows"] if r["key"] == "infifpo[pairwise_rsaf]")
-    assert row["seeds"] == [0, 1] and row["benchmarks"]["arithmetic"]["ci95"] and row["compute_hours"]
+    assert row["seeds"] == [0] and row["benchmarks"]["arithmetic"]["ci95"] and row["compute_hours"]
     assert row["changes"] == {"pairwise": [None, "rsaf"]}
     cost = next(a for a in report["cost"]["arms"] if a["arm"] == "infifpo[pairwise_rsaf]")
     timings = json.loads((Path(cfg["run_dir"]) / "timings.json").read_text())
     own = [f"train/{labels[4]}", f"train/{pairwise_b}", f"merge/{MERGED[0]}"]
     assert cost["training_runs"] == [labels[4], pairwise_b] and cost["shared"] == [labels[4]]
     assert cost["merge"] == "rsaf" and cost["extra_scoring_s"] == 0.0
-    own1 = [f"train/{labels[9]}", f"train/{labels[10]}", f"merge/{MERGED[1]}"]
-    assert cost["own_seconds"] == pytest.approx(sum(timings[t]["seconds"] for t in [*own, *own1]) / 2)
-    assert {f["label"] for f in report["fusion"] if f["row"] == "infifpo[pairwise_rsaf]"} == {
-        labels[4], pairwise_b, labels[9], labels[10]}
+    assert cost["own_seconds"] == pytest.approx(sum(timings[t]["seconds"] for t in own))
+    assert [f["label"] for f in report["fusion"] if f["row"] == "infifpo[pairwise_rsaf]"] == [pairwise_b]
     md = (Path(cfg["run_dir"]) / "report.md").read_text()
     assert "| InfiFPO [pairwise_rsaf] | pairwise=rsaf |" in md and "### Ablation arms: what each costs" in md
 

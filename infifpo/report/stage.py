@@ -594,14 +594,16 @@ def _final_mean(log_history: list[dict[str, Any]], key: str) -> dict[str, Any] |
 
 
 def fusion_diagnostics(run: Run, table: dict[str, Any], logs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per InfiFPO run (every seed of InfiFPO and of each arm; a pairwise arm: each of its per-source runs, under the
-    arm's row) with a train log: final and mean share of each candidate in the fused reference of y_w and y_l, and the
-    clip rate (module docstring); a note when not logged."""
+    """Per InfiFPO run (every seed of InfiFPO and of each arm; a pairwise arm: its per-source runs that are no row of
+    their own, under the arm's row) with a train log: final and mean share of each candidate in the fused reference
+    of y_w and y_l, and the clip rate (module docstring); a note when not logged."""
     out = []
     for row in table["rows"]:
         for info in row["_infos"]:
             merge = run.runs.get(info["label"], {}).get("merge")
-            for label in (merge or {}).get("components") or [info["label"]]:  # a pairwise arm: each of its runs
+            labels = [c for c in (merge or {}).get("components") or [] if "component_of" in run.runs.get(c, {})] \
+                if merge else [info["label"]]  # a pairwise arm: its intermediate runs (the others have a row)
+            for label in labels:
                 if info["base"] == "infifpo" and label in logs:
                     out.append(_fusion_entry(run, row, {**info, "label": label}, logs[label]["log_history"]))
     return out
