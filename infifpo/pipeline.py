@@ -4,7 +4,8 @@
 Order: prompts → sample (pivot, then each source) → judge → pair (the InfiFPO recipe) → SFT on the SFT split →
 [with ``wrpo``: the faithful WRPO recipe, ``wrpo_pairs``] → score (the SFT checkpoint as the frozen pivot, each
 source with its own tokenizer/template, PO rows only) → preference training of each configured method (and each
-InfiFPO ablation arm) once per seed → eval of every report row (pivot, sources, every checkpoint) → report.
+InfiFPO ablation arm) once per seed, a pairwise arm's merge after its runs → eval of every report row (pivot,
+sources, every checkpoint but a pairwise arm's intermediate runs) → report.
 Stages are content-addressed and resumable (``infifpo.store``), so a re-run skips finished work; a training run is
 skipped when its output directory holds the completion marker written here, and resumed from its latest complete
 ``checkpoint-*`` (``--resume_from_checkpoint``) when it has one but no marker. Wall time per stage is kept in
@@ -12,7 +13,14 @@ skipped when its output directory holds the completion marker written here, and 
 
 Runs (``train.seeds``, default [0]; ``train.ablations``, {arm: InfiFPO overrides}): SFT (and WRPO's own SFT) once,
 with the first seed; each method and arm once per seed (TRL ``seed`` and ``data_seed``), each arm on the same scored
-pairs as InfiFPO (``sources: [...]`` in an arm is the trainer's ``fusion_sources``). Labels in
+pairs as InfiFPO (``sources: [...]`` in an arm is the trainer's ``fusion_sources``). A *pairwise* arm
+(``pairwise: <merge method>``, e.g. ``{pairwise: rsaf}``; docs/methods.md, RSAF) is one InfiFPO run per source
+(pivot + that source: the arm's other overrides and ``fusion_sources: [source]``; with ``sources``, one per listed
+source), labelled "infifpo[<arm>/<source tag>]" (``source_tags``) unless an identical run is already planned (a
+one-source arm's, another pairwise arm's: reused, not trained twice), then `infifpo merge` of those runs into the SFT
+checkpoint they start from, the arm's checkpoint ("infifpo[<arm>]", timing "merge/<label>"). The per-source runs
+are intermediates: in ``checkpoints`` and ``runs`` (marked ``component_of``: [the merged labels]), not evaluated,
+not report rows; the merged label's ``runs`` entry has ``merge``: {"method", "components"}. Labels in
 ``pipeline_outputs.json`` (``checkpoints`` and ``evals``: {label: path}; ``runs``: {label: {"method", "seed", "arm",
 "overrides"}} for every trained label): "sft", "sft_wrpo", "dpo" / "wrpo" / "infifpo" for the first seed,
 "<method>@seed<k>" for seed k after it, "infifpo[<arm>]" and "infifpo[<arm>]@seed<k>"; timings "train/<label>",
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import itertools
 import json
 import logging
@@ -61,6 +70,8 @@ TOP_KEYS = {"name", "run_dir", "pivot", "sources", "backend", "prompts", "sample
             "eval", "report"}
 SEED_KEYS = ("seed", "data_seed")  # TRL training arguments set per run from train.seeds
 ARM_ALIASES = {"sources": "fusion_sources"}  # an ablation arm's pipeline name -> the InfiFPOConfig field
+PAIRWISE = "pairwise"  # an arm key (pipeline only): one InfiFPO run per source, then merged by this merge method
+MERGE_DONE = "merge.json"  # = infifpo.merge.stage.RECORD_FILE: written last (the merge is renamed into place)
 ARM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 STAGE_STOP_S = 60.0  # a stopped stage's time to unwind (vLLM's shutdown, its own descendants' grace) before SIGKILL
 
@@ -153,7 +164,8 @@ def seeds_of(cfg: dict[str, Any]) -> list[int]:
 
 
 def arms_of(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``train.ablations`` as {arm: overrides of the infifpo train config}, ``sources`` renamed ``fusion_sources``."""
+    """``train.ablations`` as {arm: overrides of the infifpo train config}, ``sources`` renamed ``fusion_sources``; an
+    arm's ``pairwise`` (a method of `infifpo merge`) makes it a pairwise arm (``_plan_pairwise``)."""
     arms = (cfg.get("train") or {}).get("ablations") or {}
     if not isinstance(arms, dict):
         raise ConfigError(f"train.ablations must map arm names to InfiFPO overrides, got {arms!r}.")
@@ -173,8 +185,26 @@ def arms_of(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                    or any(x not in cfg["sources"] for x in chosen)):
             raise ConfigError(f"train.ablations.{name}.sources: {chosen!r} must be a non-empty list of the config's "
                               f"sources {cfg['sources']}.")
+        if PAIRWISE in arm:
+            _check_pairwise(name, arm[PAIRWISE])
         out[name] = arm
     return out
+
+
+def _check_pairwise(arm: str, method: Any) -> None:
+    """ConfigError unless ``method`` (an arm's ``pairwise``) is a method of `infifpo merge`."""
+    from infifpo.merge.stage import METHODS  # imports torch and safetensors: only for a config with a pairwise arm
+
+    if method not in METHODS:
+        raise ConfigError(f"train.ablations.{arm}.pairwise: {method!r} is not a merge method; set one of "
+                          f"{list(METHODS)} (`infifpo merge --method`).")
+
+
+def source_tags(sources: list[str]) -> dict[str, str]:
+    """{source: its tag in a pairwise run's label}: the directory-safe basename ("Qwen/Qwen2.5-7B" -> "Qwen2.5-7B"),
+    with "-<index>" added to every source whose basename another source shares."""
+    names = [safe_label(Path(str(m).rstrip("/")).name) for m in sources]
+    return {m: n if names.count(n) == 1 else f"{n}-{i}" for i, (m, n) in enumerate(zip(sources, names, strict=True))}
 
 
 def ablation_seeds_of(cfg: dict[str, Any]) -> list[int]:
@@ -250,10 +280,12 @@ def run_label(method: str, seed: int, first_seed: int, arm: str | None = None) -
 
 
 def planned_runs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every training run of ``cfg`` by label, in training order: {"method", "seed", "arm", "overrides"} (the arm's
-    InfiFPO overrides; {} for other runs). "sft" (and, with wrpo, WRPO's own SFT "sft_wrpo") once with the first
-    seed; every method once per seed, then every arm once per seed of ``train.ablation_seeds``. ConfigError for a
-    bad ``train.seeds`` / ``train.ablations`` / ``train.ablation_seeds`` or a seed key set elsewhere in ``train``."""
+    """Every training run (and merge) of ``cfg`` by label, in training order: {"method", "seed", "arm", "overrides"}
+    (the arm's InfiFPO overrides; {} for other runs), plus ``component_of`` / ``merge`` for a pairwise arm's runs
+    (``_plan_pairwise``). "sft" (and, with wrpo, WRPO's own SFT "sft_wrpo") once with the first seed; every method
+    once per seed, then, per seed of ``train.ablation_seeds``, every trained arm, then every pairwise arm (its runs,
+    then its merge). ConfigError for a bad ``train.seeds`` / ``train.ablations`` / ``train.ablation_seeds`` or a seed
+    key set elsewhere in ``train``."""
     tcfg = cfg.get("train") or {}
     methods, seeds, arms, arm_seeds = methods_of(cfg), seeds_of(cfg), arms_of(cfg), ablation_seeds_of(cfg)
     for scope in ("common", "sft", *methods):
@@ -266,10 +298,42 @@ def planned_runs(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for seed in seeds:
         for method in methods:
             runs[run_label(method, seed, first)] = {"method": method, "seed": seed, "arm": None, "overrides": {}}
-        for arm, overrides in arms.items() if seed in arm_seeds else ():
-            runs[run_label("infifpo", seed, first, arm)] = {"method": "infifpo", "seed": seed, "arm": arm,
-                                                             "overrides": overrides}
+        if seed not in arm_seeds:
+            continue
+        for arm, overrides in arms.items():  # the trained arms first: a pairwise arm may reuse one of their runs
+            if PAIRWISE not in overrides:
+                runs[run_label("infifpo", seed, first, arm)] = {"method": "infifpo", "seed": seed, "arm": arm,
+                                                                 "overrides": overrides}
+        for arm, overrides in arms.items():
+            if PAIRWISE in overrides:
+                _plan_pairwise(runs, cfg["sources"], arm, overrides, seed, first)
     return runs
+
+
+def _plan_pairwise(runs: dict[str, dict[str, Any]], sources: list[str], arm: str, overrides: dict[str, Any],
+                   seed: int, first: int) -> None:
+    """Add pairwise arm ``arm`` at ``seed`` to ``runs``: one InfiFPO run per source of the arm's ``sources`` (default
+    every source) with the arm's other overrides and ``fusion_sources: [that source]``, then the merged label. A run
+    already planned with the same method, seed and overrides (a one-source arm, another pairwise arm's) is reused;
+    a new one is labelled "infifpo[<arm>/<source tag>]" and marked ``component_of`` (an intermediate, not a report
+    row). The merged label's entry carries ``merge``: {"method", "components": [run labels, in source order]}."""
+    label = run_label("infifpo", seed, first, arm)
+    common = {k: v for k, v in overrides.items() if k not in (PAIRWISE, "fusion_sources")}
+    tags = source_tags(sources)
+    components = []
+    for source in overrides.get("fusion_sources") or sources:
+        own = {"method": "infifpo", "seed": seed, "arm": f"{arm}/{tags[source]}",
+               "overrides": {**common, "fusion_sources": [source]}}
+        same = next((k for k, r in runs.items() if "merge" not in r
+                     and all(r[f] == own[f] for f in ("method", "seed", "overrides"))), None)
+        if same is None:
+            same = run_label("infifpo", seed, first, own["arm"])
+            runs[same] = {**own, "component_of": []}
+        if "component_of" in runs[same]:
+            runs[same]["component_of"].append(label)
+        components.append(same)
+    runs[label] = {"method": "infifpo", "seed": seed, "arm": arm, "overrides": overrides,
+                   "merge": {"method": overrides[PAIRWISE], "components": components}}
 
 
 def stage_config(log_dir: Path, label: str, options: dict[str, Any]) -> list[str]:
@@ -414,6 +478,25 @@ def train(label: str, run: dict[str, Any], cfg: dict[str, Any], model: str, data
     run_stage("train", args, log_dir, label=f"train/{label}")
     timings.record(f"train/{label}", "train", model, time.time() - start, [out])
     (out / TRAIN_DONE).write_text(json.dumps(key, indent=1))
+    return out
+
+
+def merge(label: str, run: dict[str, Any], cfg: dict[str, Any], checkpoints: dict[str, Path], log_dir: Path,
+          timings: Timings) -> Path:
+    """The merged checkpoint of pairwise arm ``label`` (``planned_runs``): one `infifpo merge` process merging the
+    arm's component runs into the SFT checkpoint they start from, by the arm's method (the merge's own defaults;
+    ``seed``: the run's), unless that merge is already there (its record is written last); timing "merge/<label>"."""
+    spec = run["merge"]
+    base, models = checkpoints["sft"], [checkpoints[c] for c in spec["components"]]
+    opts = {"method": spec["method"], "base": str(base), "models": [str(m) for m in models], "seed": run["seed"]}
+    out = Path(cfg["run_dir"]) / "checkpoints" / f"{safe_name(label)}-{fingerprint(opts)}"
+    if (out / MERGE_DONE).exists():
+        logger.info("merge %s: already done in %s", label, out)
+        return out
+    start = time.time()
+    run_stage("merge", stage_config(log_dir, f"merge/{label}", {**opts, "output": out}), log_dir,
+              label=f"merge/{label}")
+    timings.record(f"merge/{label}", "merge", str(base), time.time() - start, [out])
     return out
 
 
@@ -706,6 +789,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     timings = Timings(run_dir / "timings.json")
     pivot, sources = cfg["pivot"], list(cfg["sources"])
     runs = planned_runs(cfg)
+    if any("merge" in r for r in runs.values()) and importlib.util.find_spec("mergekit") is None:
+        raise ConfigError("train.ablations has a pairwise arm, whose merge runs on mergekit, which is not installed: "
+                          "`pip install 'infifpo[merge]'`, or drop the arm.")  # before hours of stages, not after
     p = cfg["prompts"]
     prompts = prompts_stage(p["sources"], p.get("seed", 0), dirs, timings, "prompts")
     samples = sample_all(cfg, prompts, dirs, timings)
@@ -727,9 +813,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     for method, g in (grid.get("methods") or {}).items():  # the chosen point is the first seed's run itself
         checkpoints[method] = next(p["checkpoint"] for p in g["points"] if p["label"] == g["chosen_label"])
     for label, spec in runs.items():
-        if label not in checkpoints:
-            checkpoints[label] = train(label, spec, cfg, *bases[spec["method"]], logs, timings)
-    rows = {"pivot": pivot, **{f"source:{m}": m for m in sources}, **{k: str(v) for k, v in checkpoints.items()}}
+        if label in checkpoints:
+            continue
+        if "merge" in spec:  # a pairwise arm: its component runs are planned (and trained) before it
+            checkpoints[label] = merge(label, spec, cfg, checkpoints, logs, timings)
+            continue
+        checkpoints[label] = train(label, spec, cfg, *bases[spec["method"]], logs, timings)
+    rows = {"pivot": pivot, **{f"source:{m}": m for m in sources},
+            **{k: str(v) for k, v in checkpoints.items() if "component_of" not in runs.get(k, {})}}
     evals = evaluate(cfg, rows, dirs, timings)
     result = {"name": cfg["name"], "run_dir": str(run_dir), "config": cfg, "pivot": pivot, "sources": sources,
               "prompts": prompts, "samples": samples, "judged": judged, "pairs": pairs, "scored": scored,

@@ -69,7 +69,8 @@ STAGE_OPTIONS = {"prompts": ("data_prep.prompts", "PromptsOptions"), "sample": (
                  "judge": ("infifpo.judge.stage", "JudgeOptions"), "pair": ("infifpo.pair", "PairOptions"),
                  "score": ("infifpo.score.stage", "ScoreOptions"), "eval": ("infifpo.eval.stage", "EvalOptions"),
                  "report": ("infifpo.report.stage", "ReportOptions"),
-                 "selector": ("infifpo.trainers.selector", "SelectorOptions")}
+                 "selector": ("infifpo.trainers.selector", "SelectorOptions"),
+                 "merge": ("infifpo.merge.stage", "MergeOptions")}
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
@@ -109,12 +110,15 @@ def test_every_stage_invocation_of_a_shipped_config_parses_through_the_stages_ow
     cfg["run_dir"] = str(tmp_path / "run")
     pipeline.run(cfg)
     methods = cfg["train"].get("methods", ["dpo", "infifpo"])
-    report_rows = 1 + len(cfg["sources"]) + len(pipeline.planned_runs(cfg))  # pivot, sources, every training run
+    # pivot, sources, every training run but a pairwise arm's components (the merged arm is the row)
+    report_rows = 1 + len(cfg["sources"]) + sum("component_of" not in r for r in pipeline.planned_runs(cfg).values())
     evals = report_rows + sum(map(len, pipeline.grid_of(cfg).values()))  # + every grid point on the dev split
     assert len(parsed["eval"]) == evals
     assert len(parsed["sample"]) == 1 + len(cfg["sources"]) + ("wrpo" in methods) + evals  # + greedy evals
-    learned = any(r["overrides"].get("fusion_method") == "learned" for r in pipeline.planned_runs(cfg).values())
-    assert set(parsed) == set(STAGE_OPTIONS) - (set() if learned else {"selector"})
+    planned = pipeline.planned_runs(cfg).values()
+    learned = any(r["overrides"].get("fusion_method") == "learned" for r in planned)
+    pairwise = any("merge" in r for r in planned)
+    assert set(parsed) == set(STAGE_OPTIONS) - {*(() if learned else ["selector"]), *(() if pairwise else ["merge"])}
     if learned:  # the selector is trained with the options of the InfiFPO run that uses it
         assert all(sel.length_normalize and sel.clip and not sel.include_pivot for sel in parsed["selector"])
     # Greedy evals sample at temperature 0 (a dashed argv once dropped the 0, so it sampled at the default 0.8).

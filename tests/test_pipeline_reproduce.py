@@ -1,6 +1,7 @@
 """`infifpo pipeline` for the paper's Table 2 and ablations (`make reproduce`): several seeds, InfiFPO ablation arms
-and the faithful WRPO recipe, end to end on tiny offline models; the labels / runs contract of pipeline_outputs.json;
-resuming a killed training run from its latest checkpoint; config errors before any stage runs.
+(a pairwise arm: one run per source, merged) and the faithful WRPO recipe, end to end on tiny offline models; the
+labels / runs contract of pipeline_outputs.json; resuming a killed training run from its latest checkpoint; config
+errors before any stage runs.
 
 Random tiny models write gibberish, so the math verifier marks every sample wrong; a tiny random reward model
 breaks the ties so that pairs exist (as in tests/test_pipeline.py).
@@ -21,8 +22,15 @@ from infifpo.store import read_output
 from tests.judge.conftest import make_tiny_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = ["sft", "sft_wrpo", "wrpo", "infifpo", "infifpo[one_source]", "wrpo@seed1", "infifpo@seed1",
-          "infifpo[one_source]@seed1"]
+# "{b}": the tag of the second source (tiny_llama_b) in its pairwise run's label; the first source's pairwise run is
+# infifpo[one_source] itself (same seed and overrides: reused, not trained twice)
+LABELS = ["sft", "sft_wrpo", "wrpo", "infifpo", "infifpo[one_source]", "infifpo[pairwise_rsaf/{b}]",
+          "infifpo[pairwise_rsaf]", "wrpo@seed1", "infifpo@seed1"]
+MERGED = ["infifpo[pairwise_rsaf]"]
+
+
+def _labels(cfg: dict) -> list[str]:
+    return [x.format(b=pipeline.source_tags(cfg["sources"])[cfg["sources"][1]]) for x in LABELS]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +46,8 @@ def reproduce(tmp_path_factory, tiny_llama, tiny_qwen, tiny_llama_b):
         "judge": {"reward_model": make_tiny_reward_model(str(root / "rm"))},
         "pair": {"sft_fraction": 0.5, "seed": 0, "allow_truncated_chosen": True},
         "score": {"dtype": "float32"},
-        "train": {"methods": ["wrpo", "infifpo"], "seeds": [0, 1],
-                  "ablations": {"one_source": {"sources": [tiny_qwen]}},
+        "train": {"methods": ["wrpo", "infifpo"], "seeds": [0, 1], "ablation_seeds": [0],  # as reproduce.yaml
+                  "ablations": {"one_source": {"sources": [tiny_qwen]}, "pairwise_rsaf": {"pairwise": "rsaf"}},
                   "common": {"max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1,
                              "save_strategy": "no", "bf16": False, "report_to": "none"},
                   "infifpo": {"length_normalize": False, "beta": 0.1}},
@@ -63,32 +71,41 @@ def _resolved(result: dict, label: str) -> dict:
 def test_labels_runs_and_timings_contract(reproduce):
     cfg, out, _, _ = reproduce
     saved = json.loads((Path(cfg["run_dir"]) / "pipeline_outputs.json").read_text())
-    assert list(saved["checkpoints"]) == LABELS
-    assert set(saved["evals"]) == {"pivot", *(f"source:{m}" for m in cfg["sources"]), *LABELS}
+    labels = _labels(cfg)
+    b, pairwise_b = cfg["sources"][1], labels[5]
+    trained, rows = [x for x in labels if x not in MERGED], [x for x in labels if "/" not in x]
+    assert list(saved["checkpoints"]) == labels
+    assert set(saved["evals"]) == {"pivot", *(f"source:{m}" for m in cfg["sources"]), *rows}
     assert all(isinstance(v, str) for key in ("checkpoints", "evals") for v in saved[key].values())
     arm = {"fusion_sources": [cfg["sources"][0]]}
+    pairwise = {"method": "infifpo", "arm": pairwise_b[8:-1], "overrides": {"fusion_sources": [b]}}
+    merged = {"method": "infifpo", "arm": "pairwise_rsaf", "overrides": {"pairwise": "rsaf"}}
     assert saved["runs"] == {
         "sft": {"method": "sft", "seed": 0, "arm": None, "overrides": {}},
         "sft_wrpo": {"method": "sft", "seed": 0, "arm": None, "overrides": {}},
         "wrpo": {"method": "wrpo", "seed": 0, "arm": None, "overrides": {}},
         "infifpo": {"method": "infifpo", "seed": 0, "arm": None, "overrides": {}},
         "infifpo[one_source]": {"method": "infifpo", "seed": 0, "arm": "one_source", "overrides": arm},
+        pairwise_b: {**pairwise, "seed": 0, "component_of": ["infifpo[pairwise_rsaf]"]},
+        "infifpo[pairwise_rsaf]": {**merged, "seed": 0, "merge": {
+            "method": "rsaf", "components": ["infifpo[one_source]", pairwise_b]}},
         "wrpo@seed1": {"method": "wrpo", "seed": 1, "arm": None, "overrides": {}},
         "infifpo@seed1": {"method": "infifpo", "seed": 1, "arm": None, "overrides": {}},
-        "infifpo[one_source]@seed1": {"method": "infifpo", "seed": 1, "arm": "one_source", "overrides": arm},
     }
-    assert {f"train/{x}" for x in LABELS} | {f"eval/{x}" for x in LABELS} <= set(saved["timings"])
-    for label, run in saved["runs"].items():  # the seed each trainer ran with, and a finished model
-        resolved = _resolved(out, label)
+    assert ({f"train/{x}" for x in trained} | {f"merge/{x}" for x in MERGED} | {f"eval/{x}" for x in rows}
+            <= set(saved["timings"]))
+    assert not {f"eval/{x}" for x in labels if "/" in x} & set(saved["timings"])  # intermediates: not evaluated
+    for label in trained:  # the seed each trainer ran with, and a finished model
+        run, resolved = saved["runs"][label], _resolved(out, label)
         assert (resolved["seed"], resolved["data_seed"]) == (run["seed"], run["seed"]), label
         assert (Path(out["checkpoints"][label]) / "model.safetensors").exists(), label
     # Every preference run starts from its SFT checkpoint; InfiFPO and its arms share the scored pairs.
-    for label in LABELS[2:]:
+    for label in trained[2:]:
         start = out["checkpoints"]["sft_wrpo" if label.startswith("wrpo") else "sft"]
         assert _resolved(out, label)["model_name_or_path"] == str(start), label
         assert _resolved(out, label)["dataset_name"] == str(out["scored"] if "infifpo" in label
                                                             else out["pairs"]["wrpo"]), label
-    scores = json.loads((Path(out["evals"]["infifpo[one_source]@seed1"]) / "scores.json").read_text())
+    scores = json.loads((Path(out["evals"]["infifpo[one_source]"]) / "scores.json").read_text())
     assert scores["benchmarks"]["arithmetic"]["n"] == 2
     assert (Path(cfg["run_dir"]) / "report.md").exists()
 
@@ -103,7 +120,7 @@ def test_arms_and_seeds_differ_from_the_base_only_in_their_overrides(reproduce):
         return {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)} - by_output_dir
 
     assert diff("infifpo", "infifpo[one_source]") == {"fusion_sources"}
-    assert diff("infifpo@seed1", "infifpo[one_source]@seed1") == {"fusion_sources"}
+    assert diff("infifpo[one_source]", _labels(cfg)[5]) == {"fusion_sources"}  # the other source's pairwise run
     assert diff("infifpo", "infifpo@seed1") == {"seed", "data_seed"}
     assert diff("wrpo", "wrpo@seed1") == {"seed", "data_seed"}
     assert _resolved(out, "infifpo[one_source]")["fusion_sources"] == [cfg["sources"][0]]
@@ -145,6 +162,37 @@ def test_a_second_run_skips_finished_work(reproduce):
     _, first, second, (log_first, log_second) = reproduce
     assert json.dumps(second, default=str) == json.dumps(first, default=str)
     assert log_second == log_first  # no training process started again
+
+
+@pytest.mark.slow
+def test_a_pairwise_arm_merges_its_per_source_runs_into_the_sft_checkpoint(reproduce):
+    """infifpo[pairwise_rsaf]: one InfiFPO run per source (the first source's is infifpo[one_source]), merged by RSAF
+    into the SFT checkpoint, evaluated, and reported as an ablation arm with its intervals and its cost; the
+    per-source run is no row of its own. The second pipeline run started no merge."""
+    cfg, out, _, _ = reproduce
+    labels = _labels(cfg)
+    pairwise_b = labels[5]
+    assert _resolved(out, pairwise_b)["fusion_sources"] == [cfg["sources"][1]]
+    record = json.loads((Path(out["checkpoints"][MERGED[0]]) / pipeline.MERGE_DONE).read_text())
+    assert record["method"] == "rsaf" and record["base"] == str(Path(out["checkpoints"]["sft"]).resolve())
+    assert record["models"] == [str(Path(out["checkpoints"][c]).resolve()) for c in (labels[4], pairwise_b)]
+    assert json.loads((Path(out["evals"][MERGED[0]]) / "scores.json").read_text())["benchmarks"]["arithmetic"]["n"]
+    assert (Path(cfg["run_dir"]) / "logs" / "merge.log").read_text().count("\n$ ") == 1  # not run again
+    report = json.loads((Path(cfg["run_dir"]) / "report.json").read_text())
+    keys = [r["key"] for r in [*report["table"]["rows"], *report["ablation"]["rows"]]]
+    assert "infifpo[pairwise_rsaf]" in report["ablation"]["arms"] and pairwise_b not in keys
+    row = next(r for r in report["ablation"]["rows"] if r["key"] == "infifpo[pairwise_rsaf]")
+    assert row["seeds"] == [0] and row["benchmarks"]["arithmetic"]["ci95"] and row["compute_hours"]
+    assert row["changes"] == {"pairwise": [None, "rsaf"]}
+    cost = next(a for a in report["cost"]["arms"] if a["arm"] == "infifpo[pairwise_rsaf]")
+    timings = json.loads((Path(cfg["run_dir"]) / "timings.json").read_text())
+    own = [f"train/{labels[4]}", f"train/{pairwise_b}", f"merge/{MERGED[0]}"]
+    assert cost["training_runs"] == [labels[4], pairwise_b] and cost["shared"] == [labels[4]]
+    assert cost["merge"] == "rsaf" and cost["extra_scoring_s"] == 0.0
+    assert cost["own_seconds"] == pytest.approx(sum(timings[t]["seconds"] for t in own))
+    assert [f["label"] for f in report["fusion"] if f["row"] == "infifpo[pairwise_rsaf]"] == [pairwise_b]
+    md = (Path(cfg["run_dir"]) / "report.md").read_text()
+    assert "| InfiFPO [pairwise_rsaf] | pairwise=rsaf |" in md and "### Ablation arms: what each costs" in md
 
 
 def _train_args(monkeypatch) -> list[list[str]]:
@@ -203,6 +251,71 @@ def test_bad_seeds_and_ablations_are_config_errors(train, match):
         pipeline.planned_runs(_cfg(**train))
 
 
+@pytest.mark.parametrize(("arm", "match"), [
+    ({"pairwise": "average"}, r"train.ablations.x.pairwise: 'average' is not a merge method; set one of \['rsaf', "
+                              r"'ties', 'task_arithmetic', 'dare_ties', 'sce'\]"),
+    ({"pairwise": True}, "is not a merge method"),
+    ({"pairwise": "rsaf", "sources": ["c"]}, r"train.ablations.x.sources: \['c'\] must be"),
+])
+def test_bad_pairwise_arms_are_config_errors(arm, match):
+    with pytest.raises(ConfigError, match=match):
+        pipeline.planned_runs(_cfg(ablations={"x": arm}))
+
+
+def test_a_pairwise_arm_plans_one_run_per_source_then_its_merge():
+    """Each source's run has the arm's other overrides and that source alone; an identical run planned already (the
+    one-source arm's, another pairwise arm's) is reused; ``sources`` picks the sources paired."""
+    cfg = {"pivot": "p", "sources": ["org/a", "other/a", "b"],
+           "train": {"methods": ["infifpo"], "seeds": [0, 1], "ablations": {
+               "rsaf": {"pairwise": "rsaf", "clip": False}, "one": {"sources": ["b"], "clip": False},
+               "ties": {"pairwise": "ties", "clip": False}, "sub": {"pairwise": "rsaf", "sources": ["org/a", "b"]}}}}
+    runs = pipeline.planned_runs(cfg)
+    assert pipeline.source_tags(cfg["sources"]) == {"org/a": "a-0", "other/a": "a-1", "b": "b"}
+    seed0 = [k for k, r in runs.items() if r["seed"] == 0]
+    assert seed0 == ["sft", "infifpo", "infifpo[one]", "infifpo[rsaf/a-0]", "infifpo[rsaf/a-1]", "infifpo[rsaf]",
+                     "infifpo[ties]", "infifpo[sub/a-0]", "infifpo[sub/b]", "infifpo[sub]"]
+    assert runs["infifpo[rsaf/a-1]"] == {"method": "infifpo", "seed": 0, "arm": "rsaf/a-1",
+                                         "overrides": {"clip": False, "fusion_sources": ["other/a"]},
+                                         "component_of": ["infifpo[rsaf]", "infifpo[ties]"]}
+    assert runs["infifpo[rsaf]"] == {"method": "infifpo", "seed": 0, "arm": "rsaf",
+                                     "overrides": {"pairwise": "rsaf", "clip": False},
+                                     "merge": {"method": "rsaf", "components": ["infifpo[rsaf/a-0]",
+                                                                                "infifpo[rsaf/a-1]", "infifpo[one]"]}}
+    assert runs["infifpo[ties]"]["merge"] == {"method": "ties", "components": runs["infifpo[rsaf]"]["merge"][
+        "components"]}
+    assert "component_of" not in runs["infifpo[one]"]  # a row of its own, also a pairwise run
+    assert runs["infifpo[sub]"]["merge"]["components"] == ["infifpo[sub/a-0]", "infifpo[sub/b]"]
+    assert runs["infifpo[sub/b]"]["overrides"] == {"fusion_sources": ["b"]}  # no clip override: not one's run
+    assert runs["infifpo[rsaf]@seed1"]["merge"]["components"] == [
+        "infifpo[rsaf/a-0]@seed1", "infifpo[rsaf/a-1]@seed1", "infifpo[one]@seed1"]
+
+
+def test_a_merge_runs_once_from_the_sft_checkpoint_and_is_reused(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+
+    def fake(name: str, args: list[str], *_, **__) -> list[Path]:
+        opts = yaml.safe_load(Path(args[1]).read_text())
+        calls.append([name, opts])
+        Path(opts["output"]).mkdir(parents=True)
+        (Path(opts["output"]) / pipeline.MERGE_DONE).write_text("{}")
+        return []
+
+    monkeypatch.setattr(pipeline, "run_stage", fake)
+    cfg = {"run_dir": str(tmp_path / "run")}
+    run = {"method": "infifpo", "seed": 3, "arm": "x", "overrides": {"pairwise": "ties"},
+           "merge": {"method": "ties", "components": ["infifpo[x/a]", "infifpo[one]"]}}
+    ckpts = {"sft": tmp_path / "sft", "infifpo[x/a]": tmp_path / "a", "infifpo[one]": tmp_path / "one"}
+    timings = pipeline.Timings(tmp_path / "timings.json")
+    out = pipeline.merge("infifpo[x]@seed3", run, cfg, ckpts, tmp_path / "logs", timings)
+    assert calls == [["merge", {"method": "ties", "base": str(tmp_path / "sft"),
+                                "models": [str(tmp_path / "a"), str(tmp_path / "one")], "seed": 3,
+                                "output": str(out)}]]
+    assert out.parent == tmp_path / "run" / "checkpoints" and out.name.startswith("infifpo_x_seed3-")
+    assert "merge/infifpo[x]@seed3" in timings.data
+    assert pipeline.merge("infifpo[x]@seed3", run, cfg, ckpts, tmp_path / "logs", timings) == out
+    assert len(calls) == 1  # done: not started again
+
+
 def test_default_runs_are_todays_labels():
     runs = pipeline.planned_runs(_cfg())
     assert list(runs) == ["sft", "dpo", "infifpo"] and {r["seed"] for r in runs.values()} == {0}
@@ -217,15 +330,19 @@ def test_ablation_seeds_limit_the_arms_to_those_seeds():
 
 
 def test_reproduce_config_plans_every_arm_and_seed_and_its_options_exist(capsys):
-    """configs/reproduce.yaml: both SFTs, 3 seeds x 3 methods, 7 arms on the first seed; every arm option is an
-    InfiFPOConfig field; `infifpo plan` reads it."""
+    """configs/reproduce.yaml: both SFTs, 3 seeds x 3 methods, 7 trained arms and 2 pairwise arms (RSAF, TIES) on the
+    first seed, the pairwise arms sharing one extra run (the other is one_source's); every arm option is an
+    InfiFPOConfig field (or the pipeline's pairwise); `infifpo plan` reads it."""
     from infifpo import plan
     from infifpo.trainers.infifpo import InfiFPOConfig
 
     path = ROOT / "configs" / "reproduce.yaml"
     runs = pipeline.planned_runs(pipeline.load_config(path))
-    assert len(runs) == 2 + 3 * 3 + 7 and runs["infifpo@seed2"]["seed"] == 2
+    assert len(runs) == 2 + 3 * 3 + 7 + 1 + 2 and runs["infifpo@seed2"]["seed"] == 2
     assert {r["seed"] for r in runs.values() if r["arm"]} == {0}
+    components = ["infifpo[one_source]", "infifpo[pairwise_rsaf/gemma3-270m]"]
+    assert runs["infifpo[pairwise_rsaf]"]["merge"] == {"method": "rsaf", "components": components}
+    assert runs["infifpo[pairwise_ties]"]["merge"] == {"method": "ties", "components": components}
     fields = {f.name for f in dataclasses.fields(InfiFPOConfig)}
-    assert all(set(r["overrides"]) <= fields for r in runs.values())
+    assert all(set(r["overrides"]) - {pipeline.PAIRWISE} <= fields for r in runs.values())
     assert plan.main(["--config", str(path)]) == 0 and "train/infifpo" in capsys.readouterr().out

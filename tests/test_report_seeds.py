@@ -320,3 +320,48 @@ def test_output_profile_counts_length_truncation_answer_line_and_working():
     assert prof["sft"]["answer_line_pct"] == 100 and prof["sft"]["working_pct"] == 0
     md = report_markdown._profile_md(list(prof.values()))
     assert "How each model answers" in md[0] and any("| sft | arithmetic | 2 | 7 |" in line for line in md)
+
+
+def test_a_pairwise_arm_is_one_row_costing_its_runs_and_its_merge(seeds_run):
+    """infifpo[pw] (pipeline: ``pairwise: rsaf``) merges infifpo[noclip] (reused: the same one-seed run) and its own
+    infifpo[pw/b] (an intermediate: no row, not evaluated). Its compute = SFT 360 + score 180 + noclip 530 +
+    pw/b 400 + merge 20 = 1490 s; its own cost = 530 + 400 + 20 = 950 s; no extra scoring."""
+    from tests.test_report import train_log, write_eval_rows
+
+    file = seeds_run / "pipeline_outputs.json"
+    out = json.loads(file.read_text())
+    component = seeds_run / "checkpoints" / "infifpo_pw_b-abc"
+    component.mkdir(parents=True)
+    (component / report.TRAIN_LOG).write_text(json.dumps(train_log("infifpo", 400.0, 10.0, clip=True)))
+    merged = seeds_run / "checkpoints" / "infifpo_pw-abc"  # a merge: no train log
+    merged.mkdir(parents=True)
+    out["checkpoints"] |= {"infifpo[pw/b]": str(component), "infifpo[pw]": str(merged)}
+    out["evals"]["infifpo[pw]"] = write_eval_rows(seeds_run / "data", "infifpo[pw]", _v(GSM_FPO, 14, 10))
+    out["runs"] |= {
+        "infifpo[pw/b]": {"method": "infifpo", "seed": 42, "arm": "pw/b", "overrides": {"fusion_sources": ["b"]},
+                          "component_of": ["infifpo[pw]"]},
+        "infifpo[pw]": {"method": "infifpo", "seed": 42, "arm": "pw", "overrides": {"pairwise": "rsaf"},
+                        "merge": {"method": "rsaf", "components": ["infifpo[noclip]", "infifpo[pw/b]"]}}}
+    out["timings"] |= {"train/infifpo[pw/b]": {"stage": "train", "model": None, "seconds": 400.0},
+                       "merge/infifpo[pw]": {"stage": "merge", "model": None, "seconds": 20.0}}
+    file.write_text(json.dumps(out))
+    rep = report.build_report(seeds_run)
+    assert rep["ablation"]["arms"] == ["infifpo[mean]", "infifpo[noclip]", "infifpo[pw]"]
+    assert "infifpo[pw/b]" not in _rows(rep) and not [n for n in rep["notes"] if "pw" in n]
+    row = _rows(rep)["infifpo[pw]"]
+    assert row["changes"] == {"pairwise": [None, "rsaf"]} and row["compute_seconds"] == pytest.approx(1490.0)
+    assert row["benchmarks"]["arithmetic"]["accuracy"] == pytest.approx(70.0)  # 14 of 20
+    assert _cmp(rep["ablation"]["comparisons"], "infifpo[pw]", "infifpo")["avg"]["ci95"]
+    costs = {a["arm"]: a for a in rep["cost"]["arms"]}
+    assert costs["infifpo[pw]"] == {"arm": "infifpo[pw]", "name": "InfiFPO [pw]",
+                                    "training_runs": ["infifpo[noclip]", "infifpo[pw/b]"],
+                                    "shared": ["infifpo[noclip]"], "merge": "rsaf", "extra_scoring_s": 0.0,
+                                    "own_seconds": pytest.approx(950.0), "compute_seconds": pytest.approx(1490.0)}
+    assert costs["infifpo[mean]"]["own_seconds"] == pytest.approx((500 + 520) / 2)  # its two seeds
+    assert costs["infifpo[noclip]"]["shared"] == ["infifpo[noclip]"] and costs["infifpo[mean]"]["shared"] == []
+    assert [f["label"] for f in rep["fusion"] if f["row"] == "infifpo[pw]"] == ["infifpo[pw/b]"]  # noclip: own row
+    assert "infifpo[pw/b]" in rep["cost"]["training"] and "infifpo[pw]" not in rep["cost"]["training"]
+    md = report_markdown.render_markdown(rep)
+    assert "| InfiFPO [pw] | pairwise=rsaf |" in md[md.index("## Ablation"):]
+    assert ("| InfiFPO [pw] | 2 | infifpo[noclip] (shared), infifpo[pw/b] | rsaf | 0 | 950.0 | 0.414 |"
+            in md[md.index("### Ablation arms: what each costs"):])

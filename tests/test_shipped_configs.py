@@ -20,7 +20,7 @@ pair stage's settings, the fusion options, the methods, the stage order and ever
   models and eleven rows), which alone would take the paper config past the time limit of a test.
 
 It then runs ``python -m infifpo.cli pipeline --config <rewritten yaml>`` and checks that every stage finished:
-checkpoints for every training run, an eval for every report row, the report.
+checkpoints for every training run (and pairwise arm's merge), an eval for every report row, the report.
 """
 
 from __future__ import annotations
@@ -274,9 +274,11 @@ def test_shipped_config_runs_every_stage_offline(path: Path, tmp_path: Path):
     out = pipeline.load_outputs(run_dir)
     runs = pipeline.planned_runs(cfg)
     assert set(out["checkpoints"]) == set(runs) >= {"sft", *original["train"]["methods"]}
-    for label, ckpt in out["checkpoints"].items():
-        assert (Path(ckpt) / pipeline.TRAIN_DONE).exists() and (Path(ckpt) / "model.safetensors").exists(), label
-    rows = {"pivot", *(f"source:{m}" for m in cfg["sources"]), *runs}
+    for label, ckpt in out["checkpoints"].items():  # trained, or a pairwise arm's merge of trained runs
+        done = pipeline.MERGE_DONE if "merge" in runs[label] else pipeline.TRAIN_DONE
+        assert (Path(ckpt) / done).exists() and list(Path(ckpt).glob("model*.safetensors")), label
+    rows = {"pivot", *(f"source:{m}" for m in cfg["sources"]),
+            *(k for k, r in runs.items() if "component_of" not in r)}  # a pairwise arm's own runs are no rows
     assert set(out["evals"]) == rows
     n_benchmarks = len(original["eval"]["benchmarks"])
     for label, d in out["evals"].items():

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,6 @@ from infifpo.config import parse_config
 from infifpo.merge.rsaf import DEFAULT_TAU, check_rank_by, check_tau, rsaf_merge_tensor
 from infifpo.models.resolve import resolve_model
 from infifpo.schema import ConfigError, MergeInputError
-from infifpo.store import announce
 
 logger = logging.getLogger(__name__)
 
@@ -276,5 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                         description="Merge checkpoints fine-tuned from one base into one (RSAF or a baseline).")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = merge_models(opts.method, opts.base, opts.models, opts.output, **opts.merge_options())
-    announce(out, summary=f"merged {len(opts.models)} model(s) into {opts.base} by {opts.method}")
+    # A checkpoint, not a store output (no _SUCCESS): printed as `infifpo train` leaves its own, not recorded in the
+    # pipeline's result file, which lists store outputs only (the pipeline names the merge's --output itself).
+    print(out, flush=True)
+    print(f"merged {len(opts.models)} model(s) into {opts.base} by {opts.method}", file=sys.stderr, flush=True)
     return 0

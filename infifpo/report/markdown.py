@@ -212,6 +212,7 @@ def _cost_md(cost: dict[str, Any]) -> list[str]:
                   f"Precision as logged: InfiFPO training {p['infifpo_training']}, DPO training {p['dpo_training']}, "
                   f"scoring {', '.join(p['scoring'])}"
                   + ("" if fo["equal_precision"] else " (NOT equal precision)") + "."]
+    lines += _arm_costs_md(cost.get("arms") or [])
     lines += ["", "### Wall time per stage", "", *_md_table(["stage", "model", "seconds"], [
         *([t["label"], t["model"] or "", f"{t['seconds']:.1f}"] for t in cost["timings"]),
         ["**total**", "", f"{cost['total_s']:.1f}"]])]
@@ -226,6 +227,22 @@ def _cost_md(cost: dict[str, Any]) -> list[str]:
         [[m["model"], m.get("role"), m.get("responses"), m["tokens"], m.get("prompt_tokens"), f"{m['seconds']:.1f}",
           _num(m.get("load_seconds")), _num(m["s_per_1k_tokens"], ".3g"), f"{m.get('backend')} / {m.get('dtype')}"]
          for m in cost["scoring"]])
+
+
+def _arm_costs_md(arms: list[dict[str, Any]]) -> list[str]:
+    """The cost of each ablation arm (report.arm_costs)."""
+    if not arms:
+        return []
+    rows = [[a["name"], len(a["training_runs"]), ", ".join(f"{r}{' (shared)' if r in a['shared'] else ''}"
+                                                           for r in a["training_runs"]),
+             a["merge"] or "none", f"{a['extra_scoring_s']:.0f}", _num(a["own_seconds"]),
+             _num(a["compute_seconds"] and a["compute_seconds"] / 3600, ".3g")] for a in arms]
+    return ["", "### Ablation arms: what each costs", "", *_md_table(
+        ["Arm", "Training runs per seed", "Runs (first seed)", "Merge", "Extra scoring, s",
+         "Own wall seconds (runs + merge, mean over seeds)", "Compute hours (with SFT and scoring)"], rows), "",
+            "Every arm trains on the default InfiFPO's scored pairs (no extra scoring). A pairwise arm trains one "
+            "InfiFPO run per source and merges them; a run shared with another arm (trained once) counts in each "
+            "arm's cost, as if each ran alone."]
 
 
 def _profile_md(profile: list[dict[str, Any]]) -> list[str]:
@@ -251,7 +268,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "Avg = mean over benchmarks; " + _domains_text(table) + " Averages carry the bootstrap interval over "
              "items (and seeds) when per-item rows exist. Size = parameters; compute hours = training-side wall hours "
              "(SFT = train/sft; SFT-DPO = + train/dpo; SFT-WRPO = + train/wrpo, from WRPO's own SFT and second "
-             "sampling pass when the run has them; InfiFPO = + score + train/infifpo), mean over seeds. " + DASH +
+             "sampling pass when the run has them; InfiFPO = + score + train/infifpo; a pairwise arm = + score + its "
+             "per-source runs + its merge), mean over seeds. " + DASH +
              " = not available.", "", *_survey_md(table, (report.get("ablation") or {}).get("rows") or []), "",
              "## Comparisons", "", comparison_text(report["comparisons"]), "", *_power_md(report["power"]), "",
              *_grid_md(report.get("grid")), *_ablation_md(report), *_fusion_md(report.get("fusion") or []),

@@ -14,7 +14,10 @@ Runs, seeds and arms. ``checkpoints`` and ``evals`` map run labels to paths: "pi
 "sft_wrpo" (WRPO's own SFT, optional), "dpo", "wrpo", "infifpo", "<method>@seed<k>" for a later training seed, and
 "infifpo[<arm>]" / "infifpo[<arm>]@seed<k>" for the ablation arms; the optional ``runs`` maps each label to
 {"method", "seed", "arm", "overrides"}. A row of a table is a label without its "@seed<k>" (its *group*): one row per
-method, over all its seeds. An output without ``runs`` or "@seed" labels is one seed per row.
+method, over all its seeds. An output without ``runs`` or "@seed" labels is one seed per row. A pairwise arm
+(``runs`` entry with ``merge``: {"method", "components"}; `infifpo pipeline`) is a row like any arm, its checkpoint
+the merge of its per-source InfiFPO runs; a run marked ``component_of`` is one of those intermediates: no row of its
+own, its train log counted in the arm's fusion diagnostics and costs.
 
 Definitions (percent and percentage points throughout):
 
@@ -46,6 +49,10 @@ Definitions (percent and percentage points throughout):
   source is above 0 ("normalised performance"); worst drop = min_t (acc(t) - acc_p(t)) in points; share degraded
   (raw) = fraction of benchmarks with acc(t) < acc_p(t); share degraded (beyond the interval) = fraction whose 95 %
   interval of acc - acc_p lies entirely below zero.
+- Cost of an ablation arm (``arm_costs``): the training runs it needs per seed (a pairwise arm: one per source, some
+  possibly shared with another arm and then counted in each arm's cost, as if each ran alone), its merge, its extra
+  scoring (none: every arm trains on the default InfiFPO's scored pairs), and the wall seconds of its own runs and
+  merge (mean over seeds); its compute hours also count SFT and scoring, as every InfiFPO row's do.
 - Fusion diagnostics of each InfiFPO run (every seed and arm), from its train log: for every candidate model, the
   share of pairs whose fused reference came from it (``fusion/chosen_share/<model>``, ``fusion/rejected_share/
   <model>``) and the clip rate (``fusion/clip_rate``: the fraction of source values the clipping changed), each as
@@ -248,6 +255,8 @@ def _row_specs(run: Run) -> list[dict[str, Any]]:
     fixed = ["pivot", *(f"source:{m}" for m in sources)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for label in dict.fromkeys([*fixed, *ckpts, *run.out["evals"]]):
+        if "component_of" in run.runs.get(label, {}):  # a pairwise arm's per-source run: part of the arm's row
+            continue
         info = label_info(label, run.runs)
         groups.setdefault(info["group"], []).append(info)
     for infos in groups.values():
@@ -388,11 +397,20 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
+def own_timings(run: Run, label: str) -> list[str]:
+    """The timings a trained label paid itself: "train/<label>", or for a pairwise arm's merged label its runs'
+    "train/<component>" and its "merge/<label>"."""
+    merge = run.runs.get(label, {}).get("merge")
+    if isinstance(merge, dict):
+        return [*(f"train/{c}" for c in merge.get("components") or []), f"merge/{label}"]
+    return [f"train/{label}"]
+
+
 def _compute(run: Run, row: dict[str, Any], groups: set[str]) -> float | None:
-    """Training-side wall seconds of the row: mean over its seeds of COMPUTE_LABELS with the seed's own
-    "train/<label>" (a dependency is taken with the seed's "@seed<k>" suffix when timings have one; WRPO with its own
-    SFT pays "train/sft_wrpo" and its second sampling pass, WRPO_DATA_LABELS, instead of "train/sft"); None (and a
-    note) when some are missing."""
+    """Training-side wall seconds of the row: mean over its seeds of COMPUTE_LABELS with the seed's own timings
+    (``own_timings``: "train/<label>", or a pairwise arm's runs and merge; a dependency is taken with the seed's
+    "@seed<k>" suffix when timings have one; WRPO with its own SFT pays "train/sft_wrpo" and its second sampling pass,
+    WRPO_DATA_LABELS, instead of "train/sft"); None (and a note) when some are missing."""
     base = row["_infos"][0]["base"] if row["_infos"] else row["key"]
     if row["kind"] not in ("trained", "arm") or base not in COMPUTE_LABELS:
         return None
@@ -402,7 +420,7 @@ def _compute(run: Run, row: dict[str, Any], groups: set[str]) -> float | None:
         deps = COMPUTE_LABELS[base][:-1]
         if base == "wrpo" and "sft_wrpo" in groups:
             deps = ["train/sft_wrpo", *(t for t in WRPO_DATA_LABELS if t in timings)]
-        labels = [t + suffix if t + suffix in timings else t for t in deps] + [f"train/{info['label']}"]
+        labels = [t + suffix if t + suffix in timings else t for t in deps] + own_timings(run, info["label"])
         missing = [t for t in labels if t not in timings]
         if missing:
             run.notes.append(f"compute hours of {row['name']}: timings lack {missing}.")
@@ -576,23 +594,30 @@ def _final_mean(log_history: list[dict[str, Any]], key: str) -> dict[str, Any] |
 
 
 def fusion_diagnostics(run: Run, table: dict[str, Any], logs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per InfiFPO run (every seed of InfiFPO and of each arm) with a train log: final and mean share of each
-    candidate in the fused reference of y_w and y_l, and the clip rate (module docstring); a note when not logged."""
+    """Per InfiFPO run (every seed of InfiFPO and of each arm; a pairwise arm: its per-source runs that are no row of
+    their own, under the arm's row) with a train log: final and mean share of each candidate in the fused reference
+    of y_w and y_l, and the clip rate (module docstring); a note when not logged."""
     out = []
     for row in table["rows"]:
         for info in row["_infos"]:
-            if info["base"] != "infifpo" or info["label"] not in logs:
-                continue
-            hist = logs[info["label"]]["log_history"]
-            names = plots.share_names(hist)
-            shares = {side: {n: _final_mean(hist, prefix + n) for n in names} for side, prefix in
-                      plots.SHARE_PREFIX.items()}
-            clip = _final_mean(hist, "fusion/clip_rate")
-            if not names and clip is None:
-                run.notes.append(f"{info['label']}: no fusion/* share or clip-rate entries in its train log.")
-            out.append({"label": info["label"], "row": row["key"], "name": row["name"], "arm": info["arm"],
-                        "seed": info["seed"], "shares": shares, "clip_rate": clip})
+            merge = run.runs.get(info["label"], {}).get("merge")
+            labels = [c for c in (merge or {}).get("components") or [] if "component_of" in run.runs.get(c, {})] \
+                if merge else [info["label"]]  # a pairwise arm: its intermediate runs (the others have a row)
+            for label in labels:
+                if info["base"] == "infifpo" and label in logs:
+                    out.append(_fusion_entry(run, row, {**info, "label": label}, logs[label]["log_history"]))
     return out
+
+
+def _fusion_entry(run: Run, row: dict[str, Any], info: dict[str, Any], hist: list[dict[str, Any]]) -> dict[str, Any]:
+    """One InfiFPO run's fusion diagnostics (``fusion_diagnostics``): ``info`` names the run, ``row`` its row."""
+    names = plots.share_names(hist)
+    shares = {side: {n: _final_mean(hist, prefix + n) for n in names} for side, prefix in plots.SHARE_PREFIX.items()}
+    clip = _final_mean(hist, "fusion/clip_rate")
+    if not names and clip is None:
+        run.notes.append(f"{info['label']}: no fusion/* share or clip-rate entries in its train log.")
+    return {"label": info["label"], "row": row["key"], "name": row["name"], "arm": info["arm"], "seed": info["seed"],
+            "shares": shares, "clip_rate": clip}
 
 
 # -- cost accounting ------------------------------------------------------------------------------------------------
@@ -638,11 +663,11 @@ def scoring_costs(run: Run) -> list[dict[str, Any]] | None:
 
 def train_logs(run: Run) -> dict[str, dict[str, Any]]:
     """run label -> its infifpo_train_log.json (docs/formats.md "Train log"), for each trained label (every seed and
-    arm) whose log exists."""
+    arm, a pairwise arm's per-source runs; not its merge) whose log exists."""
     logs = {}
     fixed = {"pivot", *(f"source:{m}" for m in run.out["sources"])}
     for label, ckpt in run.out["checkpoints"].items():
-        if label in fixed:
+        if label in fixed or "merge" in run.runs.get(label, {}):  # a merged checkpoint was not trained
             continue
         file, stage = run.path(ckpt) / TRAIN_LOG, f"pipeline stage train/{label}"
         log = read_json(file, stage)
@@ -654,6 +679,35 @@ def train_logs(run: Run) -> dict[str, dict[str, Any]]:
         else:
             logs[label] = log
     return logs
+
+
+def arm_costs(run: Run, table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per ablation arm (module docstring, cost): its training runs per seed (first seed's labels; ``shared``: those
+    another row also uses), its merge method (None: a trained arm), extra scoring seconds (0: the default InfiFPO's
+    scored pairs), the wall seconds of its own runs and merge (mean over seeds; None and a note when a timing is
+    missing) and its compute seconds (the row's, with SFT and scoring)."""
+    timings, out = run.out["timings"], []
+    users: dict[str, set[str]] = {}  # training label -> the row labels that use it
+    for label, entry in run.runs.items():
+        for c in (entry.get("merge") or {}).get("components") or ([] if "component_of" in entry else [label]):
+            users.setdefault(c, set()).add(label)
+    for row in (r for r in table["rows"] if r["kind"] == "arm"):
+        per_seed, first = [], own_timings(run, row["labels"][0]) if row["labels"] else []
+        for label in row["labels"]:
+            own = own_timings(run, label)
+            missing = [t for t in own if t not in timings]
+            if missing:
+                run.notes.append(f"cost of {row['name']}: timings lack {missing}.")
+                per_seed = []
+                break
+            per_seed.append(sum(float(timings[t]["seconds"]) for t in own))
+        runs = [t.removeprefix("train/") for t in first if t.startswith("train/")]
+        merge = run.runs.get(row["labels"][0], {}).get("merge") if row["labels"] else None
+        out.append({"arm": row["key"], "name": row["name"], "training_runs": runs,
+                    "shared": [r for r in runs if len(users.get(r, ())) > 1], "merge": (merge or {}).get("method"),
+                    "extra_scoring_s": 0.0, "own_seconds": sum(per_seed) / len(per_seed) if per_seed else None,
+                    "compute_seconds": row["compute_seconds"]})
+    return out
 
 
 def fusion_overhead(scoring: list[dict[str, Any]] | None, logs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -760,7 +814,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
             "tokens_sampled": tokens_sampled(run), "scoring": scoring,
             "training": {m: {k: log.get(k) for k in ("train_runtime_s", "setup_s", "precision", "world_size",
                                                     "num_train_rows", "max_steps")} for m, log in logs.items()},
-            "fusion_overhead": fusion_overhead(scoring, logs)}
+            "fusion_overhead": fusion_overhead(scoring, logs), "arms": arm_costs(run, table)}
     fusion = fusion_diagnostics(run, table, logs)
     profile = output_profile(data, table)
     arms = [_public(r) for r in table["rows"] if r["kind"] == "arm"]
