@@ -46,7 +46,10 @@ from tests.judge.conftest import make_tiny_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
-PIPELINE_TIMEOUT_S = 840  # under pytest-timeout's 900 s, so a slow run fails with the stage logs, not a stack dump
+# reproduce.yaml trains ~20 runs (grid points, seeds' first, arms, a pairwise component), 2 merges, a selector and
+# ~25 evals: its own limit, under the test's pytest-timeout, so a slow run fails with the stage logs, not a stack dump
+PIPELINE_TIMEOUT_S = 1740
+TEST_TIMEOUT_S = 1800
 
 # Caps of the hardware-only shrinking (a config's smaller values are kept).
 HUB_PROMPTS = 6  # prompts per hub stand-in source
@@ -248,6 +251,7 @@ def _failed_stage_log(run_dir: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=[pytest.mark.vllm] if _uses_vllm(p) else [])
                                   for p in SHIPPED])
 def test_shipped_config_runs_every_stage_offline(path: Path, tmp_path: Path):
