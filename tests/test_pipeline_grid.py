@@ -15,6 +15,8 @@ from infifpo.schema import ConfigError
 from infifpo.store import read_output
 from tests.judge.conftest import make_tiny_reward_model
 
+# The first test to use the fixture pays for it: the module fixture runs the whole tiny pipeline with a grid.
+pytestmark = pytest.mark.timeout(1800)
 LRS = [1.0e-5, 1.0e-3]
 
 

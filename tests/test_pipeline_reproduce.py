@@ -21,6 +21,8 @@ from infifpo.schema import ConfigError
 from infifpo.store import read_output
 from tests.judge.conftest import make_tiny_reward_model
 
+# The first test to use the module fixture pays for it: the whole tiny pipeline, twice (seeds, arms, a merge).
+pytestmark = pytest.mark.timeout(1800)
 ROOT = Path(__file__).resolve().parents[1]
 # "{b}": the tag of the second source (tiny_llama_b) in its pairwise run's label; the first source's pairwise run is
 # infifpo[one_source] itself (same seed and overrides: reused, not trained twice)
