@@ -201,8 +201,8 @@ def test_model_identity_is_one_cached_rule(tmp_path, monkeypatch):
     make_tiny_model(str(model), "llama", seed=0)
     _age(model)
     reads: list[str] = []
-    real = models._sha256
-    monkeypatch.setattr(models, "_sha256", lambda p: reads.append(Path(p).name) or real(p))
+    real = models.file_sha256
+    monkeypatch.setattr(models, "file_sha256", lambda p: reads.append(Path(p).name) or real(p))
     identity = models.model_identity(model)
     assert "model.safetensors" in reads and (model / models.IDENTITY_CACHE).is_file()
     reads.clear()
